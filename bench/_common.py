@@ -1,0 +1,67 @@
+"""Measurement helpers shared by the benchmarks: median wall time and peak resident memory.
+
+Peak memory on CPU: torch has no allocator statistics for the CPU, so each variant runs once in a
+fresh subprocess that builds its inputs, resets the kernel's resident-memory high-water mark
+(writing 5 to /proc/self/clear_refs, Linux >= 4.0), runs, and reports VmHWM minus the resident
+size before the run. A fresh process keeps one variant's freed-but-cached memory from hiding the
+other's.
+"""
+
+from __future__ import annotations
+
+import importlib
+import json
+import statistics
+import subprocess
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def median_ms(fn: Callable[[], object], repeats: int, warmup: int = 1) -> float:
+    """Median wall time of `fn()` in milliseconds over `repeats` runs after `warmup` runs."""
+    for _ in range(warmup):
+        fn()
+    times = []
+    for _ in range(repeats):
+        t = time.perf_counter()
+        fn()
+        times.append((time.perf_counter() - t) * 1e3)
+    return statistics.median(times)
+
+
+def _status_kib(field: str) -> int:
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith(field + ":"):
+            return int(line.split()[1])
+    raise RuntimeError(f"{field} not in /proc/self/status")
+
+
+def peak_mb(target: str, *args: str) -> float:
+    """Peak extra resident memory (MB) of one run of the callable returned by `target(*args)`.
+
+    `target` is "module:function"; the function does the set-up (not counted) and returns a
+    zero-argument callable, whose run is measured in a fresh subprocess.
+    """
+    out = subprocess.run(
+        [sys.executable, "-m", "bench._common", target, *args],
+        capture_output=True, text=True, check=True, cwd=ROOT,
+    )
+    return json.loads(out.stdout.strip().splitlines()[-1])["peak_mb"]
+
+
+def _child(target: str, *args: str) -> None:
+    module, func = target.split(":")
+    run = getattr(importlib.import_module(module), func)(*args)
+    Path("/proc/self/clear_refs").write_text("5")
+    before = _status_kib("VmRSS")
+    run()
+    peak = _status_kib("VmHWM") - before
+    print(json.dumps({"peak_mb": peak / 1024.0}))
+
+
+if __name__ == "__main__":
+    _child(*sys.argv[1:])

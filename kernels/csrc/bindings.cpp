@@ -1,0 +1,83 @@
+// Python bindings of kernels._C. Each op is routed by the device of its first tensor; every tensor
+// must be on that device, contiguous and of one floating dtype (ops.py checks this with friendlier
+// messages first; these checks are the last line). An unsupported device is an error, never a no-op.
+#include "ops.h"
+
+namespace {
+
+void check_same(const std::vector<torch::Tensor>& ts, const char* op) {
+  const auto& ref = ts.front();
+  for (const auto& t : ts) {
+    TORCH_CHECK(t.device() == ref.device(), op, ": all tensors must be on one device, got ", ref.device(), " and ",
+                t.device());
+    TORCH_CHECK(t.scalar_type() == ref.scalar_type(), op, ": all tensors must have one dtype, got ",
+                ref.scalar_type(), " and ", t.scalar_type());
+    TORCH_CHECK(t.is_contiguous(), op, ": tensors must be contiguous");
+  }
+  TORCH_CHECK(ref.scalar_type() == torch::kFloat || ref.scalar_type() == torch::kDouble, op,
+              ": only float32 and float64 are supported, got ", ref.scalar_type());
+}
+
+[[noreturn]] void no_cuda(const char* op) {
+  TORCH_CHECK(false, op, ": tensors are on a CUDA device but kernels._C was built without CUDA "
+                         "(rebuild with FORCE_CUDA=1 on a machine with the CUDA toolkit)");
+}
+
+#define V2D_ROUTE(op, first, ...)                                                             \
+  do {                                                                                        \
+    if ((first).is_cpu()) return op##_cpu(__VA_ARGS__);                                       \
+    if ((first).is_cuda()) {                                                                  \
+      V2D_CUDA_CALL(op, __VA_ARGS__);                                                         \
+    }                                                                                         \
+    TORCH_CHECK(false, #op, ": unsupported device ", (first).device());                       \
+  } while (0)
+
+#ifdef V2D_WITH_CUDA
+#define V2D_CUDA_CALL(op, ...) return op##_cuda(__VA_ARGS__)
+#else
+#define V2D_CUDA_CALL(op, ...) no_cuda(#op)
+#endif
+
+std::vector<torch::Tensor> gn_reduce_forward(const torch::Tensor& inv_depth, const torch::Tensor& rel_poses,
+                                             const torch::Tensor& intrinsics, const torch::Tensor& targets,
+                                             const torch::Tensor& weights, double min_depth, bool with_focal) {
+  check_same({inv_depth, rel_poses, intrinsics, targets, weights}, "gn_reduce_forward");
+  V2D_ROUTE(gn_reduce_forward, inv_depth, inv_depth, rel_poses, intrinsics, targets, weights, min_depth, with_focal);
+}
+
+std::vector<torch::Tensor> gn_reduce_backward(const torch::Tensor& grad_H, const torch::Tensor& grad_b,
+                                              const torch::Tensor& inv_depth, const torch::Tensor& rel_poses,
+                                              const torch::Tensor& intrinsics, const torch::Tensor& targets,
+                                              const torch::Tensor& weights, double min_depth, bool with_focal) {
+  check_same({grad_H, grad_b, inv_depth, rel_poses, intrinsics, targets, weights}, "gn_reduce_backward");
+  V2D_ROUTE(gn_reduce_backward, inv_depth, grad_H, grad_b, inv_depth, rel_poses, intrinsics, targets, weights,
+            min_depth, with_focal);
+}
+
+torch::Tensor backproject_volume_forward(const torch::Tensor& features, const torch::Tensor& rel_poses,
+                                         const torch::Tensor& intrinsics, const torch::Tensor& depths) {
+  check_same({features, rel_poses, intrinsics, depths}, "backproject_volume_forward");
+  V2D_ROUTE(backproject_volume_forward, features, features, rel_poses, intrinsics, depths);
+}
+
+std::vector<torch::Tensor> backproject_volume_backward(const torch::Tensor& grad_volume,
+                                                       const torch::Tensor& features,
+                                                       const torch::Tensor& rel_poses,
+                                                       const torch::Tensor& intrinsics, const torch::Tensor& depths) {
+  check_same({grad_volume, features, rel_poses, intrinsics, depths}, "backproject_volume_backward");
+  V2D_ROUTE(backproject_volume_backward, features, grad_volume, features, rel_poses, intrinsics, depths);
+}
+
+}  // namespace
+
+PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
+  m.def("gn_reduce_forward", &gn_reduce_forward, "Gauss-Newton normal equations per edge (forward)");
+  m.def("gn_reduce_backward", &gn_reduce_backward, "Gauss-Newton normal equations per edge (backward)");
+  m.def("backproject_volume_forward", &backproject_volume_forward, "Cost-volume back-projection (forward)");
+  m.def("backproject_volume_backward", &backproject_volume_backward, "Cost-volume back-projection (backward)");
+#ifdef V2D_WITH_CUDA
+  m.attr("with_cuda") = true;
+#else
+  m.attr("with_cuda") = false;
+#endif
+}

@@ -1,0 +1,134 @@
+"""Public entry of the custom ops: autograd Functions and device dispatch.
+
+Each op runs the compiled extension `kernels._C` when it is built and supports the inputs' device,
+else the pure-torch version from `kernels.reference`; which one is used is logged once per op. The
+two compute the same thing (tests hold them to tolerance), so a missing extension changes speed and
+memory, never results. `backend="reference"` or `backend="extension"` forces one (tests, benchmarks).
+
+Nothing but this module imports `kernels._C`.
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+from types import ModuleType
+
+import torch
+
+from kernels import reference
+from kernels._checks import expect, expect_contiguous, expect_no_grad, same_device_dtype
+from kernels.errors import ShapeError
+
+__all__ = ["extension_available", "gn_reduce", "backproject_volume"]
+
+_log = logging.getLogger(__name__)
+_BACKENDS = ("auto", "extension", "reference")
+
+
+@functools.cache
+def _extension() -> ModuleType | None:
+    try:
+        from kernels import _C
+    except ImportError as exc:
+        _log.warning("kernels._C is not built (%s); using the pure-torch reference ops", exc)
+        return None
+    return _C
+
+
+def extension_available() -> bool:
+    """True when the compiled extension `kernels._C` can be imported."""
+    return _extension() is not None
+
+
+@functools.cache
+def _announce(op: str, backend: str, device_type: str) -> None:
+    _log.info("%s on %s: using the %s implementation", op, device_type, backend)
+
+
+def _use_extension(op: str, device: torch.device, backend: str) -> bool:
+    if backend not in _BACKENDS:
+        raise ShapeError(f"backend: expected one of {_BACKENDS}, got {backend!r}")
+    if backend == "reference":
+        return False
+    ext = _extension()
+    supported = ext is not None and (device.type == "cpu" or (device.type == "cuda" and ext.with_cuda))
+    if backend == "extension" and not supported:
+        raise ShapeError(f"{op}: backend='extension' requested but kernels._C does not support {device}")
+    _announce(op, "C++/CUDA extension" if supported else "pure-torch reference", device.type)
+    return supported
+
+
+# --------------------------------------------------------------------------------------------------
+# Kernel A: Gauss-Newton normal equations
+# --------------------------------------------------------------------------------------------------
+
+
+class _GNReduce(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, inv_depth, rel_poses, intrinsics, targets, weights, min_depth, with_focal):
+        ctx.save_for_backward(inv_depth, rel_poses, intrinsics, targets, weights)
+        ctx.min_depth, ctx.with_focal = min_depth, with_focal
+        H, b = _extension().gn_reduce_forward(
+            inv_depth, rel_poses, intrinsics, targets, weights, min_depth, with_focal
+        )
+        return H, b
+
+    @staticmethod
+    def backward(ctx, grad_H, grad_b):
+        inv_depth, rel_poses, intrinsics, targets, weights = ctx.saved_tensors
+        g_d, g_T, g_t, g_w = _extension().gn_reduce_backward(
+            grad_H.contiguous(), grad_b.contiguous(), inv_depth, rel_poses, intrinsics, targets, weights,
+            ctx.min_depth, ctx.with_focal,
+        )
+        return g_d, g_T, None, g_t, g_w, None, None
+
+
+def gn_reduce(
+    inv_depth: torch.Tensor,
+    rel_poses: torch.Tensor,
+    intrinsics: torch.Tensor,
+    targets: torch.Tensor,
+    weights: torch.Tensor,
+    min_depth: float = 0.1,
+    with_focal: bool = False,
+    backend: str = "auto",
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-edge Gauss-Newton normal equations of the reprojection residual, fused over pixels.
+
+    For edge e the keyframe pixel x = (u, v) (pixel centres at integer coordinates, u along W)
+    with inverse depth d back-projects to X = K^-1 [u, v, 1] / d in the source camera, moves to
+    P = R_e X + t_e in the target camera and projects to pi(P). The residual is
+    r = targets - pi(P), weighted per coordinate by `weights`. With J = dr/d(-xi) the Jacobian of
+    pi(P) with respect to a left perturbation exp(xi) of the target camera's world->camera pose
+    (xi = [translation, rotation], lietorch's tangent order), the op returns
+
+        H_e = sum_x J^T W J,   b_e = sum_x J^T W r,
+
+    so that solving H xi = b gives the Gauss-Newton step T_j <- exp(xi) T_j. Pixels with d <= 0 or
+    P_z < min_depth contribute nothing. With `with_focal` a 7th column holds the derivative with
+    respect to s, a shared log-scale of the focal lengths (fx, fy <- fx e^s, fy e^s), applied to both
+    the back-projection and the projection (uncalibrated video).
+
+    Gradients flow to inv_depth, rel_poses, targets and weights; intrinsics are constants here.
+
+    Shapes:
+        inv_depth: (E, H, W); rel_poses: (E, 3, 4) = [R | t] source camera -> target camera;
+        intrinsics: (E, 4) = fx, fy, cx, cy; targets, weights: (E, H, W, 2).
+        Returns H: (E, K, K) and b: (E, K) with K = 6, or 7 when `with_focal`.
+    """
+    dims: dict[str, int] = {}
+    expect("inv_depth", inv_depth, ("E", "H", "W"), dims)
+    expect("rel_poses", rel_poses, ("E", 3, 4), dims)
+    expect("intrinsics", intrinsics, ("E", 4), dims)
+    expect("targets", targets, ("E", "H", "W", 2), dims)
+    expect("weights", weights, ("E", "H", "W", 2), dims)
+    named = dict(inv_depth=inv_depth, rel_poses=rel_poses, intrinsics=intrinsics, targets=targets, weights=weights)
+    device, _ = same_device_dtype(named)
+    expect_contiguous(named)
+    expect_no_grad({"intrinsics": intrinsics}, "gn_reduce")
+    if not min_depth > 0:
+        raise ShapeError(f"min_depth: expected a positive number, got {min_depth!r}")
+    if _use_extension("gn_reduce", device, backend):
+        return _GNReduce.apply(inv_depth, rel_poses, intrinsics, targets, weights, float(min_depth), bool(with_focal))
+    return reference.gn_reduce(inv_depth, rel_poses, intrinsics, targets, weights, min_depth, with_focal)

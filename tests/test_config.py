@@ -1,0 +1,79 @@
+"""The config system: typed defaults, strict YAML and --set overrides, frozen result."""
+
+from __future__ import annotations
+
+import dataclasses
+from pathlib import Path
+
+import pytest
+
+from v2d.config import V2DConfig, load_config, to_dict
+from v2d.errors import ConfigError
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def test_default_yaml_spells_out_the_code_defaults():
+    assert load_config(ROOT / "configs" / "default.yaml") == V2DConfig()
+
+
+def test_every_shipped_config_loads():
+    for path in sorted((ROOT / "configs").glob("*.yaml")):
+        load_config(path)
+
+
+def test_yaml_then_overrides(tmp_path):
+    f = tmp_path / "c.yaml"
+    f.write_text("gn:\n  iterations: 4\n  damping: 1e-3\n")
+    cfg = load_config(f, ["gn.iterations=7", "demo.num_frames=3"])
+    assert cfg.gn.iterations == 7 and cfg.gn.damping == 1e-3 and cfg.demo.num_frames == 3
+    assert cfg.gn.max_rotation_step == V2DConfig().gn.max_rotation_step
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        cfg.gn.iterations = 1  # type: ignore[misc]
+
+
+def test_int_is_accepted_for_float_fields_and_converted():
+    cfg = load_config(None, ["gn.damping=1"])
+    assert cfg.gn.damping == 1.0 and isinstance(cfg.gn.damping, float)
+
+
+@pytest.mark.parametrize(
+    "override, message",
+    [
+        ("gn.iteratons=3", r"unknown config key gn.iteratons \(valid keys in gn: .*iterations"),
+        ("nope.x=1", "unknown config key nope"),
+        ("gn.iterations=2.5", "gn.iterations: expected an integer, got float 2.5"),
+        ("gn.iterations=true", "gn.iterations: expected an integer, got bool True"),
+        ("gn.optimize_focal=1", "gn.optimize_focal: expected true/false, got int 1"),
+        ("gn.damping=abc", "gn.damping: expected a number, got str 'abc'"),
+        ("gn=3", "gn: expected a mapping"),
+        ("gn.iterations", "--set: expected key=value"),
+        ("=3", "--set: expected key=value"),
+        ("gn..x=3", "--set: expected key=value"),
+    ],
+)
+def test_bad_overrides_name_the_key(override, message):
+    with pytest.raises(ConfigError, match=message):
+        load_config(None, [override])
+
+
+def test_bad_files(tmp_path):
+    with pytest.raises(ConfigError, match="cannot read config file"):
+        load_config(tmp_path / "missing.yaml")
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("gn: [1, 2\n")
+    with pytest.raises(ConfigError, match="not valid YAML"):
+        load_config(bad)
+    top = tmp_path / "list.yaml"
+    top.write_text("- 1\n- 2\n")
+    with pytest.raises(ConfigError, match="expected a mapping at the top"):
+        load_config(top)
+    unknown = tmp_path / "unknown.yaml"
+    unknown.write_text("gn:\n  damping: 1.0\n  dampign: 2.0\n")
+    with pytest.raises(ConfigError, match="unknown config key gn.dampign"):
+        load_config(unknown)
+
+
+def test_to_dict_round_trips():
+    cfg = load_config(None, ["gn.iterations=5"])
+    assert to_dict(cfg)["gn"]["iterations"] == 5

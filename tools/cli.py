@@ -1,0 +1,69 @@
+"""The `v2d` command: one console script with subcommands.
+
+Each subcommand lives in its own module under tools/ with `add_parser(subparsers)` and
+`run(args, cfg) -> int`. `main()` loads the configuration (`--config FILE`, `--set key=value`),
+dispatches, and turns every `V2DError` into one line on stderr and exit code 1.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from collections.abc import Sequence
+
+from v2d import __version__
+from v2d.errors import V2DError
+
+_log = logging.getLogger("v2d")
+
+
+def _subcommands() -> dict:
+    # Imported here, not at module level: `v2d --help` must not import torch-heavy code twice.
+    from tools import config_cmd, demo
+
+    return {"demo": demo, "config": config_cmd}
+
+
+def build_parser() -> argparse.ArgumentParser:
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument("--config", metavar="FILE", help="YAML file overriding the defaults (see configs/)")
+    common.add_argument(
+        "--set", dest="overrides", metavar="KEY=VALUE", action="append", default=[],
+        help="override one config value, e.g. --set gn.iterations=3 (repeatable; applied after --config)",
+    )
+    common.add_argument("-v", "--verbose", action="store_true", help="log debug messages")
+    common.add_argument("-q", "--quiet", action="store_true", help="log warnings and errors only")
+
+    parser = argparse.ArgumentParser(
+        prog="v2d",
+        description="Differentiable structure from motion and SLAM (DeepV2D line): video in, "
+        "camera trajectory, depth maps and a point cloud out.",
+    )
+    parser.add_argument("--version", action="version", version=f"v2d {__version__}")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+    for module in _subcommands().values():
+        module.add_parser(sub, [common])
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    level = logging.DEBUG if args.verbose else logging.WARNING if args.quiet else logging.INFO
+    logging.basicConfig(level=level, format="%(levelname)s %(name)s: %(message)s")
+    from v2d.config import load_config
+
+    try:
+        cfg = load_config(args.config, args.overrides)
+        return int(args.handler(args, cfg))
+    except V2DError as exc:
+        print(f"v2d {args.command}: error: {exc}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        print(f"v2d {args.command}: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,191 @@
+"""The one configuration system of v2d.
+
+Typed defaults live in code as frozen dataclasses; a YAML file (`--config FILE`) overrides some of
+them and `--set section.key=value` overrides override the file. Unknown keys, wrong types and
+malformed overrides raise `ConfigError` naming the dotted key. The result is frozen and passed
+explicitly: nothing reads a global config.
+
+    cfg = load_config("configs/default.yaml", ["gn.iterations=3"])
+    cfg.gn.iterations  # 3
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import types
+import typing
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from v2d.errors import ConfigError
+from v2d.geometry.gauss_newton import GNOptions
+
+__all__ = ["V2DConfig", "DemoConfig", "load_config", "merge", "to_dict"]
+
+
+@dataclass(frozen=True)
+class DemoConfig:
+    """Settings of `v2d demo` (the embedded synthetic sequence).
+
+    Attributes:
+        seed: scene and trajectory seed.
+        num_frames: frames rendered.
+        height, width: image size in pixels.
+        pose_noise_rotation: rotation of the initial pose perturbation (radians).
+        pose_noise_translation: translation of the initial pose perturbation (scene units).
+        depth_hypotheses: plane-sweep depth planes.
+        min_depth, max_depth: plane-sweep depth range (scene units).
+        feature_scale: the plane sweep runs at 1/feature_scale of the image resolution.
+        tracking_iterations: Gauss-Newton steps per frame (the flow targets stay fixed).
+    """
+
+    seed: int = 0
+    num_frames: int = 8
+    height: int = 240
+    width: int = 320
+    pose_noise_rotation: float = 0.1
+    pose_noise_translation: float = 0.2
+    depth_hypotheses: int = 48
+    min_depth: float = 0.5
+    max_depth: float = 8.0
+    feature_scale: int = 2
+    tracking_iterations: int = 10
+
+
+@dataclass(frozen=True)
+class V2DConfig:
+    """Root of the configuration; each field is one section."""
+
+    gn: GNOptions = field(default_factory=GNOptions)
+    demo: DemoConfig = field(default_factory=DemoConfig)
+
+
+def to_dict(cfg: Any) -> dict[str, Any]:
+    """The configuration as plain nested dicts (for summary.json and YAML dumps)."""
+    return dataclasses.asdict(cfg)
+
+
+def _check_value(key: str, value: Any, tp: Any) -> Any:
+    """Return `value` converted to the annotated type `tp`, or raise ConfigError naming `key`."""
+    origin = typing.get_origin(tp)
+    if origin is typing.Literal:
+        if value not in typing.get_args(tp):
+            raise ConfigError(f"{key}: expected one of {list(typing.get_args(tp))}, got {value!r}")
+        return value
+    if origin in (typing.Union, types.UnionType):
+        args = typing.get_args(tp)
+        if value is None and type(None) in args:
+            return None
+        errors = []
+        for arg in args:
+            if arg is type(None):
+                continue
+            try:
+                return _check_value(key, value, arg)
+            except ConfigError as exc:
+                errors.append(str(exc))
+        raise ConfigError(errors[0] if errors else f"{key}: invalid value {value!r}")
+    if origin is tuple:
+        args = typing.get_args(tp)
+        if not isinstance(value, list | tuple):
+            raise ConfigError(f"{key}: expected a list, got {type(value).__name__} {value!r}")
+        if len(args) == 2 and args[1] is Ellipsis:
+            return tuple(_check_value(f"{key}[{i}]", v, args[0]) for i, v in enumerate(value))
+        if len(args) != len(value):
+            raise ConfigError(f"{key}: expected {len(args)} values, got {len(value)}")
+        return tuple(_check_value(f"{key}[{i}]", v, a) for i, (v, a) in enumerate(zip(value, args, strict=True)))
+    if dataclasses.is_dataclass(tp):
+        if not isinstance(value, Mapping):
+            raise ConfigError(f"{key}: expected a mapping (section), got {type(value).__name__} {value!r}")
+        return merge(tp(), value, prefix=key + ".")
+    # bool is a subclass of int: refuse True for an int field and 1 for a bool field.
+    if tp is bool:
+        if not isinstance(value, bool):
+            raise ConfigError(f"{key}: expected true/false, got {type(value).__name__} {value!r}")
+        return value
+    if tp is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise ConfigError(f"{key}: expected an integer, got {type(value).__name__} {value!r}")
+        return value
+    if tp is float:
+        if isinstance(value, str):
+            # YAML 1.1 (PyYAML) reads 1e-3 (no dot) as text; accept what float() accepts.
+            try:
+                value = float(value)
+            except ValueError:
+                pass
+        if isinstance(value, bool) or not isinstance(value, int | float):
+            raise ConfigError(f"{key}: expected a number, got {type(value).__name__} {value!r}")
+        return float(value)
+    if tp is str:
+        if not isinstance(value, str):
+            raise ConfigError(f"{key}: expected a string, got {type(value).__name__} {value!r}")
+        return value
+    raise ConfigError(f"{key}: unsupported config type {tp!r}")  # a bug in a config class, not user input
+
+
+def merge(cfg: Any, values: Mapping[str, Any], prefix: str = "") -> Any:
+    """Return a copy of the frozen dataclass `cfg` with nested `values` applied (strict keys/types)."""
+    if not isinstance(values, Mapping):
+        raise ConfigError(f"{prefix.rstrip('.') or 'config'}: expected a mapping, got {type(values).__name__}")
+    hints = typing.get_type_hints(type(cfg))
+    names = {f.name for f in dataclasses.fields(cfg)}
+    unknown = sorted(set(values) - names)
+    if unknown:
+        raise ConfigError(
+            f"unknown config key{'s' if len(unknown) > 1 else ''} {', '.join(prefix + str(k) for k in unknown)}"
+            f" (valid keys in {prefix.rstrip('.') or 'the root'}: {', '.join(sorted(names))})"
+        )
+    changes = {}
+    for k, v in values.items():
+        current = getattr(cfg, k)
+        if dataclasses.is_dataclass(current) and isinstance(v, Mapping):
+            changes[k] = merge(current, v, prefix + k + ".")
+        else:
+            changes[k] = _check_value(prefix + k, v, hints[k])
+    return dataclasses.replace(cfg, **changes)
+
+
+def _parse_override(text: str) -> dict[str, Any]:
+    """'a.b=3' -> {'a': {'b': 3}}; the value is parsed as YAML (numbers, true/false, lists)."""
+    key, sep, raw = text.partition("=")
+    key = key.strip()
+    if not sep or not key or any(not part for part in key.split(".")):
+        raise ConfigError(f"--set: expected key=value (e.g. gn.iterations=3), got {text!r}")
+    try:
+        value = yaml.safe_load(raw) if raw.strip() else ""
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"--set {key}: cannot parse value {raw!r}: {exc}") from None
+    nested: dict[str, Any] = {}
+    node = nested
+    parts = key.split(".")
+    for part in parts[:-1]:
+        node = node.setdefault(part, {})
+    node[parts[-1]] = value
+    return nested
+
+
+def load_config(path: str | Path | None = None, overrides: Iterable[str] = ()) -> V2DConfig:
+    """Defaults, then the YAML file at `path` (if any), then `key=value` overrides, validated."""
+    cfg = V2DConfig()
+    if path is not None:
+        path = Path(path)
+        try:
+            text = path.read_text()
+        except OSError as exc:
+            raise ConfigError(f"cannot read config file {path}: {exc.strerror or exc}") from None
+        try:
+            data = yaml.safe_load(text)
+        except yaml.YAMLError as exc:
+            raise ConfigError(f"config file {path} is not valid YAML: {exc}") from None
+        if data is not None:
+            if not isinstance(data, Mapping):
+                raise ConfigError(f"config file {path}: expected a mapping at the top, got {type(data).__name__}")
+            cfg = merge(cfg, data)
+    for text in overrides:
+        cfg = merge(cfg, _parse_override(text))
+    return cfg

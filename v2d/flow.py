@@ -1,0 +1,86 @@
+"""Classical dense optical flow (OpenCV DIS) as Gauss-Newton targets.
+
+The learned motion module predicts target coordinates and confidences; this module produces the
+same two tensors from OpenCV's DIS optical flow with a forward-backward consistency check, so the
+Gauss-Newton layer can run with no trained weights (and serves as the baseline the learned flow
+must beat). OpenCV's DIS is a well-kept, fast CPU implementation: we do not write our own.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Literal
+
+import numpy as np
+import torch
+
+from v2d.errors import ShapeError
+
+__all__ = ["DISOptions", "dis_flow", "dis_targets"]
+
+
+@dataclass(frozen=True)
+class DISOptions:
+    """Attributes:
+    preset: OpenCV DIS preset (speed/accuracy trade-off).
+    fb_sigma: forward-backward error (pixels) at which the confidence falls to exp(-1/2).
+    fb_max: forward-backward error (pixels) beyond which the confidence is 0.
+    """
+
+    preset: Literal["ultrafast", "fast", "medium"] = "medium"
+    fb_sigma: float = 1.0
+    fb_max: float = 3.0
+
+
+_PRESETS = {"ultrafast": 0, "fast": 1, "medium": 2}  # cv2.DISOPTICAL_FLOW_PRESET_* values
+
+
+def _gray(image: np.ndarray, name: str) -> np.ndarray:
+    import cv2
+
+    image = np.asarray(image)
+    if image.dtype != np.uint8 or image.ndim not in (2, 3) or (image.ndim == 3 and image.shape[2] != 3):
+        raise ShapeError(f"{name}: expected a uint8 image (H, W) or (H, W, 3), got {image.dtype} {image.shape}")
+    return cv2.cvtColor(image, cv2.COLOR_RGB2GRAY) if image.ndim == 3 else image
+
+
+def dis_flow(image0: np.ndarray, image1: np.ndarray, preset: str = "medium") -> np.ndarray:
+    """Dense flow from image0 to image1: pixel x of image0 moves to x + flow[x] in image1.
+
+    Shapes: image0, image1: (H, W, 3) RGB or (H, W) uint8 -> flow (H, W, 2) float32 (du, dv).
+    """
+    import cv2
+
+    g0, g1 = _gray(image0, "image0"), _gray(image1, "image1")
+    if g0.shape != g1.shape:
+        raise ShapeError(f"image1: expected the size of image0 {g0.shape}, got {g1.shape}")
+    dis = cv2.DISOpticalFlow_create(_PRESETS[preset])
+    return dis.calc(g0, g1, None)
+
+
+def dis_targets(
+    keyframe: np.ndarray, frame: np.ndarray, opts: DISOptions = DISOptions()
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Target coordinates of the keyframe's pixels in `frame`, with forward-backward confidence.
+
+    The confidence is exp(-e^2 / (2 sigma^2)) of the forward-backward error e, zero beyond
+    `fb_max` and where the target leaves the image.
+
+    Shapes: keyframe, frame: (H, W, 3) uint8 -> targets (H, W, 2) float32 pixel coordinates
+    (u, v) in `frame`, weights (H, W, 2) float32 in [0, 1] (the same for u and v).
+    """
+    import cv2
+
+    fwd = dis_flow(keyframe, frame, opts.preset)
+    bwd = dis_flow(frame, keyframe, opts.preset)
+    H, W = fwd.shape[:2]
+    u, v = np.meshgrid(np.arange(W, dtype=np.float32), np.arange(H, dtype=np.float32))
+    tu, tv = u + fwd[..., 0], v + fwd[..., 1]
+    back = cv2.remap(bwd, tu, tv, interpolation=cv2.INTER_LINEAR, borderMode=cv2.BORDER_CONSTANT, borderValue=0)
+    err = np.linalg.norm(fwd + back, axis=-1)
+    conf = np.exp(-0.5 * (err / opts.fb_sigma) ** 2)
+    inside = (tu >= 0) & (tu <= W - 1) & (tv >= 0) & (tv <= H - 1)
+    conf = np.where(inside & (err < opts.fb_max), conf, 0.0).astype(np.float32)
+    targets = torch.from_numpy(np.stack([tu, tv], axis=-1))
+    weights = torch.from_numpy(np.repeat(conf[..., None], 2, axis=-1))
+    return targets, weights

@@ -1,0 +1,1 @@
+"""Readers and writers at the boundary between v2d's tensors and files."""

@@ -1,0 +1,115 @@
+"""Atomic writers for v2d's output files.
+
+Every file is written to a temporary file in the same directory and moved into place with
+`os.replace`, so a crash or a full disk never leaves a half-written file under the final name.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from v2d.errors import InputError
+
+__all__ = ["atomic_write", "write_bytes", "write_text", "write_json", "write_npy", "write_depth_png",
+           "write_image_png", "write_tum", "ensure_dir"]
+
+
+def ensure_dir(path: str | Path) -> Path:
+    """Create `path` (and parents) and check it is a writable directory; InputError otherwise."""
+    path = Path(path)
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise InputError(f"cannot create output directory {path}: {exc.strerror or exc}") from None
+    if not os.access(path, os.W_OK):
+        raise InputError(f"output directory {path} is not writable")
+    return path
+
+
+def atomic_write(path: str | Path, write: Callable[[Any], None], mode: str = "wb") -> Path:
+    """Call `write(file_object)` on a temporary file next to `path`, then rename it to `path`."""
+    path = Path(path)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, mode) as f:
+            write(f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    return path
+
+
+def write_bytes(path: str | Path, data: bytes) -> Path:
+    return atomic_write(path, lambda f: f.write(data))
+
+
+def write_text(path: str | Path, text: str) -> Path:
+    return atomic_write(path, lambda f: f.write(text), mode="w")
+
+
+def write_json(path: str | Path, obj: Any) -> Path:
+    """JSON with sorted keys and indentation; numpy scalars/arrays are converted."""
+
+    def default(o: Any) -> Any:
+        if isinstance(o, np.generic):
+            return o.item()
+        if isinstance(o, np.ndarray):
+            return o.tolist()
+        raise TypeError(f"not JSON serialisable: {type(o).__name__}")
+
+    return write_text(path, json.dumps(obj, indent=2, sort_keys=True, default=default) + "\n")
+
+
+def write_npy(path: str | Path, array: np.ndarray) -> Path:
+    return atomic_write(path, lambda f: np.save(f, array))
+
+
+def _encode_png(image: np.ndarray) -> bytes:
+    import cv2
+
+    ok, buf = cv2.imencode(".png", image)
+    if not ok:
+        raise InputError(f"cannot encode an image of shape {image.shape} and dtype {image.dtype} as PNG")
+    return buf.tobytes()
+
+
+def write_depth_png(path: str | Path, depth: np.ndarray, scale: float = 1000.0) -> Path:
+    """Depth (H, W) in scene units as 16-bit PNG of depth*scale (millimetres for metres); 0 = invalid.
+
+    Values that do not fit 16 bits (or are not finite/positive) are written as 0.
+    """
+    d = np.asarray(depth, dtype=np.float64) * scale
+    ok = np.isfinite(d) & (d > 0) & (d < 65535.5)
+    out = np.where(ok, np.round(d), 0).astype(np.uint16)
+    return write_bytes(path, _encode_png(out))
+
+
+def write_image_png(path: str | Path, rgb: np.ndarray) -> Path:
+    """RGB uint8 image (H, W, 3) as PNG."""
+    rgb = np.ascontiguousarray(rgb)
+    return write_bytes(path, _encode_png(rgb[..., ::-1] if rgb.ndim == 3 else rgb))
+
+
+def write_tum(path: str | Path, timestamps: np.ndarray, poses_wc: np.ndarray) -> Path:
+    """TUM trajectory: one line `timestamp tx ty tz qx qy qz qw` per pose (camera->world).
+
+    Shapes: timestamps (N,), poses_wc (N, 7) in lietorch layout [tx, ty, tz, qx, qy, qz, qw]
+    (the same order TUM files use).
+    """
+    timestamps = np.asarray(timestamps, dtype=np.float64)
+    poses_wc = np.asarray(poses_wc, dtype=np.float64)
+    if poses_wc.ndim != 2 or poses_wc.shape[1] != 7 or timestamps.shape != (poses_wc.shape[0],):
+        raise InputError(f"write_tum: expected timestamps (N,) and poses (N, 7), got {timestamps.shape} "
+                         f"and {poses_wc.shape}")
+    lines = [" ".join([f"{t:.6f}"] + [f"{v:.9f}" for v in p]) for t, p in zip(timestamps, poses_wc, strict=True)]
+    return write_text(path, "# timestamp tx ty tz qx qy qz qw\n" + "\n".join(lines) + "\n")

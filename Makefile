@@ -34,7 +34,7 @@ test: $(STAMP)
 
 bench: $(STAMP)
 	mkdir -p bench_out
-	$(BIN)/python bench/kernels.py --json bench_out/kernels.json
+	$(BIN)/python -m bench.kernels --json bench_out/kernels.json
 
 cuda-check: $(STAMP)
 	$(BIN)/python tools/cuda_check.py

@@ -14,8 +14,12 @@ from kernels.errors import ShapeError
 from v2d.geometry.gauss_newton import GNOptions, assemble_system, gauss_newton, gn_accumulate, gn_step
 from v2d.geometry.lie import se3_exp, se3_inv, se3_log, se3_mul, se3_random
 
-BACKENDS = ["reference", pytest.param("extension", marks=pytest.mark.skipif(
-    not ops.extension_available(), reason="kernels._C is not built"))]
+BACKENDS = [
+    "reference",
+    pytest.param(
+        "extension", marks=pytest.mark.skipif(not ops.extension_available(), reason="kernels._C is not built")
+    ),
+]
 
 
 def scene(H: int = 24, W: int = 32, N: int = 4, seed: int = 0, dtype=torch.float64):
@@ -35,7 +39,6 @@ def scene(H: int = 24, W: int = 32, N: int = 4, seed: int = 0, dtype=torch.float
 def project_targets(inv_depth, intr, poses_cw, ii, jj):
     """Exact target coordinates (E, H, W, 2) of keyframe pixels under the given poses."""
     from kernels.reference import gn_jacobians
-
     from v2d.geometry.camera import pose_to_rt
 
     E = ii.shape[0]
@@ -48,8 +51,9 @@ def project_targets(inv_depth, intr, poses_cw, ii, jj):
 
 def perturb(poses_cw, rot_deg: float, trans: float, seed: int, fixed: int = 1):
     g = torch.Generator().manual_seed(seed)
-    noise = se3_random(poses_cw.shape[0], rot_scale=math.radians(rot_deg), trans_scale=trans, generator=g,
-                       dtype=poses_cw.dtype)
+    noise = se3_random(
+        poses_cw.shape[0], rot_scale=math.radians(rot_deg), trans_scale=trans, generator=g, dtype=poses_cw.dtype
+    )
     out = se3_mul(noise, poses_cw)
     out[:fixed] = poses_cw[:fixed]
     return out
@@ -67,22 +71,25 @@ def test_blocks_equal_autograd_jacobians_of_the_residual(backend, with_focal):
     ii, jj = torch.tensor([1, 0]), torch.tensor([2, 2])
     E = 2
     g = torch.Generator().manual_seed(4)
-    targets = project_targets(inv_depth, intr, poses, ii, jj) + torch.randn(E, 5, 6, 2, generator=g, dtype=torch.float64)
+    targets = project_targets(inv_depth, intr, poses, ii, jj) + torch.randn(
+        E, 5, 6, 2, generator=g, dtype=torch.float64
+    )
     weights = torch.rand(E, 5, 6, 2, generator=g, dtype=torch.float64)
-    blocks = gn_accumulate(poses, inv_depth.expand(E, -1, -1), intr, targets, weights, ii, jj,
-                           with_focal=with_focal, backend=backend)
+    blocks = gn_accumulate(
+        poses, inv_depth.expand(E, -1, -1), intr, targets, weights, ii, jj, with_focal=with_focal, backend=backend
+    )
     from kernels.reference import gn_jacobians
-
     from v2d.geometry.camera import pose_to_rt
 
     for e in range(E):
-        def residual(xi):
+
+        def residual(xi, e=e):
             Ti = se3_mul(se3_exp(xi[:6]), poses[ii[e]])
             Tj = se3_mul(se3_exp(xi[6:12]), poses[jj[e]])
             s = xi[12]
             k = intr * torch.stack([s.exp(), s.exp(), s.new_ones(()), s.new_ones(())])
             rel = pose_to_rt(se3_mul(Tj, se3_inv(Ti)))[None]
-            _, r, _ = gn_jacobians(inv_depth[None], rel, k[None], targets[e:e + 1], 1e-3, False)
+            _, r, _ = gn_jacobians(inv_depth[None], rel, k[None], targets[e : e + 1], 1e-3, False)
             return r[0].reshape(-1)
 
         x0 = torch.zeros(13, dtype=torch.float64)
@@ -109,8 +116,9 @@ def test_assembled_system_is_symmetric_and_sums_duplicate_edges():
     ii, jj = torch.tensor([0, 0, 1]), torch.tensor([1, 1, 2])
     targets = project_targets(inv_depth, intr, poses, ii, jj) + 0.5
     weights = torch.ones(3, 6, 8, 2, dtype=torch.float64)
-    blocks = gn_accumulate(poses[None], inv_depth.expand(1, 3, -1, -1), intr[None], targets[None], weights[None],
-                           ii, jj, with_focal=True)
+    blocks = gn_accumulate(
+        poses[None], inv_depth.expand(1, 3, -1, -1), intr[None], targets[None], weights[None], ii, jj, with_focal=True
+    )
     H, b = assemble_system(blocks, ii, jj, 3)
     assert H.shape == (1, 19, 19) and b.shape == (1, 19)
     assert torch.allclose(H, H.transpose(-1, -2))
@@ -132,8 +140,17 @@ def test_recovers_perturbed_poses_from_exact_targets(backend, dtype):
     init = perturb(gt, 10.0, 0.2 * mean_depth, seed=1)
     assert pose_error(init, gt) > 0.05
     opts = GNOptions(iterations=10)
-    est, _ = gauss_newton(init.to(dtype), inv_depth.expand(5, -1, -1).to(dtype), intr.to(dtype), targets.to(dtype),
-                          weights.to(dtype), ii, jj, opts, backend=backend)
+    est, _ = gauss_newton(
+        init.to(dtype),
+        inv_depth.expand(5, -1, -1).to(dtype),
+        intr.to(dtype),
+        targets.to(dtype),
+        weights.to(dtype),
+        ii,
+        jj,
+        opts,
+        backend=backend,
+    )
     tol = 1e-4 if dtype == torch.float64 else 2e-4
     assert pose_error(est.double(), gt) < tol
     assert torch.equal(est[0], init[0].to(dtype))  # the fixed pose does not move
@@ -153,8 +170,9 @@ def test_converges_with_30_percent_downweighted_outliers():
     est, _ = gauss_newton(init, inv_depth.expand(2, -1, -1), intr, targets, weights, ii, jj, GNOptions(iterations=10))
     assert pose_error(est, gt) < 2e-3
     # Without down-weighting the outliers the same problem does not reach that accuracy.
-    est_bad, _ = gauss_newton(init, inv_depth.expand(2, -1, -1), intr, targets, torch.ones_like(weights), ii, jj,
-                              GNOptions(iterations=10))
+    est_bad, _ = gauss_newton(
+        init, inv_depth.expand(2, -1, -1), intr, targets, torch.ones_like(weights), ii, jj, GNOptions(iterations=10)
+    )
     assert pose_error(est_bad, gt) > 10 * pose_error(est, gt)
 
 
@@ -167,8 +185,9 @@ def test_uncalibrated_mode_recovers_the_focal_length():
     intr0 = intr_true * torch.tensor([0.9, 0.9, 1, 1], dtype=torch.float64)
     opts = GNOptions(iterations=15, optimize_focal=True)
     # The depth map is given in the true calibration; the focal error moves the back-projection.
-    est, intr = gauss_newton(perturb(gt, 3.0, 0.1, seed=6), inv_depth.expand(3, -1, -1), intr0, targets, weights,
-                             ii, jj, opts)
+    est, intr = gauss_newton(
+        perturb(gt, 3.0, 0.1, seed=6), inv_depth.expand(3, -1, -1), intr0, targets, weights, ii, jj, opts
+    )
     assert abs(intr[0].item() / intr_true[0].item() - 1) < 1e-4
     assert pose_error(est, gt) < 1e-4
 
@@ -181,8 +200,15 @@ def test_batched_equals_unbatched():
     weights = torch.ones_like(targets)
     init = perturb(gt, 5.0, 0.2, seed=8)
     one, _ = gn_step(init, inv_depth.expand(2, -1, -1), intr, targets, weights, ii, jj)
-    two, _ = gn_step(torch.stack([init, gt]), inv_depth.expand(2, 2, -1, -1), intr.expand(2, 4), targets.expand(2, -1, -1, -1, -1),
-                     weights.expand(2, -1, -1, -1, -1), ii, jj)
+    two, _ = gn_step(
+        torch.stack([init, gt]),
+        inv_depth.expand(2, 2, -1, -1),
+        intr.expand(2, 4),
+        targets.expand(2, -1, -1, -1, -1),
+        weights.expand(2, -1, -1, -1, -1),
+        ii,
+        jj,
+    )
     assert torch.allclose(two[0], one)
     assert pose_error(two[1], gt) < 1e-9  # already at the optimum: stays
 
@@ -216,7 +242,9 @@ def test_gradcheck_unrolled_layer(backend):
     inv_depth, intr, gt = scene(H=3, W=4, N=2, seed=11)
     ii, jj = torch.tensor([0, 0]), torch.tensor([1, 1])
     g = torch.Generator().manual_seed(12)
-    targets = project_targets(inv_depth, intr, gt, ii, jj) + 0.3 * torch.randn(2, 3, 4, 2, generator=g, dtype=torch.float64)
+    targets = project_targets(inv_depth, intr, gt, ii, jj) + 0.3 * torch.randn(
+        2, 3, 4, 2, generator=g, dtype=torch.float64
+    )
     weights = 0.5 + torch.rand(2, 3, 4, 2, generator=g, dtype=torch.float64)
     init = perturb(gt, 3.0, 0.05, seed=13)
     opts = GNOptions(iterations=2)
@@ -233,7 +261,9 @@ def test_gradcheck_focal_single_step():
     inv_depth, intr, gt = scene(H=3, W=4, N=2, seed=14)
     ii, jj = torch.tensor([0]), torch.tensor([1])
     g = torch.Generator().manual_seed(15)
-    targets = project_targets(inv_depth, intr, gt, ii, jj) + 0.3 * torch.randn(1, 3, 4, 2, generator=g, dtype=torch.float64)
+    targets = project_targets(inv_depth, intr, gt, ii, jj) + 0.3 * torch.randn(
+        1, 3, 4, 2, generator=g, dtype=torch.float64
+    )
     weights = 0.5 + torch.rand(1, 3, 4, 2, generator=g, dtype=torch.float64)
     opts = GNOptions(iterations=1, optimize_focal=True)
 

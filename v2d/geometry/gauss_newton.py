@@ -22,8 +22,8 @@ import torch
 
 from kernels import ops
 from kernels.errors import ShapeError
-from v2d.geometry.lie import se3_adjoint, se3_exp, se3_inv, se3_mul
 from v2d.geometry.camera import pose_to_rt
+from v2d.geometry.lie import se3_adjoint, se3_exp, se3_inv, se3_mul
 
 __all__ = ["GNOptions", "GNBlocks", "gn_accumulate", "gn_step", "gauss_newton", "assemble_system"]
 
@@ -78,8 +78,13 @@ class GNBlocks:
 
 
 def _batched(
-    poses_cw: torch.Tensor, inv_depth: torch.Tensor, intrinsics: torch.Tensor, targets: torch.Tensor,
-    weights: torch.Tensor, ii: torch.Tensor, jj: torch.Tensor,
+    poses_cw: torch.Tensor,
+    inv_depth: torch.Tensor,
+    intrinsics: torch.Tensor,
+    targets: torch.Tensor,
+    weights: torch.Tensor,
+    ii: torch.Tensor,
+    jj: torch.Tensor,
 ) -> tuple[bool, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """Validate and add a leading batch dimension when the inputs have none."""
     if poses_cw.dim() not in (2, 3) or poses_cw.shape[-1] != 7:
@@ -100,7 +105,9 @@ def _batched(
     if jj.shape[0] != E or E == 0:
         raise ShapeError(f"ii, jj: expected the same non-zero number of edges, got {ii.shape[0]} and {jj.shape[0]}")
     if inv_depth.dim() != 4 or inv_depth.shape[:2] != (B, E):
-        raise ShapeError(f"inv_depth: expected (E, H, W) or (B, E, H, W) with B={B}, E={E}, got {tuple(inv_depth.shape)}")
+        raise ShapeError(
+            f"inv_depth: expected (E, H, W) or (B, E, H, W) with B={B}, E={E}, got {tuple(inv_depth.shape)}"
+        )
     H, W = inv_depth.shape[-2:]
     for name, t in (("targets", targets), ("weights", weights)):
         if t.shape != (B, E, H, W, 2):
@@ -144,9 +151,14 @@ def gn_accumulate(
     rel = pose_to_rt(T_ij).reshape(B * E, 3, 4).contiguous()
     intr = intrinsics.detach()[:, None, :].expand(B, E, 4).reshape(B * E, 4).contiguous()
     Hm, bm = ops.gn_reduce(
-        inv_depth.reshape(B * E, H, W).contiguous(), rel, intr,
-        targets.reshape(B * E, H, W, 2).contiguous(), weights.reshape(B * E, H, W, 2).contiguous(),
-        min_depth=min_depth, with_focal=with_focal, backend=backend,
+        inv_depth.reshape(B * E, H, W).contiguous(),
+        rel,
+        intr,
+        targets.reshape(B * E, H, W, 2).contiguous(),
+        weights.reshape(B * E, H, W, 2).contiguous(),
+        min_depth=min_depth,
+        with_focal=with_focal,
+        backend=backend,
     )
     K = Hm.shape[-1]
     Hm, bm = Hm.view(B, E, K, K), bm.view(B, E, K)

@@ -8,10 +8,9 @@ so that the extension builds against the torch already in the environment.
 import os
 from pathlib import Path
 
-from setuptools import find_packages, setup
-from torch.utils.cpp_extension import BuildExtension, CppExtension, CUDAExtension, CUDA_HOME
-
 import torch
+from setuptools import find_packages, setup
+from torch.utils.cpp_extension import CUDA_HOME, BuildExtension, CppExtension, CUDAExtension
 
 ROOT = Path(__file__).parent
 CSRC = Path("kernels") / "csrc"

@@ -132,3 +132,59 @@ def gn_reduce(
     if _use_extension("gn_reduce", device, backend):
         return _GNReduce.apply(inv_depth, rel_poses, intrinsics, targets, weights, float(min_depth), bool(with_focal))
     return reference.gn_reduce(inv_depth, rel_poses, intrinsics, targets, weights, min_depth, with_focal)
+
+
+# --------------------------------------------------------------------------------------------------
+# Kernel B: cost-volume back-projection
+# --------------------------------------------------------------------------------------------------
+
+
+class _BackprojectVolume(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, features, rel_poses, intrinsics, depths):
+        ctx.save_for_backward(features, rel_poses, intrinsics, depths)
+        return _extension().backproject_volume_forward(features, rel_poses, intrinsics, depths)
+
+    @staticmethod
+    def backward(ctx, grad):
+        features, rel_poses, intrinsics, depths = ctx.saved_tensors
+        g_f, g_T = _extension().backproject_volume_backward(grad.contiguous(), features, rel_poses, intrinsics, depths)
+        return g_f, g_T, None, None
+
+
+def backproject_volume(
+    features: torch.Tensor,
+    rel_poses: torch.Tensor,
+    intrinsics: torch.Tensor,
+    depths: torch.Tensor,
+    backend: str = "auto",
+) -> torch.Tensor:
+    """Neighbour features sampled at every keyframe pixel back-projected to every depth hypothesis.
+
+    Keyframe pixel (u, v) (pixel centres at integer coordinates) at depth z_k goes to
+    X = z_k K^-1 [u, v, 1], P = R_m X + t_m in neighbour m's camera, and is projected with the same
+    intrinsics row (one camera for the whole video); neighbour m's features are sampled there
+    bilinearly. Taps outside the image read zero (grid_sample's padding_mode="zeros",
+    align_corners=True) and samples behind the camera (P_z <= 1e-6) are zero.
+
+    Gradients flow to features and rel_poses; intrinsics and depths are constants.
+
+    Shapes:
+        features: (M, C, h, w); rel_poses: (M, 3, 4) = [R | t] keyframe camera -> neighbour camera;
+        intrinsics: (M, 4) = fx, fy, cx, cy at feature resolution; depths: (D,).
+        Returns (M, C, D, h, w).
+    """
+    dims: dict[str, int] = {}
+    expect("features", features, ("M", "C", "h", "w"), dims)
+    expect("rel_poses", rel_poses, ("M", 3, 4), dims)
+    expect("intrinsics", intrinsics, ("M", 4), dims)
+    expect("depths", depths, ("D",), dims)
+    named = dict(features=features, rel_poses=rel_poses, intrinsics=intrinsics, depths=depths)
+    device, _ = same_device_dtype(named)
+    expect_contiguous(named)
+    expect_no_grad({"intrinsics": intrinsics, "depths": depths}, "backproject_volume")
+    if depths.numel() == 0 or not bool(torch.isfinite(depths).all() and (depths > 0).all()):
+        raise ShapeError(f"depths: expected positive finite depth hypotheses, got {depths.tolist()[:8]}")
+    if _use_extension("backproject_volume", device, backend):
+        return _BackprojectVolume.apply(features, rel_poses, intrinsics, depths)
+    return reference.backproject_volume(features, rel_poses, intrinsics, depths)

@@ -82,3 +82,34 @@ def gn_reduce(
     H = torch.einsum("ehwki,ehwk,ehwkj->eij", J, w, J)
     b = torch.einsum("ehwki,ehwk,ehwk->ei", J, w, r)
     return H, b
+
+
+VOLUME_MIN_DEPTH = 1e-6  # the kernel's kVolumeMinDepth: samples with P_z at or below it are zero
+
+
+def backproject_volume(
+    features: torch.Tensor, rel_poses: torch.Tensor, intrinsics: torch.Tensor, depths: torch.Tensor
+) -> torch.Tensor:
+    """Reference of `kernels.ops.backproject_volume`: explicit coordinates and one grid_sample call.
+
+    Shapes:
+        features: (M, C, h, w); rel_poses: (M, 3, 4); intrinsics: (M, 4); depths: (D,).
+        Returns (M, C, D, h, w).
+    """
+    M, C, h, w = features.shape
+    D = depths.shape[0]
+    u, v = pixel_grid(h, w, features)
+    fx, fy, cx, cy = (c.view(M, 1, 1, 1) for c in intrinsics.unbind(-1))
+    z = depths.view(1, D, 1, 1)
+    X = torch.stack(torch.broadcast_tensors(z * (u - cx) / fx, z * (v - cy) / fy, z.expand(M, D, h, w)), dim=-1)
+    P = torch.einsum("mij,mdhwj->mdhwi", rel_poses[:, :, :3], X) + rel_poses[:, None, None, None, :, 3]
+    valid = P[..., 2] > VOLUME_MIN_DEPTH
+    Z = torch.where(valid, P[..., 2], torch.ones_like(P[..., 2]))
+    up = fx * P[..., 0] / Z + cx
+    vp = fy * P[..., 1] / Z + cy
+    grid = torch.stack([2 * up / max(w - 1, 1) - 1, 2 * vp / max(h - 1, 1) - 1], dim=-1)
+    grid = torch.where(valid[..., None], grid, torch.full_like(grid, -10.0))  # far outside: zeros
+    out = torch.nn.functional.grid_sample(
+        features, grid.reshape(M, D * h, w, 2), mode="bilinear", padding_mode="zeros", align_corners=True
+    )
+    return out.view(M, C, D, h, w)

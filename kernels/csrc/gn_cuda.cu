@@ -1,0 +1,301 @@
+// CUDA implementation of gn_reduce; the per-pixel math is in gn.h (shared with gn_cpu.cpp).
+//
+// Forward: a 1-D grid of E * blocks_per_edge blocks. Each thread walks the pixels of its edge with
+// a grid stride, linearises them and accumulates the upper triangle of H and b in double
+// registers; the block sums them (warp shuffles, then shared memory) and atomically adds the totals
+// into a per-edge double buffer. A second kernel mirrors the triangle and casts to the output
+// dtype. Backward: the per-pixel gradients are written directly (each pixel owns its outputs); the
+// 12 rel-pose gradients are reduced the same way as H and cast by a last small kernel.
+//
+// Double atomics make the double sums depend on the order in which blocks finish (rounding in the
+// last bits of a double), so unlike the CPU file the result is not bitwise reproducible run to run.
+//
+// Every launch goes to the legacy default stream (0): ATen/cuda/CUDAContext.h, which gives torch's
+// current stream, does not compile with this project's CUDA toolkit (NOTES.md). The kernels
+// therefore do not follow a `torch.cuda.stream(...)` context.
+#include <cuda_runtime.h>
+
+#include <algorithm>
+#include <cstdint>
+#include <limits>
+#include <vector>
+
+#include "gn.h"
+#include "ops.h"
+
+namespace {
+
+constexpr int kThreads = 256;  // per block; a multiple of the warp size
+constexpr int kWarpSize = 32;
+constexpr int kWarps = kThreads / kWarpSize;
+constexpr int64_t kPixelsPerThread = 4;  // grid-stride steps per thread: amortises the block reduction
+
+// Entries of H that are reduced: the upper triangle i <= j, packed row by row, then b.
+template <int K>
+constexpr int kTriangle = K * (K + 1) / 2;
+template <int K>
+constexpr int kPacked = kTriangle<K> + K;
+
+template <int K>
+V2D_HOST_DEVICE int packed_index(int i, int j) {  // requires i <= j
+  return i * K - i * (i - 1) / 2 + (j - i);
+}
+
+void check_launch(const char* what) {
+  const cudaError_t err = cudaGetLastError();
+  TORCH_CHECK(err == cudaSuccess, what, ": CUDA kernel launch failed: ", cudaGetErrorString(err));
+}
+
+void check_cuda_inputs(const char* op, const std::vector<torch::Tensor>& ts) {
+  const auto& ref = ts.front();
+  for (const auto& t : ts) {
+    TORCH_CHECK(t.is_cuda(), op, ": expected CUDA tensors, got one on ", t.device());
+    TORCH_CHECK(t.device() == ref.device(), op, ": all tensors must be on one device, got ", ref.device(), " and ",
+                t.device());
+    TORCH_CHECK(t.scalar_type() == ref.scalar_type(), op, ": all tensors must have one dtype, got ",
+                ref.scalar_type(), " and ", t.scalar_type());
+    TORCH_CHECK(t.is_contiguous(), op, ": tensors must be contiguous");
+  }
+}
+
+// Shapes are checked here too: on the GPU a wrong shape is an out-of-bounds read, not an error.
+void check_gn_shapes(const char* op, const torch::Tensor& inv_depth, const torch::Tensor& rel_poses,
+                     const torch::Tensor& intrinsics, const torch::Tensor& targets, const torch::Tensor& weights) {
+  TORCH_CHECK(inv_depth.dim() == 3, op, ": inv_depth must be (E, H, W), got ", inv_depth.sizes());
+  const int64_t E = inv_depth.size(0), Ht = inv_depth.size(1), Wd = inv_depth.size(2);
+  TORCH_CHECK(rel_poses.sizes() == torch::IntArrayRef({E, 3, 4}), op, ": rel_poses must be (E, 3, 4) with E = ", E,
+              ", got ", rel_poses.sizes());
+  TORCH_CHECK(intrinsics.sizes() == torch::IntArrayRef({E, 4}), op, ": intrinsics must be (E, 4) with E = ", E,
+              ", got ", intrinsics.sizes());
+  TORCH_CHECK(targets.sizes() == torch::IntArrayRef({E, Ht, Wd, 2}), op, ": targets must be (E, H, W, 2) = (", E,
+              ", ", Ht, ", ", Wd, ", 2), got ", targets.sizes());
+  TORCH_CHECK(weights.sizes() == torch::IntArrayRef({E, Ht, Wd, 2}), op, ": weights must be (E, H, W, 2) = (", E,
+              ", ", Ht, ", ", Wd, ", 2), got ", weights.sizes());
+}
+
+int edge_blocks(int64_t E, int64_t HW) {  // blocks per edge
+  const int64_t per_edge = std::max<int64_t>(1, (HW + kThreads * kPixelsPerThread - 1) / (kThreads * kPixelsPerThread));
+  TORCH_CHECK(E * per_edge <= std::numeric_limits<int32_t>::max(), "gn_reduce (CUDA): too many edges x pixels (E = ",
+              E, ", H*W = ", HW, ") for one launch");
+  return static_cast<int>(per_edge);
+}
+
+template <typename T>
+__device__ void load_to_shared(T* dst, const T* src, int n) {
+  for (int t = threadIdx.x; t < n; t += blockDim.x) dst[t] = src[t];
+}
+
+// Sums vals[0..N) over the block and atomically adds the N totals into out. Every thread of the
+// block must call it (full-warp shuffles and a barrier).
+template <int N>
+__device__ void block_sum_atomic_add(const double (&vals)[N], double* out) {
+  static_assert(N <= kThreads, "one thread per reduced value in the last step");
+  __shared__ double warp_sums[kWarps][N];
+  const int lane = threadIdx.x % kWarpSize, warp = threadIdx.x / kWarpSize;
+#pragma unroll
+  for (int s = 0; s < N; ++s) {
+    double v = vals[s];
+    for (int offset = kWarpSize / 2; offset > 0; offset /= 2) v += __shfl_down_sync(0xffffffffu, v, offset);
+    if (lane == 0) warp_sums[warp][s] = v;
+  }
+  __syncthreads();
+  if (threadIdx.x < N) {
+    double total = 0.0;
+    for (int w = 0; w < kWarps; ++w) total += warp_sums[w][threadIdx.x];
+    atomicAdd(out + threadIdx.x, total);
+  }
+}
+
+// acc: (E, kPacked<K>) double, zeroed before the launch.
+template <typename scalar_t, int K>
+__global__ void __launch_bounds__(kThreads)
+    gn_forward_kernel(const scalar_t* __restrict__ inv_depth, const scalar_t* __restrict__ rel_poses,
+                      const scalar_t* __restrict__ intrinsics, const scalar_t* __restrict__ targets,
+                      const scalar_t* __restrict__ weights, scalar_t min_depth, int64_t HW, int64_t width,
+                      int blocks_per_edge, double* __restrict__ acc) {
+  const int64_t e = blockIdx.x / blocks_per_edge;
+  const int64_t chunk = blockIdx.x % blocks_per_edge;
+  __shared__ scalar_t rel[12], intr[4];
+  load_to_shared(rel, rel_poses + e * 12, 12);
+  load_to_shared(intr, intrinsics + e * 4, 4);
+  __syncthreads();
+
+  double H[K * K] = {};  // gn_accumulate writes the upper triangle only
+  double b[K] = {};
+  v2d::GNPixel<scalar_t, K> px;
+  const int64_t stride = static_cast<int64_t>(blocks_per_edge) * blockDim.x;
+  for (int64_t p = chunk * blockDim.x + threadIdx.x; p < HW; p += stride) {
+    const int64_t idx = e * HW + p;
+    const scalar_t u = static_cast<scalar_t>(p % width), v = static_cast<scalar_t>(p / width);
+    if (v2d::gn_linearize<scalar_t, K>(u, v, inv_depth[idx], rel, intr, targets + 2 * idx, weights + 2 * idx,
+                                       min_depth, px))
+      v2d::gn_accumulate<scalar_t, K, double>(px, H, b);
+  }
+
+  double packed[kPacked<K>];
+#pragma unroll
+  for (int i = 0; i < K; ++i) {
+#pragma unroll
+    for (int j = i; j < K; ++j) packed[packed_index<K>(i, j)] = H[i * K + j];
+    packed[kTriangle<K> + i] = b[i];
+  }
+  block_sum_atomic_add(packed, acc + e * kPacked<K>);
+}
+
+// One thread per output entry of H (E, K, K) and b (E, K): mirror the triangle, cast.
+template <typename scalar_t, int K>
+__global__ void gn_unpack_kernel(const double* __restrict__ acc, int64_t E, scalar_t* __restrict__ H_out,
+                                 scalar_t* __restrict__ b_out) {
+  constexpr int kPerEdge = K * K + K;
+  const int64_t t = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
+  if (t >= E * kPerEdge) return;
+  const int64_t e = t / kPerEdge;
+  const int k = static_cast<int>(t % kPerEdge);
+  const double* a = acc + e * kPacked<K>;
+  if (k < K * K) {
+    const int i = k / K, j = k % K;
+    H_out[e * K * K + k] = static_cast<scalar_t>(a[i <= j ? packed_index<K>(i, j) : packed_index<K>(j, i)]);
+  } else {
+    b_out[e * K + (k - K * K)] = static_cast<scalar_t>(a[kTriangle<K> + (k - K * K)]);
+  }
+}
+
+// acc: (E, 12) double, zeroed before the launch.
+template <typename scalar_t, int K>
+__global__ void __launch_bounds__(kThreads)
+    gn_backward_kernel(const scalar_t* __restrict__ grad_H, const scalar_t* __restrict__ grad_b,
+                       const scalar_t* __restrict__ inv_depth, const scalar_t* __restrict__ rel_poses,
+                       const scalar_t* __restrict__ intrinsics, const scalar_t* __restrict__ targets,
+                       const scalar_t* __restrict__ weights, scalar_t min_depth, int64_t HW, int64_t width,
+                       int blocks_per_edge, scalar_t* __restrict__ g_d, scalar_t* __restrict__ g_t,
+                       scalar_t* __restrict__ g_w, double* __restrict__ acc) {
+  const int64_t e = blockIdx.x / blocks_per_edge;
+  const int64_t chunk = blockIdx.x % blocks_per_edge;
+  __shared__ scalar_t rel[12], intr[4], G[K * K], g[K];
+  load_to_shared(rel, rel_poses + e * 12, 12);
+  load_to_shared(intr, intrinsics + e * 4, 4);
+  load_to_shared(G, grad_H + e * K * K, K * K);
+  load_to_shared(g, grad_b + e * K, K);
+  __syncthreads();
+
+  double g_rel[12] = {};
+  v2d::GNPixel<scalar_t, K> px;
+  const int64_t stride = static_cast<int64_t>(blocks_per_edge) * blockDim.x;
+  for (int64_t p = chunk * blockDim.x + threadIdx.x; p < HW; p += stride) {
+    const int64_t idx = e * HW + p;
+    const scalar_t u = static_cast<scalar_t>(p % width), v = static_cast<scalar_t>(p / width);
+    if (v2d::gn_linearize<scalar_t, K>(u, v, inv_depth[idx], rel, intr, targets + 2 * idx, weights + 2 * idx,
+                                       min_depth, px)) {
+      v2d::gn_pixel_backward<scalar_t, K, double>(px, rel, intr, G, g, g_d[idx], g_t + 2 * idx, g_w + 2 * idx,
+                                                  g_rel);
+    } else {
+      g_d[idx] = scalar_t(0);
+      g_t[2 * idx] = g_t[2 * idx + 1] = scalar_t(0);
+      g_w[2 * idx] = g_w[2 * idx + 1] = scalar_t(0);
+    }
+  }
+  block_sum_atomic_add(g_rel, acc + e * 12);
+}
+
+template <typename scalar_t>
+__global__ void cast_kernel(const double* __restrict__ src, int64_t n, scalar_t* __restrict__ dst) {
+  const int64_t t = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
+  if (t < n) dst[t] = static_cast<scalar_t>(src[t]);
+}
+
+int64_t blocks_for(int64_t n) { return (n + kThreads - 1) / kThreads; }
+
+torch::Tensor zeroed_double_buffer(const torch::Tensor& like, torch::IntArrayRef sizes) {
+  auto buf = torch::empty(sizes, like.options().dtype(torch::kDouble));
+  // cudaMemsetAsync, not torch::zeros: keeps every step of the op on the same (default) stream.
+  const cudaError_t err = cudaMemsetAsync(buf.data_ptr<double>(), 0, buf.numel() * sizeof(double), 0);
+  TORCH_CHECK(err == cudaSuccess, "gn_reduce (CUDA): cudaMemsetAsync failed: ", cudaGetErrorString(err));
+  return buf;
+}
+
+template <typename scalar_t, int K>
+void forward_impl(const torch::Tensor& inv_depth, const torch::Tensor& rel_poses, const torch::Tensor& intrinsics,
+                  const torch::Tensor& targets, const torch::Tensor& weights, double min_depth, torch::Tensor& H_out,
+                  torch::Tensor& b_out) {
+  const int64_t E = inv_depth.size(0), HW = inv_depth.size(1) * inv_depth.size(2), width = inv_depth.size(2);
+  const int per_edge = edge_blocks(E, HW);
+  const torch::Tensor acc = zeroed_double_buffer(inv_depth, {E, kPacked<K>});
+  gn_forward_kernel<scalar_t, K><<<static_cast<unsigned>(E * per_edge), kThreads, 0, 0>>>(
+      inv_depth.data_ptr<scalar_t>(), rel_poses.data_ptr<scalar_t>(), intrinsics.data_ptr<scalar_t>(),
+      targets.data_ptr<scalar_t>(), weights.data_ptr<scalar_t>(), static_cast<scalar_t>(min_depth), HW, width,
+      per_edge, acc.data_ptr<double>());
+  check_launch("gn_reduce_forward_cuda (accumulate)");
+  gn_unpack_kernel<scalar_t, K><<<static_cast<unsigned>(blocks_for(E * (K * K + K))), kThreads, 0, 0>>>(
+      acc.data_ptr<double>(), E, H_out.data_ptr<scalar_t>(), b_out.data_ptr<scalar_t>());
+  check_launch("gn_reduce_forward_cuda (unpack)");
+}
+
+template <typename scalar_t, int K>
+void backward_impl(const torch::Tensor& grad_H, const torch::Tensor& grad_b, const torch::Tensor& inv_depth,
+                   const torch::Tensor& rel_poses, const torch::Tensor& intrinsics, const torch::Tensor& targets,
+                   const torch::Tensor& weights, double min_depth, torch::Tensor& g_d, torch::Tensor& g_rel,
+                   torch::Tensor& g_t, torch::Tensor& g_w) {
+  const int64_t E = inv_depth.size(0), HW = inv_depth.size(1) * inv_depth.size(2), width = inv_depth.size(2);
+  const int per_edge = edge_blocks(E, HW);
+  const torch::Tensor acc = zeroed_double_buffer(inv_depth, {E, 12});
+  gn_backward_kernel<scalar_t, K><<<static_cast<unsigned>(E * per_edge), kThreads, 0, 0>>>(
+      grad_H.data_ptr<scalar_t>(), grad_b.data_ptr<scalar_t>(), inv_depth.data_ptr<scalar_t>(),
+      rel_poses.data_ptr<scalar_t>(), intrinsics.data_ptr<scalar_t>(), targets.data_ptr<scalar_t>(),
+      weights.data_ptr<scalar_t>(), static_cast<scalar_t>(min_depth), HW, width, per_edge,
+      g_d.data_ptr<scalar_t>(), g_t.data_ptr<scalar_t>(), g_w.data_ptr<scalar_t>(), acc.data_ptr<double>());
+  check_launch("gn_reduce_backward_cuda (pixels)");
+  cast_kernel<scalar_t><<<static_cast<unsigned>(blocks_for(E * 12)), kThreads, 0, 0>>>(
+      acc.data_ptr<double>(), E * 12, g_rel.data_ptr<scalar_t>());
+  check_launch("gn_reduce_backward_cuda (cast)");
+}
+
+}  // namespace
+
+std::vector<torch::Tensor> gn_reduce_forward_cuda(const torch::Tensor& inv_depth, const torch::Tensor& rel_poses,
+                                                  const torch::Tensor& intrinsics, const torch::Tensor& targets,
+                                                  const torch::Tensor& weights, double min_depth, bool with_focal) {
+  check_cuda_inputs("gn_reduce_forward_cuda", {inv_depth, rel_poses, intrinsics, targets, weights});
+  check_gn_shapes("gn_reduce_forward_cuda", inv_depth, rel_poses, intrinsics, targets, weights);
+  const c10::DeviceGuard device_guard(inv_depth.device());  // launches go to the inputs' GPU
+  const int64_t E = inv_depth.size(0);
+  const int64_t K = with_focal ? 7 : 6;
+  auto H = torch::empty({E, K, K}, inv_depth.options());
+  auto b = torch::empty({E, K}, inv_depth.options());
+  if (E == 0) return {H, b};
+  AT_DISPATCH_FLOATING_TYPES(inv_depth.scalar_type(), "gn_reduce_forward_cuda", [&] {
+    if (with_focal)
+      forward_impl<scalar_t, 7>(inv_depth, rel_poses, intrinsics, targets, weights, min_depth, H, b);
+    else
+      forward_impl<scalar_t, 6>(inv_depth, rel_poses, intrinsics, targets, weights, min_depth, H, b);
+  });
+  return {H, b};
+}
+
+std::vector<torch::Tensor> gn_reduce_backward_cuda(const torch::Tensor& grad_H, const torch::Tensor& grad_b,
+                                                   const torch::Tensor& inv_depth, const torch::Tensor& rel_poses,
+                                                   const torch::Tensor& intrinsics, const torch::Tensor& targets,
+                                                   const torch::Tensor& weights, double min_depth, bool with_focal) {
+  check_cuda_inputs("gn_reduce_backward_cuda", {grad_H, grad_b, inv_depth, rel_poses, intrinsics, targets, weights});
+  check_gn_shapes("gn_reduce_backward_cuda", inv_depth, rel_poses, intrinsics, targets, weights);
+  const int64_t K = with_focal ? 7 : 6;
+  const int64_t E = inv_depth.size(0);
+  TORCH_CHECK(grad_H.sizes() == torch::IntArrayRef({E, K, K}), "gn_reduce_backward_cuda: grad_H must be (E, K, K) = (",
+              E, ", ", K, ", ", K, "), got ", grad_H.sizes());
+  TORCH_CHECK(grad_b.sizes() == torch::IntArrayRef({E, K}), "gn_reduce_backward_cuda: grad_b must be (E, K) = (", E,
+              ", ", K, "), got ", grad_b.sizes());
+  const c10::DeviceGuard device_guard(inv_depth.device());
+  auto g_d = torch::empty_like(inv_depth);
+  auto g_rel = torch::empty_like(rel_poses);
+  auto g_t = torch::empty_like(targets);
+  auto g_w = torch::empty_like(weights);
+  if (E == 0) return {g_d, g_rel, g_t, g_w};
+  AT_DISPATCH_FLOATING_TYPES(inv_depth.scalar_type(), "gn_reduce_backward_cuda", [&] {
+    if (with_focal)
+      backward_impl<scalar_t, 7>(grad_H, grad_b, inv_depth, rel_poses, intrinsics, targets, weights, min_depth, g_d,
+                                 g_rel, g_t, g_w);
+    else
+      backward_impl<scalar_t, 6>(grad_H, grad_b, inv_depth, rel_poses, intrinsics, targets, weights, min_depth, g_d,
+                                 g_rel, g_t, g_w);
+  });
+  return {g_d, g_rel, g_t, g_w};
+}

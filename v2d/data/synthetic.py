@@ -149,9 +149,10 @@ def render_views(scene: SceneSpec, poses_cw: torch.Tensor, intrinsics: torch.Ten
         enter, enter_axis = tnear.max(-1)
         leave, leave_axis = tfar.min(-1)
         # Room (box 0) is hit from inside where the ray leaves it; other boxes where the ray enters.
-        t_hit = torch.where(torch.arange(len(lo))[None] == 0, leave, torch.where((enter < leave) & (enter > 1e-6),
-                                                                                  enter, torch.full_like(enter, math.inf)))
-        axis_hit = torch.where(torch.arange(len(lo))[None] == 0, leave_axis, enter_axis)
+        is_room = torch.arange(len(lo))[None] == 0
+        box_hit = torch.where((enter < leave) & (enter > 1e-6), enter, torch.full_like(enter, math.inf))
+        t_hit = torch.where(is_room, leave, box_hit)
+        axis_hit = torch.where(is_room, leave_axis, enter_axis)
         t_min, idx = t_hit.min(-1)
         axis = axis_hit.gather(1, idx[:, None])[:, 0]
         p = center + t_min[:, None] * d

@@ -1,7 +1,7 @@
 """Measurement helpers shared by the benchmarks: median wall time and peak resident memory.
 
 Peak memory on CPU: torch has no allocator statistics for the CPU, so each variant runs once in a
-fresh subprocess that builds its inputs, resets the kernel's resident-memory high-water mark
+fresh subprocess that builds its inputs, runs once to warm up, resets the kernel's resident-memory high-water mark
 (writing 5 to /proc/self/clear_refs, Linux >= 4.0), runs, and reports VmHWM minus the resident
 size before the run. A fresh process keeps one variant's freed-but-cached memory from hiding the
 other's.
@@ -56,6 +56,7 @@ def peak_mb(target: str, *args: str) -> float:
 def _child(target: str, *args: str) -> None:
     module, func = target.split(":")
     run = getattr(importlib.import_module(module), func)(*args)
+    run()  # warm-up: one-time costs (lazy library loading, thread pools) are not the op's memory
     Path("/proc/self/clear_refs").write_text("5")
     before = _status_kib("VmRSS")
     run()

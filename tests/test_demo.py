@@ -19,7 +19,7 @@ def test_demo_recovers_poses_and_depth_and_writes_outputs(tmp_path, capsys):
     summary = json.loads((out / "summary.json").read_text())
     track = summary["tracking"]
     assert track["rotation_error_deg"]["initial_mean"] > 1.0
-    assert track["rotation_error_deg"]["max"] < 0.2
+    assert track["rotation_error_deg"]["max"] < 0.5  # the networks issue's DIS target
     assert track["translation_error"]["max"] < 0.02
     assert summary["depth"]["abs_rel"] < 0.15
     traj = file_interface.read_tum_trajectory_file(str(out / "trajectory.txt"))

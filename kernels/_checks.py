@@ -6,7 +6,7 @@ from collections.abc import Sequence
 
 import torch
 
-from kernels.errors import ShapeError
+from kernels.errors import NumericalError, ShapeError
 
 Dim = int | str | None
 
@@ -62,3 +62,18 @@ def expect_no_grad(named: dict[str, torch.Tensor], op: str) -> None:
     for name, t in named.items():
         if t.requires_grad:
             raise ShapeError(f"{name}: {op} does not differentiate with respect to {name}; pass it detached")
+
+
+def expect_finite(named: dict[str, torch.Tensor], op: str) -> None:
+    """NaN or Inf in an input is an error: the extension and the reference would treat it differently
+    (the kernels skip such pixels, grid_sample and autograd propagate them), and neither is right."""
+    for name, t in named.items():
+        if t.numel() and not bool(torch.isfinite(t).all()):
+            bad = int((~torch.isfinite(t)).sum())
+            raise NumericalError(f"{name}: {op} got {bad} non-finite value(s) (NaN or Inf)")
+
+
+def expect_positive_focal(intrinsics: torch.Tensor) -> None:
+    """intrinsics (..., 4) = fx, fy, cx, cy: the focal lengths must be positive."""
+    if intrinsics.numel() and not bool((intrinsics[..., :2] > 0).all()):
+        raise ShapeError(f"intrinsics: expected positive focal lengths fx, fy, got {intrinsics[..., :2].tolist()[:4]}")

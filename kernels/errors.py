@@ -11,4 +11,8 @@ class V2DError(Exception):
 
 
 class ShapeError(V2DError, ValueError):
-    """A tensor argument has the wrong shape, dtype, device or layout."""
+    """A tensor argument has the wrong shape, dtype, device or layout, or values outside its domain."""
+
+
+class NumericalError(V2DError, ValueError):
+    """NaN/Inf in the input or a numerical failure that cannot be recovered from."""

@@ -15,9 +15,17 @@ import logging
 from types import ModuleType
 
 import torch
+from torch.autograd.function import once_differentiable
 
 from kernels import reference
-from kernels._checks import expect, expect_contiguous, expect_no_grad, same_device_dtype
+from kernels._checks import (
+    expect,
+    expect_contiguous,
+    expect_finite,
+    expect_no_grad,
+    expect_positive_focal,
+    same_device_dtype,
+)
 from kernels.errors import ShapeError
 
 __all__ = ["extension_available", "gn_reduce", "backproject_volume"]
@@ -75,13 +83,15 @@ class _GNReduce(torch.autograd.Function):
         return H, b
 
     @staticmethod
+    @once_differentiable
     def backward(ctx, grad_H, grad_b):
         inv_depth, rel_poses, intrinsics, targets, weights = ctx.saved_tensors
-        g_d, g_T, g_t, g_w = _extension().gn_reduce_backward(
+        grads = _extension().gn_reduce_backward(
             grad_H.contiguous(), grad_b.contiguous(), inv_depth, rel_poses, intrinsics, targets, weights,
             ctx.min_depth, ctx.with_focal,
         )
-        return g_d, g_T, None, g_t, g_w, None, None
+        grads = [g if need else None for g, need in zip(grads, ctx.needs_input_grad[:5], strict=True)]
+        return (*grads, None, None)
 
 
 def gn_reduce(
@@ -106,11 +116,12 @@ def gn_reduce(
         H_e = sum_x J^T W J,   b_e = sum_x J^T W r,
 
     so that solving H xi = b gives the Gauss-Newton step T_j <- exp(xi) T_j. Pixels with d <= 0 or
-    P_z < min_depth contribute nothing. With `with_focal` a 7th column holds the derivative with
+    P_z <= min_depth contribute nothing. With `with_focal` a 7th column holds the derivative with
     respect to s, a shared log-scale of the focal lengths (fx, fy <- fx e^s, fy e^s), applied to both
     the back-projection and the projection (uncalibrated video).
 
-    Gradients flow to inv_depth, rel_poses, targets and weights; intrinsics are constants here.
+    Gradients flow to all five tensors (the backward is first-order only: no double backward).
+    NaN or Inf in any input raises `NumericalError`; non-positive focal lengths raise `ShapeError`.
 
     Shapes:
         inv_depth: (E, H, W); rel_poses: (E, 3, 4) = [R | t] source camera -> target camera;
@@ -126,7 +137,8 @@ def gn_reduce(
     named = dict(inv_depth=inv_depth, rel_poses=rel_poses, intrinsics=intrinsics, targets=targets, weights=weights)
     device, _ = same_device_dtype(named)
     expect_contiguous(named)
-    expect_no_grad({"intrinsics": intrinsics}, "gn_reduce")
+    expect_finite(named, "gn_reduce")
+    expect_positive_focal(intrinsics)
     if not min_depth > 0:
         raise ShapeError(f"min_depth: expected a positive number, got {min_depth!r}")
     if _use_extension("gn_reduce", device, backend):
@@ -146,10 +158,12 @@ class _BackprojectVolume(torch.autograd.Function):
         return _extension().backproject_volume_forward(features, rel_poses, intrinsics, depths)
 
     @staticmethod
+    @once_differentiable
     def backward(ctx, grad):
         features, rel_poses, intrinsics, depths = ctx.saved_tensors
         g_f, g_T = _extension().backproject_volume_backward(grad.contiguous(), features, rel_poses, intrinsics, depths)
-        return g_f, g_T, None, None
+        need_f, need_T = ctx.needs_input_grad[:2]
+        return g_f if need_f else None, g_T if need_T else None, None, None
 
 
 def backproject_volume(
@@ -163,11 +177,15 @@ def backproject_volume(
 
     Keyframe pixel (u, v) (pixel centres at integer coordinates) at depth z_k goes to
     X = z_k K^-1 [u, v, 1], P = R_m X + t_m in neighbour m's camera, and is projected with the same
-    intrinsics row (one camera for the whole video); neighbour m's features are sampled there
-    bilinearly. Taps outside the image read zero (grid_sample's padding_mode="zeros",
-    align_corners=True) and samples behind the camera (P_z <= 1e-6) are zero.
+    intrinsics row for the back-projection and the projection (one camera for the whole video);
+    neighbour m's features are sampled there bilinearly. Taps outside the image read zero
+    (grid_sample's padding_mode="zeros", align_corners=True) and samples behind the camera
+    (P_z <= `reference.VOLUME_MIN_DEPTH` = 1e-6) are zero. The keyframe grid has the size of the
+    features, which must be at least 2 x 2 (with align_corners=True, grid_sample maps every
+    coordinate of a 1-pixel axis onto that pixel, so the reference could not zero what falls outside).
 
-    Gradients flow to features and rel_poses; intrinsics and depths are constants.
+    Gradients flow to features and rel_poses; intrinsics and depths are constants. NaN or Inf in
+    rel_poses or intrinsics raises `NumericalError` (NaN features propagate to the samples reading them).
 
     Shapes:
         features: (M, C, h, w); rel_poses: (M, 3, 4) = [R | t] keyframe camera -> neighbour camera;
@@ -183,6 +201,10 @@ def backproject_volume(
     device, _ = same_device_dtype(named)
     expect_contiguous(named)
     expect_no_grad({"intrinsics": intrinsics, "depths": depths}, "backproject_volume")
+    expect_finite({"rel_poses": rel_poses, "intrinsics": intrinsics}, "backproject_volume")
+    expect_positive_focal(intrinsics)
+    if features.shape[2] < 2 or features.shape[3] < 2:
+        raise ShapeError(f"features: expected h, w >= 2, got shape {tuple(features.shape)}")
     if depths.numel() == 0 or not bool(torch.isfinite(depths).all() and (depths > 0).all()):
         raise ShapeError(f"depths: expected positive finite depth hypotheses, got {depths.tolist()[:8]}")
     if _use_extension("backproject_volume", device, backend):

@@ -92,6 +92,10 @@ def backproject_volume(
 ) -> torch.Tensor:
     """Reference of `kernels.ops.backproject_volume`: explicit coordinates and one grid_sample call.
 
+    Samples behind the neighbour camera are masked by moving their coordinates far outside the
+    image, so grid_sample's zero padding zeroes them (and their gradients) without a second
+    volume-sized tensor.
+
     Shapes:
         features: (M, C, h, w); rel_poses: (M, 3, 4); intrinsics: (M, 4); depths: (D,).
         Returns (M, C, D, h, w).
@@ -107,8 +111,8 @@ def backproject_volume(
     Z = torch.where(valid, P[..., 2], torch.ones_like(P[..., 2]))
     up = fx * P[..., 0] / Z + cx
     vp = fy * P[..., 1] / Z + cy
-    grid = torch.stack([2 * up / max(w - 1, 1) - 1, 2 * vp / max(h - 1, 1) - 1], dim=-1)
-    grid = torch.where(valid[..., None], grid, torch.full_like(grid, -10.0))  # far outside: zeros
+    grid = torch.stack([2 * up / (w - 1) - 1, 2 * vp / (h - 1) - 1], dim=-1)
+    grid = torch.where(valid[..., None], grid, torch.full_like(grid, -10.0))
     out = torch.nn.functional.grid_sample(
         features, grid.reshape(M, D * h, w, 2), mode="bilinear", padding_mode="zeros", align_corners=True
     )

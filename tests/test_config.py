@@ -50,6 +50,13 @@ def test_int_is_accepted_for_float_fields_and_converted():
         ("gn.iterations", "--set: expected key=value"),
         ("=3", "--set: expected key=value"),
         ("gn..x=3", "--set: expected key=value"),
+        ("gn.iterations=0", r"gn.iterations: expected a value >= 1, got 0"),
+        ("gn.damping=-1e-3", r"gn.damping: expected a value >= 0, got -0.001"),
+        ("gn.min_depth=0", r"gn.min_depth: expected a positive value, got 0.0"),
+        ("gn.damping=.nan", r"gn.damping: expected a finite number, got nan"),
+        ("gn.max_rotation_step=.inf", r"gn.max_rotation_step: expected a finite number, got inf"),
+        ("demo.num_frames=1", r"demo.num_frames: expected a value >= 2, got 1"),
+        ("demo.min_depth=9", r"demo: min_depth must be smaller than max_depth"),
     ],
 )
 def test_bad_overrides_name_the_key(override, message):
@@ -72,6 +79,18 @@ def test_bad_files(tmp_path):
     unknown.write_text("gn:\n  damping: 1.0\n  dampign: 2.0\n")
     with pytest.raises(ConfigError, match="unknown config key gn.dampign"):
         load_config(unknown)
+    twice = tmp_path / "twice.yaml"
+    twice.write_text("gn:\n  damping: 1.0\n  iterations: 3\n  damping: 2.0\n")
+    with pytest.raises(ConfigError, match=r"twice.yaml: duplicate key 'damping' \(line 4\)"):
+        load_config(twice)
+    numeric = tmp_path / "numeric.yaml"
+    numeric.write_text("gn:\n  1: 2\n  damping: 1.0\n")
+    with pytest.raises(ConfigError, match="unknown config key gn.1"):
+        load_config(numeric)
+    latin = tmp_path / "latin.yaml"
+    latin.write_bytes("gn:\n  damping: 1.0 # d\xe9faut\n".encode("latin-1"))
+    with pytest.raises(ConfigError, match="latin.yaml is not UTF-8 text"):
+        load_config(latin)
 
 
 def test_to_dict_round_trips():

@@ -10,12 +10,24 @@ from __future__ import annotations
 import argparse
 import logging
 import sys
+import typing
 from collections.abc import Sequence
 
 from v2d import __version__
-from v2d.errors import V2DError
+from v2d.errors import ConfigError, V2DError
 
 _log = logging.getLogger("v2d")
+
+
+class _UsageError(ConfigError):
+    """A command line argparse rejects (unknown option, missing argument, bad choice)."""
+
+
+class _Parser(argparse.ArgumentParser):
+    """ArgumentParser whose errors become one line and exit code 1 (through `main`), not usage + 2."""
+
+    def error(self, message: str) -> typing.NoReturn:
+        raise _UsageError(f"{self.prog}: {message} (see {self.prog} --help)")
 
 
 def _subcommands() -> dict:
@@ -26,7 +38,7 @@ def _subcommands() -> dict:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    common = argparse.ArgumentParser(add_help=False)
+    common = _Parser(add_help=False)
     common.add_argument("--config", metavar="FILE", help="YAML file overriding the defaults (see configs/)")
     common.add_argument(
         "--set", dest="overrides", metavar="KEY=VALUE", action="append", default=[],
@@ -35,13 +47,13 @@ def build_parser() -> argparse.ArgumentParser:
     common.add_argument("-v", "--verbose", action="store_true", help="log debug messages")
     common.add_argument("-q", "--quiet", action="store_true", help="log warnings and errors only")
 
-    parser = argparse.ArgumentParser(
+    parser = _Parser(
         prog="v2d",
         description="Differentiable structure from motion and SLAM (DeepV2D line): video in, "
         "camera trajectory, depth maps and a point cloud out.",
     )
     parser.add_argument("--version", action="version", version=f"v2d {__version__}")
-    sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True, parser_class=_Parser)
     for module in _subcommands().values():
         module.add_parser(sub, [common])
     return parser
@@ -49,7 +61,11 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
-    args = parser.parse_args(argv)
+    try:
+        args = parser.parse_args(argv)
+    except _UsageError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
     level = logging.DEBUG if args.verbose else logging.WARNING if args.quiet else logging.INFO
     logging.basicConfig(level=level, format="%(levelname)s %(name)s: %(message)s")
     from v2d.config import load_config

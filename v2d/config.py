@@ -1,8 +1,9 @@
 """The one configuration system of v2d.
 
 Typed defaults live in code as frozen dataclasses; a YAML file (`--config FILE`) overrides some of
-them and `--set section.key=value` overrides override the file. Unknown keys, wrong types and
-malformed overrides raise `ConfigError` naming the dotted key. The result is frozen and passed
+them and `--set section.key=value` overrides override the file. Unknown or duplicate keys, wrong
+types, values out of range (`_RANGES`) and malformed overrides raise `ConfigError` naming the
+dotted key. The result is frozen and passed
 explicitly: nothing reads a global config.
 
     cfg = load_config("configs/default.yaml", ["gn.iterations=3"])
@@ -12,9 +13,10 @@ explicitly: nothing reads a global config.
 from __future__ import annotations
 
 import dataclasses
+import math
 import types
 import typing
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -24,7 +26,7 @@ import yaml
 from v2d.errors import ConfigError
 from v2d.geometry.gauss_newton import GNOptions
 
-__all__ = ["V2DConfig", "DemoConfig", "load_config", "merge", "to_dict"]
+__all__ = ["V2DConfig", "DemoConfig", "load_config", "merge", "to_dict", "validate"]
 
 
 @dataclass(frozen=True)
@@ -62,6 +64,61 @@ class V2DConfig:
 
     gn: GNOptions = field(default_factory=GNOptions)
     demo: DemoConfig = field(default_factory=DemoConfig)
+
+
+# Value ranges, by (config class, field). Types are checked from the annotations; these say which
+# values of the right type make sense. A check is a (predicate, description) pair.
+_Check = tuple[Callable[[Any], bool], str]
+
+
+def _at_least(n: float) -> _Check:
+    return (lambda v: v >= n), f"a value >= {n}"
+
+
+_POSITIVE: _Check = (lambda v: v > 0), "a positive value"
+_NON_NEGATIVE: _Check = (lambda v: v >= 0), "a value >= 0"
+
+_RANGES: dict[tuple[type, str], _Check] = {
+    (GNOptions, "iterations"): _at_least(1),
+    (GNOptions, "damping"): _NON_NEGATIVE,
+    (GNOptions, "damping_scale"): _NON_NEGATIVE,
+    (GNOptions, "max_translation_step"): _POSITIVE,
+    (GNOptions, "max_rotation_step"): _POSITIVE,
+    (GNOptions, "max_focal_step"): _POSITIVE,
+    (GNOptions, "min_depth"): _POSITIVE,
+    (GNOptions, "fixed_poses"): _NON_NEGATIVE,
+    (DemoConfig, "seed"): _NON_NEGATIVE,
+    (DemoConfig, "num_frames"): _at_least(2),
+    (DemoConfig, "height"): _at_least(16),
+    (DemoConfig, "width"): _at_least(16),
+    (DemoConfig, "pose_noise_rotation"): _NON_NEGATIVE,
+    (DemoConfig, "pose_noise_translation"): _NON_NEGATIVE,
+    (DemoConfig, "depth_hypotheses"): _at_least(2),
+    (DemoConfig, "min_depth"): _POSITIVE,
+    (DemoConfig, "max_depth"): _POSITIVE,
+    (DemoConfig, "feature_scale"): _at_least(1),
+    (DemoConfig, "tracking_iterations"): _at_least(1),
+}
+
+# Relations between fields of one section: (class, predicate, message).
+_RELATIONS: list[tuple[type, Callable[[Any], bool], str]] = [
+    (DemoConfig, lambda c: c.min_depth < c.max_depth, "min_depth must be smaller than max_depth"),
+]
+
+
+def validate(cfg: Any, prefix: str = "") -> None:
+    """Check the value ranges of every field of the dataclass tree `cfg`; ConfigError names the key."""
+    for f in dataclasses.fields(cfg):
+        value, key = getattr(cfg, f.name), prefix + f.name
+        if dataclasses.is_dataclass(value):
+            validate(value, key + ".")
+            continue
+        check = _RANGES.get((type(cfg), f.name))
+        if check is not None and not check[0](value):
+            raise ConfigError(f"{key}: expected {check[1]}, got {value!r}")
+    for cls, ok, message in _RELATIONS:
+        if isinstance(cfg, cls) and not ok(cfg):
+            raise ConfigError(f"{prefix.rstrip('.') or 'config'}: {message}")
 
 
 def to_dict(cfg: Any) -> dict[str, Any]:
@@ -120,6 +177,8 @@ def _check_value(key: str, value: Any, tp: Any) -> Any:
                 pass
         if isinstance(value, bool) or not isinstance(value, int | float):
             raise ConfigError(f"{key}: expected a number, got {type(value).__name__} {value!r}")
+        if not math.isfinite(value):
+            raise ConfigError(f"{key}: expected a finite number, got {value!r}")
         return float(value)
     if tp is str:
         if not isinstance(value, str):
@@ -134,7 +193,7 @@ def merge(cfg: Any, values: Mapping[str, Any], prefix: str = "") -> Any:
         raise ConfigError(f"{prefix.rstrip('.') or 'config'}: expected a mapping, got {type(values).__name__}")
     hints = typing.get_type_hints(type(cfg))
     names = {f.name for f in dataclasses.fields(cfg)}
-    unknown = sorted(set(values) - names)
+    unknown = sorted(str(k) for k in set(values) - names)
     if unknown:
         raise ConfigError(
             f"unknown config key{'s' if len(unknown) > 1 else ''} {', '.join(prefix + str(k) for k in unknown)}"
@@ -169,17 +228,40 @@ def _parse_override(text: str) -> dict[str, Any]:
     return nested
 
 
+class _StrictLoader(yaml.SafeLoader):
+    """SafeLoader that refuses a key given twice in one mapping (PyYAML keeps the last silently)."""
+
+
+def _construct_mapping(loader: _StrictLoader, node: yaml.MappingNode, deep: bool = False) -> dict:
+    seen: set = set()
+    for key_node, _ in node.value:
+        key = loader.construct_object(key_node, deep=True)
+        if not isinstance(key, typing.Hashable):
+            continue  # construct_mapping reports unhashable keys itself
+        if key in seen:
+            raise ConfigError(f"duplicate key {key!r} (line {key_node.start_mark.line + 1})")
+        seen.add(key)
+    return loader.construct_mapping(node, deep=deep)
+
+
+_StrictLoader.add_constructor(yaml.resolver.BaseResolver.DEFAULT_MAPPING_TAG, _construct_mapping)
+
+
 def load_config(path: str | Path | None = None, overrides: Iterable[str] = ()) -> V2DConfig:
     """Defaults, then the YAML file at `path` (if any), then `key=value` overrides, validated."""
     cfg = V2DConfig()
     if path is not None:
         path = Path(path)
         try:
-            text = path.read_text()
+            text = path.read_text(encoding="utf-8")
         except OSError as exc:
             raise ConfigError(f"cannot read config file {path}: {exc.strerror or exc}") from None
+        except UnicodeDecodeError as exc:
+            raise ConfigError(f"config file {path} is not UTF-8 text ({exc.reason} at byte {exc.start})") from None
         try:
-            data = yaml.safe_load(text)
+            data = yaml.load(text, Loader=_StrictLoader)  # noqa: S506 - a SafeLoader subclass
+        except ConfigError as exc:
+            raise ConfigError(f"config file {path}: {exc}") from None
         except yaml.YAMLError as exc:
             raise ConfigError(f"config file {path} is not valid YAML: {exc}") from None
         if data is not None:
@@ -188,4 +270,5 @@ def load_config(path: str | Path | None = None, overrides: Iterable[str] = ()) -
             cfg = merge(cfg, data)
     for text in overrides:
         cfg = merge(cfg, _parse_override(text))
+    validate(cfg)
     return cfg

@@ -2,11 +2,11 @@
 
 Every error a user can cause (bad input, bad configuration, missing files) is a `V2DError`
 subclass whose message quotes what was received. The CLI turns these into one line and exit code 1;
-anything else is a bug and keeps its traceback. `V2DError` and `ShapeError` are defined in
+anything else is a bug and keeps its traceback. `V2DError`, `ShapeError` and `NumericalError` are defined in
 `kernels.errors` (the lowest layer, which validates arguments too) and re-exported here.
 """
 
-from kernels.errors import ShapeError, V2DError
+from kernels.errors import NumericalError, ShapeError, V2DError
 
 __all__ = ["ConfigError", "InputError", "NumericalError", "ShapeError", "V2DError"]
 
@@ -17,7 +17,3 @@ class ConfigError(V2DError):
 
 class InputError(V2DError):
     """Input data (files, videos, intrinsics) is missing, unreadable or inconsistent."""
-
-
-class NumericalError(V2DError):
-    """NaN/Inf in the input or a numerical failure that cannot be recovered from."""

@@ -1,22 +1,10 @@
 // Python bindings of kernels._C. Each op is routed by the device of its first tensor; every tensor
-// must be on that device, contiguous and of one floating dtype (ops.py checks this with friendlier
-// messages first; these checks are the last line). An unsupported device is an error, never a no-op.
+// must be on that device, contiguous, of one floating dtype and of consistent shapes (checks.h;
+// ops.py checks this with friendlier messages first). An unsupported device is an error, never a no-op.
+#include "checks.h"
 #include "ops.h"
 
 namespace {
-
-void check_same(const std::vector<torch::Tensor>& ts, const char* op) {
-  const auto& ref = ts.front();
-  for (const auto& t : ts) {
-    TORCH_CHECK(t.device() == ref.device(), op, ": all tensors must be on one device, got ", ref.device(), " and ",
-                t.device());
-    TORCH_CHECK(t.scalar_type() == ref.scalar_type(), op, ": all tensors must have one dtype, got ",
-                ref.scalar_type(), " and ", t.scalar_type());
-    TORCH_CHECK(t.is_contiguous(), op, ": tensors must be contiguous");
-  }
-  TORCH_CHECK(ref.scalar_type() == torch::kFloat || ref.scalar_type() == torch::kDouble, op,
-              ": only float32 and float64 are supported, got ", ref.scalar_type());
-}
 
 [[noreturn]] void no_cuda(const char* op) {
   TORCH_CHECK(false, op, ": tensors are on a CUDA device but kernels._C was built without CUDA "
@@ -41,7 +29,8 @@ void check_same(const std::vector<torch::Tensor>& ts, const char* op) {
 std::vector<torch::Tensor> gn_reduce_forward(const torch::Tensor& inv_depth, const torch::Tensor& rel_poses,
                                              const torch::Tensor& intrinsics, const torch::Tensor& targets,
                                              const torch::Tensor& weights, double min_depth, bool with_focal) {
-  check_same({inv_depth, rel_poses, intrinsics, targets, weights}, "gn_reduce_forward");
+  v2d::check_same({inv_depth, rel_poses, intrinsics, targets, weights}, "gn_reduce_forward");
+  v2d::check_gn_shapes("gn_reduce_forward", inv_depth, rel_poses, intrinsics, targets, weights);
   V2D_ROUTE(gn_reduce_forward, inv_depth, inv_depth, rel_poses, intrinsics, targets, weights, min_depth, with_focal);
 }
 
@@ -49,14 +38,17 @@ std::vector<torch::Tensor> gn_reduce_backward(const torch::Tensor& grad_H, const
                                               const torch::Tensor& inv_depth, const torch::Tensor& rel_poses,
                                               const torch::Tensor& intrinsics, const torch::Tensor& targets,
                                               const torch::Tensor& weights, double min_depth, bool with_focal) {
-  check_same({grad_H, grad_b, inv_depth, rel_poses, intrinsics, targets, weights}, "gn_reduce_backward");
+  v2d::check_same({grad_H, grad_b, inv_depth, rel_poses, intrinsics, targets, weights}, "gn_reduce_backward");
+  v2d::check_gn_shapes("gn_reduce_backward", inv_depth, rel_poses, intrinsics, targets, weights);
+  v2d::check_gn_grads("gn_reduce_backward", inv_depth, grad_H, grad_b, with_focal);
   V2D_ROUTE(gn_reduce_backward, inv_depth, grad_H, grad_b, inv_depth, rel_poses, intrinsics, targets, weights,
             min_depth, with_focal);
 }
 
 torch::Tensor backproject_volume_forward(const torch::Tensor& features, const torch::Tensor& rel_poses,
                                          const torch::Tensor& intrinsics, const torch::Tensor& depths) {
-  check_same({features, rel_poses, intrinsics, depths}, "backproject_volume_forward");
+  v2d::check_same({features, rel_poses, intrinsics, depths}, "backproject_volume_forward");
+  v2d::check_volume_shapes("backproject_volume_forward", features, rel_poses, intrinsics, depths);
   V2D_ROUTE(backproject_volume_forward, features, features, rel_poses, intrinsics, depths);
 }
 
@@ -64,7 +56,9 @@ std::vector<torch::Tensor> backproject_volume_backward(const torch::Tensor& grad
                                                        const torch::Tensor& features,
                                                        const torch::Tensor& rel_poses,
                                                        const torch::Tensor& intrinsics, const torch::Tensor& depths) {
-  check_same({grad_volume, features, rel_poses, intrinsics, depths}, "backproject_volume_backward");
+  v2d::check_same({grad_volume, features, rel_poses, intrinsics, depths}, "backproject_volume_backward");
+  v2d::check_volume_shapes("backproject_volume_backward", features, rel_poses, intrinsics, depths);
+  v2d::check_volume_grad("backproject_volume_backward", grad_volume, features, depths);
   V2D_ROUTE(backproject_volume_backward, features, grad_volume, features, rel_poses, intrinsics, depths);
 }
 

@@ -85,11 +85,16 @@ V2D_HOST_DEVICE void gn_accumulate(const GNPixel<T, K>& px, A* H, A* b) {
   }
 }
 
+// Number of per-edge values the backward reduces: dL/drel (12) then dL/d(fx, fy, cx, cy) (4).
+constexpr int kGNEdgeGrads = 16;
+
 // Backward of one valid pixel given G = dL/dH (K*K, full) and g = dL/db (K).
-// Writes dL/dd, dL/dtarget (2), dL/dweight (2) and adds dL/drel (12) into g_rel.
+// Writes dL/dd, dL/dtarget (2), dL/dweight (2) and adds dL/drel (12) then dL/dintrinsics (4) into
+// g_edge (kGNEdgeGrads values).
 template <typename T, int K, typename A>
 V2D_HOST_DEVICE void gn_pixel_backward(const GNPixel<T, K>& px, const T* rel, const T* intr, const T* G,
-                                       const T* g, T& g_d, T* g_target, T* g_weight, A* g_rel) {
+                                       const T* g, T& g_d, T* g_target, T* g_weight, A* g_edge) {
+  A* g_rel = g_edge;
   const A fx = intr[0], fy = intr[1];
   const A wu = px.w[0], wv = px.w[1], ru = px.r[0], rv = px.r[1];
   const A a = px.a, x = px.x, y = px.y;
@@ -155,6 +160,18 @@ V2D_HOST_DEVICE void gn_pixel_backward(const GNPixel<T, K>& px, const T* rel, co
   // X = m / d with m independent of d: dX/dd = -X / d.
   const A d = px.d;
   g_d = T(-(gX[0] * A(px.X[0]) + gX[1] * A(px.X[1]) + gX[2] * A(px.X[2])) / d);
+
+  // Intrinsics, with a, x, y, q held fixed: every J_u entry is fx times a function of them (J_v: fy),
+  // r_u = target_u - fx x - cx, and X_x = (u - cx) / (fx d) (X_y likewise with fy, cy).
+  A JgU = 0, JgV = 0;
+  for (int i = 0; i < K; ++i) {
+    JgU += gu[i] * A(px.Ju[i]);
+    JgV += gv[i] * A(px.Jv[i]);
+  }
+  g_edge[12] += (JgU - gX[0] * A(px.X[0])) / fx - x * dru;
+  g_edge[13] += (JgV - gX[1] * A(px.X[1])) / fy - y * drv;
+  g_edge[14] += -dru - gX[0] / (fx * d);
+  g_edge[15] += -drv - gX[1] / (fy * d);
 }
 
 }  // namespace v2d

@@ -69,12 +69,13 @@ template <typename scalar_t, int K>
 void backward_impl(const torch::Tensor& grad_H, const torch::Tensor& grad_b, const torch::Tensor& inv_depth,
                    const torch::Tensor& rel_poses, const torch::Tensor& intrinsics, const torch::Tensor& targets,
                    const torch::Tensor& weights, double min_depth, torch::Tensor& g_d, torch::Tensor& g_rel,
-                   torch::Tensor& g_t, torch::Tensor& g_w) {
+                   torch::Tensor& g_intr, torch::Tensor& g_t, torch::Tensor& g_w) {
+  constexpr int S = v2d::kGNEdgeGrads;
   const int64_t E = inv_depth.size(0), Ht = inv_depth.size(1), Wd = inv_depth.size(2);
   const int64_t HW = Ht * Wd;
   const int64_t chunks_per_edge = (HW + kPixelsPerChunk - 1) / kPixelsPerChunk;
   const int64_t n_chunks = E * chunks_per_edge;
-  std::vector<double> partial(static_cast<size_t>(std::max<int64_t>(n_chunks, 1)) * 12, 0.0);
+  std::vector<double> partial(static_cast<size_t>(std::max<int64_t>(n_chunks, 1)) * S, 0.0);
 
   const scalar_t* gH_ptr = grad_H.data_ptr<scalar_t>();
   const scalar_t* gb_ptr = grad_b.data_ptr<scalar_t>();
@@ -94,7 +95,7 @@ void backward_impl(const torch::Tensor& grad_H, const torch::Tensor& grad_b, con
       const int64_t e = c / chunks_per_edge;
       const int64_t p0 = (c % chunks_per_edge) * kPixelsPerChunk;
       const int64_t p1 = std::min(p0 + kPixelsPerChunk, HW);
-      double* grel = partial.data() + c * 12;
+      double* grel = partial.data() + c * S;
       const scalar_t* rel = rel_ptr + e * 12;
       const scalar_t* intr = intr_ptr + e * 4;
       const scalar_t* G = gH_ptr + e * K * K;
@@ -116,11 +117,13 @@ void backward_impl(const torch::Tensor& grad_H, const torch::Tensor& grad_b, con
   });
 
   auto grel_acc = g_rel.accessor<scalar_t, 3>();
+  auto gintr_acc = g_intr.accessor<scalar_t, 2>();
   for (int64_t e = 0; e < E; ++e) {
-    double sum[12] = {0};
+    double sum[S] = {0};
     for (int64_t c = e * chunks_per_edge; c < (e + 1) * chunks_per_edge; ++c)
-      for (int s = 0; s < 12; ++s) sum[s] += partial[c * 12 + s];
+      for (int s = 0; s < S; ++s) sum[s] += partial[c * S + s];
     for (int s = 0; s < 12; ++s) grel_acc[e][s / 4][s % 4] = static_cast<scalar_t>(sum[s]);
+    for (int s = 0; s < 4; ++s) gintr_acc[e][s] = static_cast<scalar_t>(sum[12 + s]);
   }
 }
 
@@ -148,21 +151,18 @@ std::vector<torch::Tensor> gn_reduce_backward_cpu(const torch::Tensor& grad_H, c
                                                   const torch::Tensor& weights, double min_depth, bool with_focal) {
   const int64_t K = with_focal ? 7 : 6;
   const int64_t E = inv_depth.size(0);
-  TORCH_CHECK(grad_H.dim() == 3 && grad_H.size(0) == E && grad_H.size(1) == K && grad_H.size(2) == K,
-              "gn_reduce_backward: grad_H must be (E, K, K)");
-  TORCH_CHECK(grad_b.dim() == 2 && grad_b.size(0) == E && grad_b.size(1) == K,
-              "gn_reduce_backward: grad_b must be (E, K)");
   auto g_d = torch::empty_like(inv_depth);
   auto g_rel = torch::zeros_like(rel_poses);
+  auto g_intr = torch::zeros_like(intrinsics);
   auto g_t = torch::empty_like(targets);
   auto g_w = torch::empty_like(weights);
   AT_DISPATCH_FLOATING_TYPES(inv_depth.scalar_type(), "gn_reduce_backward_cpu", [&] {
     if (with_focal)
       backward_impl<scalar_t, 7>(grad_H, grad_b, inv_depth, rel_poses, intrinsics, targets, weights, min_depth, g_d,
-                                 g_rel, g_t, g_w);
+                                 g_rel, g_intr, g_t, g_w);
     else
       backward_impl<scalar_t, 6>(grad_H, grad_b, inv_depth, rel_poses, intrinsics, targets, weights, min_depth, g_d,
-                                 g_rel, g_t, g_w);
+                                 g_rel, g_intr, g_t, g_w);
   });
-  return {g_d, g_rel, g_t, g_w};
+  return {g_d, g_rel, g_intr, g_t, g_w};
 }

@@ -20,6 +20,7 @@
 #include <limits>
 #include <vector>
 
+#include "cuda_common.cuh"
 #include "gn.h"
 #include "ops.h"
 
@@ -39,38 +40,6 @@ constexpr int kPacked = kTriangle<K> + K;
 template <int K>
 V2D_HOST_DEVICE int packed_index(int i, int j) {  // requires i <= j
   return i * K - i * (i - 1) / 2 + (j - i);
-}
-
-void check_launch(const char* what) {
-  const cudaError_t err = cudaGetLastError();
-  TORCH_CHECK(err == cudaSuccess, what, ": CUDA kernel launch failed: ", cudaGetErrorString(err));
-}
-
-void check_cuda_inputs(const char* op, const std::vector<torch::Tensor>& ts) {
-  const auto& ref = ts.front();
-  for (const auto& t : ts) {
-    TORCH_CHECK(t.is_cuda(), op, ": expected CUDA tensors, got one on ", t.device());
-    TORCH_CHECK(t.device() == ref.device(), op, ": all tensors must be on one device, got ", ref.device(), " and ",
-                t.device());
-    TORCH_CHECK(t.scalar_type() == ref.scalar_type(), op, ": all tensors must have one dtype, got ",
-                ref.scalar_type(), " and ", t.scalar_type());
-    TORCH_CHECK(t.is_contiguous(), op, ": tensors must be contiguous");
-  }
-}
-
-// Shapes are checked here too: on the GPU a wrong shape is an out-of-bounds read, not an error.
-void check_gn_shapes(const char* op, const torch::Tensor& inv_depth, const torch::Tensor& rel_poses,
-                     const torch::Tensor& intrinsics, const torch::Tensor& targets, const torch::Tensor& weights) {
-  TORCH_CHECK(inv_depth.dim() == 3, op, ": inv_depth must be (E, H, W), got ", inv_depth.sizes());
-  const int64_t E = inv_depth.size(0), Ht = inv_depth.size(1), Wd = inv_depth.size(2);
-  TORCH_CHECK(rel_poses.sizes() == torch::IntArrayRef({E, 3, 4}), op, ": rel_poses must be (E, 3, 4) with E = ", E,
-              ", got ", rel_poses.sizes());
-  TORCH_CHECK(intrinsics.sizes() == torch::IntArrayRef({E, 4}), op, ": intrinsics must be (E, 4) with E = ", E,
-              ", got ", intrinsics.sizes());
-  TORCH_CHECK(targets.sizes() == torch::IntArrayRef({E, Ht, Wd, 2}), op, ": targets must be (E, H, W, 2) = (", E,
-              ", ", Ht, ", ", Wd, ", 2), got ", targets.sizes());
-  TORCH_CHECK(weights.sizes() == torch::IntArrayRef({E, Ht, Wd, 2}), op, ": weights must be (E, H, W, 2) = (", E,
-              ", ", Ht, ", ", Wd, ", 2), got ", weights.sizes());
 }
 
 int edge_blocks(int64_t E, int64_t HW) {  // blocks per edge
@@ -160,7 +129,7 @@ __global__ void gn_unpack_kernel(const double* __restrict__ acc, int64_t E, scal
   }
 }
 
-// acc: (E, 12) double, zeroed before the launch.
+// acc: (E, kGNEdgeGrads) double (rel then intrinsics), zeroed before the launch.
 template <typename scalar_t, int K>
 __global__ void __launch_bounds__(kThreads)
     gn_backward_kernel(const scalar_t* __restrict__ grad_H, const scalar_t* __restrict__ grad_b,
@@ -178,7 +147,7 @@ __global__ void __launch_bounds__(kThreads)
   load_to_shared(g, grad_b + e * K, K);
   __syncthreads();
 
-  double g_rel[12] = {};
+  double g_edge[v2d::kGNEdgeGrads] = {};
   v2d::GNPixel<scalar_t, K> px;
   const int64_t stride = static_cast<int64_t>(blocks_per_edge) * blockDim.x;
   for (int64_t p = chunk * blockDim.x + threadIdx.x; p < HW; p += stride) {
@@ -187,20 +156,28 @@ __global__ void __launch_bounds__(kThreads)
     if (v2d::gn_linearize<scalar_t, K>(u, v, inv_depth[idx], rel, intr, targets + 2 * idx, weights + 2 * idx,
                                        min_depth, px)) {
       v2d::gn_pixel_backward<scalar_t, K, double>(px, rel, intr, G, g, g_d[idx], g_t + 2 * idx, g_w + 2 * idx,
-                                                  g_rel);
+                                                  g_edge);
     } else {
       g_d[idx] = scalar_t(0);
       g_t[2 * idx] = g_t[2 * idx + 1] = scalar_t(0);
       g_w[2 * idx] = g_w[2 * idx + 1] = scalar_t(0);
     }
   }
-  block_sum_atomic_add(g_rel, acc + e * 12);
+  block_sum_atomic_add(g_edge, acc + e * v2d::kGNEdgeGrads);
 }
 
+// One thread per per-edge gradient: acc (E, kGNEdgeGrads) -> g_rel (E, 12) and g_intr (E, 4), cast.
 template <typename scalar_t>
-__global__ void cast_kernel(const double* __restrict__ src, int64_t n, scalar_t* __restrict__ dst) {
+__global__ void split_edge_grads_kernel(const double* __restrict__ acc, int64_t E, scalar_t* __restrict__ g_rel,
+                                        scalar_t* __restrict__ g_intr) {
   const int64_t t = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
-  if (t < n) dst[t] = static_cast<scalar_t>(src[t]);
+  if (t >= E * v2d::kGNEdgeGrads) return;
+  const int64_t e = t / v2d::kGNEdgeGrads;
+  const int k = static_cast<int>(t % v2d::kGNEdgeGrads);
+  if (k < 12)
+    g_rel[e * 12 + k] = static_cast<scalar_t>(acc[t]);
+  else
+    g_intr[e * 4 + (k - 12)] = static_cast<scalar_t>(acc[t]);
 }
 
 int64_t blocks_for(int64_t n) { return (n + kThreads - 1) / kThreads; }
@@ -224,29 +201,29 @@ void forward_impl(const torch::Tensor& inv_depth, const torch::Tensor& rel_poses
       inv_depth.data_ptr<scalar_t>(), rel_poses.data_ptr<scalar_t>(), intrinsics.data_ptr<scalar_t>(),
       targets.data_ptr<scalar_t>(), weights.data_ptr<scalar_t>(), static_cast<scalar_t>(min_depth), HW, width,
       per_edge, acc.data_ptr<double>());
-  check_launch("gn_reduce_forward_cuda (accumulate)");
+  v2d::check_launch("gn_reduce_forward_cuda (accumulate)");
   gn_unpack_kernel<scalar_t, K><<<static_cast<unsigned>(blocks_for(E * (K * K + K))), kThreads, 0, 0>>>(
       acc.data_ptr<double>(), E, H_out.data_ptr<scalar_t>(), b_out.data_ptr<scalar_t>());
-  check_launch("gn_reduce_forward_cuda (unpack)");
+  v2d::check_launch("gn_reduce_forward_cuda (unpack)");
 }
 
 template <typename scalar_t, int K>
 void backward_impl(const torch::Tensor& grad_H, const torch::Tensor& grad_b, const torch::Tensor& inv_depth,
                    const torch::Tensor& rel_poses, const torch::Tensor& intrinsics, const torch::Tensor& targets,
                    const torch::Tensor& weights, double min_depth, torch::Tensor& g_d, torch::Tensor& g_rel,
-                   torch::Tensor& g_t, torch::Tensor& g_w) {
+                   torch::Tensor& g_intr, torch::Tensor& g_t, torch::Tensor& g_w) {
   const int64_t E = inv_depth.size(0), HW = inv_depth.size(1) * inv_depth.size(2), width = inv_depth.size(2);
   const int per_edge = edge_blocks(E, HW);
-  const torch::Tensor acc = zeroed_double_buffer(inv_depth, {E, 12});
+  const torch::Tensor acc = zeroed_double_buffer(inv_depth, {E, v2d::kGNEdgeGrads});
   gn_backward_kernel<scalar_t, K><<<static_cast<unsigned>(E * per_edge), kThreads, 0, 0>>>(
       grad_H.data_ptr<scalar_t>(), grad_b.data_ptr<scalar_t>(), inv_depth.data_ptr<scalar_t>(),
       rel_poses.data_ptr<scalar_t>(), intrinsics.data_ptr<scalar_t>(), targets.data_ptr<scalar_t>(),
       weights.data_ptr<scalar_t>(), static_cast<scalar_t>(min_depth), HW, width, per_edge,
       g_d.data_ptr<scalar_t>(), g_t.data_ptr<scalar_t>(), g_w.data_ptr<scalar_t>(), acc.data_ptr<double>());
-  check_launch("gn_reduce_backward_cuda (pixels)");
-  cast_kernel<scalar_t><<<static_cast<unsigned>(blocks_for(E * 12)), kThreads, 0, 0>>>(
-      acc.data_ptr<double>(), E * 12, g_rel.data_ptr<scalar_t>());
-  check_launch("gn_reduce_backward_cuda (cast)");
+  v2d::check_launch("gn_reduce_backward_cuda (pixels)");
+  split_edge_grads_kernel<scalar_t><<<static_cast<unsigned>(blocks_for(E * v2d::kGNEdgeGrads)), kThreads, 0, 0>>>(
+      acc.data_ptr<double>(), E, g_rel.data_ptr<scalar_t>(), g_intr.data_ptr<scalar_t>());
+  v2d::check_launch("gn_reduce_backward_cuda (edge gradients)");
 }
 
 }  // namespace
@@ -254,8 +231,7 @@ void backward_impl(const torch::Tensor& grad_H, const torch::Tensor& grad_b, con
 std::vector<torch::Tensor> gn_reduce_forward_cuda(const torch::Tensor& inv_depth, const torch::Tensor& rel_poses,
                                                   const torch::Tensor& intrinsics, const torch::Tensor& targets,
                                                   const torch::Tensor& weights, double min_depth, bool with_focal) {
-  check_cuda_inputs("gn_reduce_forward_cuda", {inv_depth, rel_poses, intrinsics, targets, weights});
-  check_gn_shapes("gn_reduce_forward_cuda", inv_depth, rel_poses, intrinsics, targets, weights);
+  v2d::check_on_cuda("gn_reduce_forward_cuda", inv_depth);  // bindings.cpp checked the rest (checks.h)
   const c10::DeviceGuard device_guard(inv_depth.device());  // launches go to the inputs' GPU
   const int64_t E = inv_depth.size(0);
   const int64_t K = with_focal ? 7 : 6;
@@ -275,27 +251,22 @@ std::vector<torch::Tensor> gn_reduce_backward_cuda(const torch::Tensor& grad_H, 
                                                    const torch::Tensor& inv_depth, const torch::Tensor& rel_poses,
                                                    const torch::Tensor& intrinsics, const torch::Tensor& targets,
                                                    const torch::Tensor& weights, double min_depth, bool with_focal) {
-  check_cuda_inputs("gn_reduce_backward_cuda", {grad_H, grad_b, inv_depth, rel_poses, intrinsics, targets, weights});
-  check_gn_shapes("gn_reduce_backward_cuda", inv_depth, rel_poses, intrinsics, targets, weights);
-  const int64_t K = with_focal ? 7 : 6;
+  v2d::check_on_cuda("gn_reduce_backward_cuda", inv_depth);  // bindings.cpp checked the rest (checks.h)
   const int64_t E = inv_depth.size(0);
-  TORCH_CHECK(grad_H.sizes() == torch::IntArrayRef({E, K, K}), "gn_reduce_backward_cuda: grad_H must be (E, K, K) = (",
-              E, ", ", K, ", ", K, "), got ", grad_H.sizes());
-  TORCH_CHECK(grad_b.sizes() == torch::IntArrayRef({E, K}), "gn_reduce_backward_cuda: grad_b must be (E, K) = (", E,
-              ", ", K, "), got ", grad_b.sizes());
   const c10::DeviceGuard device_guard(inv_depth.device());
   auto g_d = torch::empty_like(inv_depth);
   auto g_rel = torch::empty_like(rel_poses);
+  auto g_intr = torch::empty_like(intrinsics);
   auto g_t = torch::empty_like(targets);
   auto g_w = torch::empty_like(weights);
-  if (E == 0) return {g_d, g_rel, g_t, g_w};
+  if (E == 0) return {g_d, g_rel, g_intr, g_t, g_w};
   AT_DISPATCH_FLOATING_TYPES(inv_depth.scalar_type(), "gn_reduce_backward_cuda", [&] {
     if (with_focal)
       backward_impl<scalar_t, 7>(grad_H, grad_b, inv_depth, rel_poses, intrinsics, targets, weights, min_depth, g_d,
-                                 g_rel, g_t, g_w);
+                                 g_rel, g_intr, g_t, g_w);
     else
       backward_impl<scalar_t, 6>(grad_H, grad_b, inv_depth, rel_poses, intrinsics, targets, weights, min_depth, g_d,
-                                 g_rel, g_t, g_w);
+                                 g_rel, g_intr, g_t, g_w);
   });
-  return {g_d, g_rel, g_t, g_w};
+  return {g_d, g_rel, g_intr, g_t, g_w};
 }

@@ -11,7 +11,8 @@
 std::vector<torch::Tensor> gn_reduce_forward_cpu(const torch::Tensor& inv_depth, const torch::Tensor& rel_poses,
                                                  const torch::Tensor& intrinsics, const torch::Tensor& targets,
                                                  const torch::Tensor& weights, double min_depth, bool with_focal);
-// -> {grad_inv_depth (E,H,W), grad_rel_poses (E,3,4), grad_targets (E,H,W,2), grad_weights (E,H,W,2)}
+// -> {grad_inv_depth (E,H,W), grad_rel_poses (E,3,4), grad_intrinsics (E,4), grad_targets (E,H,W,2),
+//     grad_weights (E,H,W,2)}
 std::vector<torch::Tensor> gn_reduce_backward_cpu(const torch::Tensor& grad_H, const torch::Tensor& grad_b,
                                                   const torch::Tensor& inv_depth, const torch::Tensor& rel_poses,
                                                   const torch::Tensor& intrinsics, const torch::Tensor& targets,

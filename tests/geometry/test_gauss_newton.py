@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from kernels import ops
-from kernels.errors import ShapeError
+from kernels.errors import NumericalError, ShapeError
 from v2d.geometry.gauss_newton import GNOptions, assemble_system, gauss_newton, gn_accumulate, gn_step
 from v2d.geometry.lie import se3_exp, se3_inv, se3_log, se3_mul, se3_random
 
@@ -231,9 +231,58 @@ def test_steps_are_clipped():
     init = perturb(gt, 30.0, 1.0, seed=9)
     opts = GNOptions(max_translation_step=0.01, max_rotation_step=0.01)
     est, _ = gn_step(init, inv_depth[None], intr, targets, torch.ones_like(targets), ii, jj, opts)
-    xi = se3_log(se3_mul(est, se3_inv(init)))[1]
-    assert xi[3:].norm() <= 0.01 + 1e-9
-    assert xi.norm() > 0
+    xi = se3_log(se3_mul(est, se3_inv(init)))[1]  # est = exp(xi) init exactly
+    assert abs(xi[3:].norm().item() - 0.01) < 1e-9  # the rotation step was clipped
+    assert abs(xi[:3].norm().item() - 0.01) < 1e-9  # and so was the translation step
+    free = gn_step(init, inv_depth[None], intr, targets, torch.ones_like(targets), ii, jj)[0]
+    assert se3_log(se3_mul(free, se3_inv(init)))[1, 3:].norm() > 0.05  # unclipped, the step is longer
+
+
+def test_focal_step_is_clamped():
+    inv_depth, intr_true, gt = scene(H=8, W=10, N=2)
+    ii, jj = torch.tensor([0]), torch.tensor([1])
+    targets = project_targets(inv_depth, intr_true, gt, ii, jj)
+    intr0 = intr_true * torch.tensor([0.8, 0.8, 1, 1], dtype=torch.float64)
+    opts = GNOptions(optimize_focal=True, max_focal_step=0.01)
+    _, intr = gn_step(gt, inv_depth[None], intr0, targets, torch.ones_like(targets), ii, jj, opts)
+    assert torch.allclose(intr[:2] / intr0[:2], torch.full((2,), math.exp(0.01), dtype=torch.float64))
+    assert torch.equal(intr[2:], intr0[2:])
+
+
+def test_damped_solve_levels_and_damping_scale():
+    from v2d.geometry.gauss_newton import _damped_solve
+
+    b = torch.tensor([[1.0, 1.0]], dtype=torch.float64)
+    # Indefinite at the configured damping, positive definite one level (x10) up.
+    H = torch.tensor([[[1.0, 0.0], [0.0, -1e-3]]], dtype=torch.float64)
+    x = _damped_solve(H, b, GNOptions(damping=1e-4))
+    lam = 10 * 1e-4 + 1e-5 * 0.5005  # level 1: 10 x damping + 1e-5 x mean |diag|
+    assert torch.allclose(x, b / (torch.diagonal(H[0]) + lam))
+    # damping_scale adds a multiple of diag(H): diagonal H, mu = 1 halves the step.
+    Hd = torch.diag(torch.tensor([2.0, 5.0], dtype=torch.float64))[None]
+    x = _damped_solve(Hd, b, GNOptions(damping=0.0, damping_scale=1.0))
+    assert torch.allclose(x, b / (2 * torch.diagonal(Hd[0])))
+
+
+def test_a_singular_batch_item_does_not_poison_the_others_gradients(caplog):
+    inv_depth, intr, gt = scene(H=6, W=8, N=2, seed=21)
+    ii, jj = torch.tensor([0]), torch.tensor([1])
+    targets = project_targets(inv_depth, intr, gt, ii, jj) + 0.2
+    init = perturb(gt, 3.0, 0.05, seed=22)
+    opts = GNOptions(damping=0.0)
+    w_good = torch.ones_like(targets, requires_grad=True)
+    w_batch = torch.stack([torch.zeros_like(targets), w_good])  # item 0: no valid pixel, H = 0
+    with caplog.at_level(logging.WARNING):
+        est, _ = gn_step(init.expand(2, -1, -1), inv_depth.expand(2, 1, -1, -1), intr.expand(2, 4),
+                         targets.expand(2, -1, -1, -1, -1), w_batch, ii, jj, opts)
+    assert "singular" in caplog.text
+    assert torch.equal(est[0], init)  # zero step
+    (g_batch,) = torch.autograd.grad(est[1].sum(), w_good)
+    w_one = torch.ones_like(targets, requires_grad=True)
+    one, _ = gn_step(init, inv_depth[None], intr, targets, w_one, ii, jj, opts)
+    (g_one,) = torch.autograd.grad(one.sum(), w_one)
+    assert torch.isfinite(g_batch).all() and g_batch.abs().max() > 0
+    assert torch.allclose(g_batch, g_one)
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
@@ -275,6 +324,37 @@ def test_gradcheck_focal_single_step():
     assert torch.autograd.gradcheck(fn, leaves, eps=1e-6, atol=1e-5, rtol=1e-4)
 
 
+def test_gradcheck_focal_unrolled_with_intrinsics():
+    # Two steps in the uncalibrated mode: the second step's gradient flows back through the first
+    # step's focal change, into the kernel's intrinsics gradient.
+    inv_depth, intr, gt = scene(H=3, W=4, N=2, seed=16)
+    ii, jj = torch.tensor([0]), torch.tensor([1])
+    g = torch.Generator().manual_seed(17)
+    targets = project_targets(inv_depth, intr, gt, ii, jj) + 0.3 * torch.randn(
+        1, 3, 4, 2, generator=g, dtype=torch.float64
+    )
+    weights = 0.5 + torch.rand(1, 3, 4, 2, generator=g, dtype=torch.float64)
+    opts = GNOptions(iterations=2, optimize_focal=True)
+
+    def fn(k, t, d):
+        return gauss_newton(gt, d[None], k, t, weights, ii, jj, opts)
+
+    leaves = [x.clone().requires_grad_(True) for x in (intr, targets, inv_depth)]
+    assert torch.autograd.gradcheck(fn, leaves, eps=1e-6, atol=1e-5, rtol=1e-4)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_pixels_with_nonpositive_inverse_depth_are_ignored_even_if_in_front(backend):
+    # d = -0.5 puts the point 2 m behind the source camera; t_z = 5 moves it in front of the target.
+    # Both implementations ignore it (d <= 0 is invalid), rather than one of them using it.
+    inv_depth = torch.full((1, 3, 4), -0.5, dtype=torch.float64)
+    rel = torch.cat([torch.eye(3, dtype=torch.float64), torch.tensor([[0.0], [0.0], [5.0]], dtype=torch.float64)], -1)
+    intr = torch.tensor([[4.0, 4.0, 1.5, 1.0]], dtype=torch.float64)
+    t = torch.rand(1, 3, 4, 2, dtype=torch.float64)
+    H, b = ops.gn_reduce(inv_depth, rel[None].contiguous(), intr, t, torch.ones_like(t), backend=backend)
+    assert not H.any() and not b.any()
+
+
 def test_bad_inputs_name_the_argument():
     inv_depth, intr, gt = scene(H=4, W=5, N=2)
     ii, jj = torch.tensor([0]), torch.tensor([1])
@@ -297,3 +377,8 @@ def test_bad_inputs_name_the_argument():
         gn_step(gt, d, intr, t, w, ii, jj, dataclasses.replace(GNOptions(), fixed_poses=3))
     with pytest.raises(ShapeError, match="iterations: expected >= 1, got 0"):
         gauss_newton(gt, d, intr, t, w, ii, jj, GNOptions(iterations=0))
+    with pytest.raises(ShapeError, match="intrinsics: expected positive focal lengths"):
+        gn_step(gt, d, intr * torch.tensor([0.0, 1, 1, 1], dtype=torch.float64), t, w, ii, jj)
+    with pytest.raises(NumericalError, match="targets: gn_reduce got 1 non-finite value"):
+        gn_step(gt, d, intr, t.index_put((torch.tensor([0]),) * 4, torch.tensor(float("nan"), dtype=t.dtype)),
+                w, ii, jj)

@@ -21,8 +21,8 @@ def test_gn_reduce_cuda_matches_cpu(with_focal, dtype):
     inputs = gn_inputs(4, 33, 47, dtype=dtype, behind=True)
     grads = []
     for device in ("cpu", "cuda"):
-        leaves = [x.to(device).requires_grad_(True) for x in (inputs[0], inputs[1], inputs[3], inputs[4])]
-        H, b = ops.gn_reduce(leaves[0], leaves[1], inputs[2].to(device), leaves[2], leaves[3], with_focal=with_focal)
+        leaves = [x.to(device).requires_grad_(True) for x in inputs]
+        H, b = ops.gn_reduce(*leaves, with_focal=with_focal)
         grads.append([t.detach().cpu() for t in (H, b, *torch.autograd.grad(H.sum() + b.sum(), leaves))])
     tol = 1e-9 if dtype == torch.float64 else 1e-4
     for a, c in zip(*grads, strict=True):

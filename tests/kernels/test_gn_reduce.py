@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from kernels import ops, reference
-from kernels.errors import ShapeError
+from kernels.errors import NumericalError, ShapeError
 
 needs_ext = pytest.mark.skipif(not ops.extension_available(), reason="kernels._C is not built")
 
@@ -66,16 +66,16 @@ def test_backward_matches_reference(shape, dtype, with_focal):
     inv_depth, rel, intr, targets, weights = inputs
     grads = []
     for backend, fn in (("extension", ops.gn_reduce), ("reference", reference.gn_reduce)):
-        leaves = [x.clone().requires_grad_(True) for x in (inv_depth, rel, targets, weights)]
+        leaves = [x.clone().requires_grad_(True) for x in (inv_depth, rel, intr, targets, weights)]
         kwargs = {"backend": backend} if fn is ops.gn_reduce else {}
-        H, b = fn(leaves[0], leaves[1], intr, leaves[2], leaves[3], with_focal=with_focal, **kwargs)
+        H, b = fn(*leaves, with_focal=with_focal, **kwargs)
         g = torch.Generator().manual_seed(1)
         loss = (H * torch.randn(H.shape, generator=g, dtype=dtype)).sum() + (
             b * torch.randn(b.shape, generator=g, dtype=dtype)
         ).sum()
         grads.append(torch.autograd.grad(loss, leaves))
     rtol = 1e-9 if dtype == torch.float64 else 1e-4
-    for name, a, r in zip(("inv_depth", "rel_poses", "targets", "weights"), *grads, strict=True):
+    for name, a, r in zip(("inv_depth", "rel_poses", "intrinsics", "targets", "weights"), *grads, strict=True):
         scale = r.abs().max().item()
         assert scale > 0, name
         assert torch.allclose(a, r, rtol=rtol, atol=rtol * scale), name
@@ -84,11 +84,10 @@ def test_backward_matches_reference(shape, dtype, with_focal):
 @needs_ext
 @pytest.mark.parametrize("with_focal", [False, True])
 def test_gradcheck_float64(with_focal):
-    inv_depth, rel, intr, targets, weights = make_inputs(2, 3, 4, seed=3)
-    leaves = [x.clone().requires_grad_(True) for x in (inv_depth, rel, targets, weights)]
+    leaves = [x.clone().requires_grad_(True) for x in make_inputs(2, 3, 4, seed=3)]
 
-    def fn(d, r, t, w):
-        return ops.gn_reduce(d, r, intr, t, w, with_focal=with_focal, backend="extension")
+    def fn(d, r, k, t, w):
+        return ops.gn_reduce(d, r, k, t, w, with_focal=with_focal, backend="extension")
 
     assert torch.autograd.gradcheck(fn, leaves, eps=1e-6, atol=1e-6, rtol=1e-5)
 
@@ -176,11 +175,28 @@ def test_bad_inputs_name_the_argument(backend):
         call(weights=weights.long())
     with pytest.raises(ShapeError, match="targets: expected a contiguous tensor"):
         call(targets=targets.transpose(1, 2).contiguous().transpose(1, 2))
-    with pytest.raises(ShapeError, match="intrinsics: gn_reduce does not differentiate"):
-        call(intrinsics=intr.clone().requires_grad_(True))
+    with pytest.raises(ShapeError, match="intrinsics: expected positive focal lengths"):
+        call(intrinsics=intr * torch.tensor([1.0, -1.0, 1.0, 1.0], dtype=intr.dtype))
+    for name, value in (("inv_depth", inv_depth), ("targets", targets), ("weights", weights), ("rel_poses", rel)):
+        for bad in (float("nan"), float("inf")):
+            broken = value.clone()
+            broken.view(-1)[3] = bad
+            with pytest.raises(NumericalError, match=f"{name}: gn_reduce got 1 non-finite value"):
+                call(**{name: broken})
     with pytest.raises(ShapeError, match="min_depth: expected a positive number"):
         call(min_depth=0.0)
     with pytest.raises(ShapeError, match="inv_depth: expected a torch.Tensor, got ndarray"):
         call(inv_depth=inv_depth.numpy())
     with pytest.raises(ShapeError, match="backend: expected one of"):
         call(backend="gpu")
+
+
+@needs_ext
+def test_extension_entry_points_check_shapes_themselves():
+    inv_depth, rel, intr, targets, weights = make_inputs(2, 4, 5)
+    ext = ops._extension()
+    with pytest.raises(RuntimeError, match=r"weights must be \(E, H, W, 2\)"):
+        ext.gn_reduce_forward(inv_depth, rel, intr, targets, weights[:, :3].contiguous(), 0.1, False)
+    H, b = ext.gn_reduce_forward(inv_depth, rel, intr, targets, weights, 0.1, False)
+    with pytest.raises(RuntimeError, match=r"grad_H must be \(E, K, K\) = \(2, 7, 7\)"):
+        ext.gn_reduce_backward(H, b, inv_depth, rel, intr, targets, weights, 0.1, True)

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from kernels import ops
-from kernels.errors import ShapeError
+from kernels.errors import NumericalError, ShapeError
 
 needs_ext = pytest.mark.skipif(not ops.extension_available(), reason="kernels._C is not built")
 
@@ -101,3 +101,25 @@ def test_bad_inputs_name_the_argument(backend):
         call(depths=torch.tensor([1.0, 0.0], dtype=depths.dtype))
     with pytest.raises(ShapeError, match="intrinsics: expected device cpu"):
         call(intrinsics=intr.to("meta"))
+    with pytest.raises(ShapeError, match=r"features: expected h, w >= 2, got shape \(2, 3, 1, 6\)"):
+        call(features=feats[:, :, :1].contiguous())
+    with pytest.raises(ShapeError, match="intrinsics: expected positive focal lengths"):
+        call(intrinsics=-intr)
+    for name, value in (("rel_poses", rel), ("intrinsics", intr)):
+        broken = value.clone()
+        broken.view(-1)[2] = float("nan")
+        with pytest.raises(NumericalError, match=f"{name}: backproject_volume got 1 non-finite value"):
+            call(**{name: broken})
+
+
+@needs_ext
+def test_extension_entry_points_check_shapes_themselves():
+    # The last line of defence under ops.py (bindings.cpp / checks.h): a wrong shape is an error, not a
+    # read out of bounds, even when ops.py is bypassed.
+    feats, rel, intr, depths = make_inputs(2, 3, 4, 5, 6)
+    ext = ops._extension()
+    with pytest.raises(RuntimeError, match=r"rel_poses must be \(M, 3, 4\) with M = 2"):
+        ext.backproject_volume_forward(feats, rel[:1].contiguous(), intr, depths)
+    out = ext.backproject_volume_forward(feats, rel, intr, depths)
+    with pytest.raises(RuntimeError, match=r"grad_volume must be \(M, C, D, h, w\)"):
+        ext.backproject_volume_backward(out[:, :2].contiguous(), feats, rel, intr, depths)

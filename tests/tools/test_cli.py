@@ -47,3 +47,18 @@ def test_console_script_entry_point_runs():
 
 def test_parser_builds_without_side_effects():
     assert build_parser().prog == "v2d"
+
+
+@pytest.mark.parametrize(
+    "argv, message",
+    [
+        ([], "the following arguments are required: COMMAND"),
+        (["bogus"], "invalid choice: 'bogus'"),
+        (["config", "--no-such-flag"], "unrecognized arguments: --no-such-flag"),
+        (["demo", "--out"], "argument --out: expected one argument"),
+    ],
+)
+def test_usage_errors_are_one_line_and_exit_1(capsys, argv, message):
+    assert main(argv) == 1
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and message in err[0] and "--help" in err[0]

@@ -10,7 +10,8 @@ xi = [translation, rotation]). The per-pixel work is fused in `kernels.ops.gn_re
 the normal equations in the target pose's perturbation; the source pose's blocks follow from the
 adjoint, because perturbing T_i by xi moves the point like perturbing T_j by -Adj(T_j T_i^-1) xi.
 Everything here is differentiable: gradients flow through the solve (Cholesky, as OptNet and
-DeepV2D do), the retraction and back into the kernel (to targets, weights, inverse depth, poses).
+DeepV2D do), the retraction and back into the kernel (to targets, weights, inverse depth, poses
+and intrinsics).
 """
 
 from __future__ import annotations
@@ -149,7 +150,7 @@ def gn_accumulate(
     B, E, H, W = inv_depth.shape
     T_ij = se3_mul(poses_cw[:, jj], se3_inv(poses_cw[:, ii]))  # (B, E, 7)
     rel = pose_to_rt(T_ij).reshape(B * E, 3, 4).contiguous()
-    intr = intrinsics.detach()[:, None, :].expand(B, E, 4).reshape(B * E, 4).contiguous()
+    intr = intrinsics[:, None, :].expand(B, E, 4).reshape(B * E, 4).contiguous()
     Hm, bm = ops.gn_reduce(
         inv_depth.reshape(B * E, H, W).contiguous(),
         rel,
@@ -213,32 +214,49 @@ def assemble_system(
     return torch.cat([top, bottom], dim=1), torch.cat([bd, blocks.b_f.sum(dim=1, keepdim=True)], dim=1)
 
 
-def _damped_solve(H: torch.Tensor, b: torch.Tensor, opts: GNOptions) -> torch.Tensor:
-    """Solve (H + lambda I + mu diag(H)) x = b per batch in float64 by Cholesky.
+_FALLBACK_LEVELS = 4  # damping levels tried per system: boost 1, 10, 100, 1000
 
-    A system that is not positive definite even after raising the damping 1000-fold (no valid
-    pixels, degenerate geometry) gets a zero step instead of NaNs, with a warning.
+
+def _damped_solve(H: torch.Tensor, b: torch.Tensor, opts: GNOptions) -> torch.Tensor:
+    """Solve (H + lambda I + mu diag(H)) x = b per batch item in float64 by Cholesky.
+
+    lambda = `opts.damping`, mu = `opts.damping_scale`. An item whose system is not positive definite
+    is retried with both multiplied by 10, 100, 1000 (plus 1e-5, 1e-4, 1e-3 of its mean diagonal, so
+    that the fallback also works with zero damping); one that fails even then (no valid pixels,
+    degenerate geometry) gets a zero step and zero gradients, with a warning. The level is chosen
+    per item without gradients, then one differentiable Cholesky runs on the chosen systems, so a
+    failing item never puts NaNs into the gradients of the others.
 
     Shapes: H: (B, P, P), b: (B, P) -> x: (B, P) in the dtype of b.
     """
     H64, b64 = H.double(), b.double()
+    B, P = b64.shape
+    eye = torch.eye(P, dtype=torch.float64, device=H.device)
     diag = torch.diagonal(H64, dim1=-2, dim2=-1)
-    eye = torch.eye(H.shape[-1], dtype=torch.float64, device=H.device)
-    x = torch.zeros_like(b64)
-    todo = torch.ones(H.shape[0], dtype=torch.bool, device=H.device)
-    for boost in (1.0, 10.0, 100.0, 1000.0):
-        Hd = H64 + boost * (opts.damping * eye + opts.damping_scale * torch.diag_embed(diag))
-        L, info = torch.linalg.cholesky_ex(Hd)
-        ok = (info == 0) & todo
-        if ok.any():
-            sol = torch.cholesky_solve(b64[ok][..., None], L[ok])[..., 0]
-            x = x.index_put((ok.nonzero()[:, 0],), sol)
-            todo = todo & ~ok
-        if not todo.any():
-            break
-    if todo.any():
-        _log.warning("Gauss-Newton: %d system(s) singular even with extra damping; taking a zero step", int(todo.sum()))
-    return x.to(b.dtype)
+    mean_diag = diag.detach().abs().mean(-1).nan_to_num(0.0)
+
+    def damped(level: torch.Tensor) -> torch.Tensor:
+        boost = 10.0 ** level.to(torch.float64)
+        extra = torch.where(level > 0, boost * 1e-6, torch.zeros_like(boost)) * mean_diag
+        lam = (boost * opts.damping + extra)[:, None, None]
+        return H64 + lam * eye + (boost * opts.damping_scale)[:, None, None] * torch.diag_embed(diag)
+
+    with torch.no_grad():
+        level = torch.full((B,), -1, dtype=torch.int64, device=H.device)
+        for k in range(_FALLBACK_LEVELS):
+            todo = level < 0
+            if not todo.any():
+                break
+            _, info = torch.linalg.cholesky_ex(damped(torch.full_like(level, k)))
+            level = torch.where(todo & (info == 0), torch.full_like(level, k), level)
+    ok = level >= 0
+    if not ok.all():
+        n_bad = int((~ok).sum())
+        _log.warning("Gauss-Newton: %d system(s) singular even with extra damping; taking a zero step", n_bad)
+    system = torch.where(ok[:, None, None], damped(level.clamp_min(0)), eye)
+    rhs = torch.where(ok[:, None], b64, torch.zeros_like(b64))
+    x = torch.cholesky_solve(rhs[..., None], torch.linalg.cholesky(system))[..., 0]
+    return torch.where(ok[:, None], x, torch.zeros_like(x)).to(b.dtype)
 
 
 def _clip(x: torch.Tensor, max_norm: float) -> torch.Tensor:
@@ -261,9 +279,9 @@ def gn_step(
     """One damped Gauss-Newton step; the first `opts.fixed_poses` poses stay fixed.
 
     Shapes: as `gn_accumulate`. Returns (poses_cw (.., N, 7), intrinsics (.., 4)); intrinsics only
-    change with `opts.optimize_focal` (fx, fy <- fx e^s, fy e^s). The kernel treats intrinsics as
-    constants, so with `optimize_focal` the gradient of a later step does not flow back through
-    the focal change of an earlier one (it does flow through the returned intrinsics of each step).
+    change with `opts.optimize_focal` (fx, fy <- fx e^s, fy e^s). Gradients flow to the input
+    intrinsics too, so with `optimize_focal` an unrolled loop differentiates through every step's
+    focal change.
     """
     unbatched, P, D, K, T, Wt = _batched(poses_cw, inv_depth, intrinsics, targets, weights, ii, jj)
     B, N = P.shape[:2]

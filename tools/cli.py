@@ -39,7 +39,11 @@ def _subcommands() -> dict:
 
 def build_parser() -> argparse.ArgumentParser:
     common = _Parser(add_help=False)
-    common.add_argument("--config", metavar="FILE", help="YAML file overriding the defaults (see configs/)")
+    common.add_argument(
+        "--config", metavar="FILE", action="append",
+        help="YAML file overriding the defaults (see configs/); repeatable, later files win (e.g. a size preset "
+        "then a dataset config)",
+    )
     common.add_argument(
         "--set", dest="overrides", metavar="KEY=VALUE", action="append", default=[],
         help="override one config value, e.g. --set gn.iterations=3 (repeatable; applied after --config)",

@@ -23,10 +23,26 @@ from typing import Any
 
 import yaml
 
+from v2d.depth import DepthConfig
 from v2d.errors import ConfigError
+from v2d.flow import DISOptions
 from v2d.geometry.gauss_newton import GNOptions
+from v2d.model import ModelConfig
+from v2d.motion import MotionConfig
 
-__all__ = ["V2DConfig", "DemoConfig", "load_config", "merge", "to_dict", "validate"]
+__all__ = ["V2DConfig", "DataConfig", "DemoConfig", "load_config", "merge", "to_dict", "validate"]
+
+
+@dataclass(frozen=True)
+class DataConfig:
+    """Input images (the `data` section): the size frames are resized to before the networks.
+
+    Attributes:
+        height, width: network input size in pixels (multiples of 4; intrinsics are scaled to it).
+    """
+
+    height: int = 240
+    width: int = 320
 
 
 @dataclass(frozen=True)
@@ -63,6 +79,10 @@ class V2DConfig:
     """Root of the configuration; each field is one section."""
 
     gn: GNOptions = field(default_factory=GNOptions)
+    depth: DepthConfig = field(default_factory=DepthConfig)
+    motion: MotionConfig = field(default_factory=MotionConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
     demo: DemoConfig = field(default_factory=DemoConfig)
 
 
@@ -87,6 +107,33 @@ _RANGES: dict[tuple[type, str], _Check] = {
     (GNOptions, "max_focal_step"): _POSITIVE,
     (GNOptions, "min_depth"): _POSITIVE,
     (GNOptions, "fixed_poses"): _NON_NEGATIVE,
+    (DepthConfig, "stem_channels"): _at_least(1),
+    (DepthConfig, "stem_out"): _at_least(1),
+    (DepthConfig, "feature_channels"): _at_least(1),
+    (DepthConfig, "feature_hourglasses"): _NON_NEGATIVE,
+    (DepthConfig, "feature_levels"): _at_least(1),
+    (DepthConfig, "hourglass_expand"): _NON_NEGATIVE,
+    (DepthConfig, "volume_channels"): _at_least(1),
+    (DepthConfig, "reduce_kernel"): ((lambda v: v in (1, 3, 5)), "1, 3 or 5"),
+    (DepthConfig, "matching_hourglasses"): _at_least(1),
+    (DepthConfig, "matching_levels"): _at_least(1),
+    (DepthConfig, "hypotheses"): _at_least(2),
+    (DepthConfig, "min_depth"): _POSITIVE,
+    (DepthConfig, "max_depth"): _POSITIVE,
+    (DepthConfig, "views"): _at_least(1),
+    (MotionConfig, "stem_channels"): _at_least(1),
+    (MotionConfig, "stem_out"): _at_least(1),
+    (MotionConfig, "feature_channels"): _at_least(1),
+    (MotionConfig, "unet_channels"): _at_least(1),
+    (MotionConfig, "unet_levels"): _at_least(1),
+    (MotionConfig, "iterations"): _at_least(1),
+    (MotionConfig, "min_depth"): _POSITIVE,
+    (DISOptions, "fb_sigma"): _POSITIVE,
+    (DISOptions, "fb_max"): _POSITIVE,
+    (ModelConfig, "iters"): _at_least(1),
+    (ModelConfig, "init_depth"): _POSITIVE,
+    (DataConfig, "height"): ((lambda v: v >= 32 and v % 4 == 0), "a multiple of 4, >= 32"),
+    (DataConfig, "width"): ((lambda v: v >= 32 and v % 4 == 0), "a multiple of 4, >= 32"),
     (DemoConfig, "seed"): _NON_NEGATIVE,
     (DemoConfig, "num_frames"): _at_least(2),
     (DemoConfig, "height"): _at_least(16),
@@ -103,6 +150,7 @@ _RANGES: dict[tuple[type, str], _Check] = {
 # Relations between fields of one section: (class, predicate, message).
 _RELATIONS: list[tuple[type, Callable[[Any], bool], str]] = [
     (DemoConfig, lambda c: c.min_depth < c.max_depth, "min_depth must be smaller than max_depth"),
+    (DepthConfig, lambda c: c.min_depth < c.max_depth, "min_depth must be smaller than max_depth"),
 ]
 
 
@@ -247,10 +295,17 @@ def _construct_mapping(loader: _StrictLoader, node: yaml.MappingNode, deep: bool
 _StrictLoader.add_constructor(yaml.resolver.BaseResolver.DEFAULT_MAPPING_TAG, _construct_mapping)
 
 
-def load_config(path: str | Path | None = None, overrides: Iterable[str] = ()) -> V2DConfig:
-    """Defaults, then the YAML file at `path` (if any), then `key=value` overrides, validated."""
+def load_config(
+    path: str | Path | Iterable[str | Path] | None = None, overrides: Iterable[str] = ()
+) -> V2DConfig:
+    """Defaults, then the YAML file(s) at `path` in order, then `key=value` overrides, validated.
+
+    Several files compose: e.g. a size preset then a dataset config (`configs/full.yaml`,
+    `configs/kitti.yaml`); later files override earlier ones key by key.
+    """
     cfg = V2DConfig()
-    if path is not None:
+    paths = [] if path is None else [path] if isinstance(path, str | Path) else list(path)
+    for path in paths:
         path = Path(path)
         try:
             text = path.read_text(encoding="utf-8")

@@ -1,0 +1,185 @@
+"""DeepV2D's depth module: image features -> cost volume over depth hypotheses -> 3D matching.
+
+For a keyframe and M neighbour frames with known poses:
+
+1. a 2D encoder (stem + stacked 2D hourglasses + 1x1 head) gives C-d features at 1/4 resolution;
+2. each neighbour's features are back-projected over D depth hypotheses into the keyframe
+   (`kernels.ops.backproject_volume`), concatenated with the keyframe's features and reduced by 3D
+   convolutions; the M views are fused by averaging ("avg") or by concatenation ("concat", a fixed
+   number of views, as DeepV2D does on KITTI);
+3. stacked 3D hourglasses match over (D, h, w); each has a head giving per-hypothesis logits, which
+   are upsampled to the input size; depth = soft-argmax (expected depth under the softmax).
+
+Every hourglass's depth is returned for deep supervision; the last is the estimate.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Literal
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from kernels import ops
+from v2d.geometry.camera import pose_to_rt, relative_pose, scale_intrinsics
+from v2d.nets.blocks import Conv3dCL, ConvNormAct, StackedHourglass, _norm
+from v2d.nets.encoder import FeatureEncoder
+
+__all__ = ["DepthConfig", "DepthModule", "depth_hypotheses"]
+
+Norm = Literal["group", "batch", "none"]
+
+
+@dataclass(frozen=True)
+class DepthConfig:
+    """Settings of the depth module (the `depth` section). Defaults are the `small` preset.
+
+    Attributes:
+        stem_channels, stem_out: widths of the stem's two stages (the paper: 32, 64).
+        feature_channels: feature width after the 1x1 head (the paper: 32).
+        feature_hourglasses: stacked 2D hourglasses in the encoder (the paper: 2).
+        feature_levels: levels of each 2D hourglass (the paper: 4).
+        hourglass_expand: channels added per hourglass level (2D and 3D).
+        volume_channels: width of the cost volume after the 3D reduction (the paper: 32).
+        reduce_kernel: kernel size of the 3D reduction: 3 (or 5) = two convolutions of that size on
+            [key, warped] (the paper); 1 = one pointwise layer, applied without building the
+            concatenated volume (cheap, for CPU).
+        matching_hourglasses: stacked 3D hourglasses (the paper: 2), each with a depth head.
+        matching_levels: levels of each 3D hourglass.
+        hypotheses: number of depth hypotheses D (the paper: 32).
+        min_depth, max_depth: hypothesis range in scene units (metres).
+        spacing: "depth" spaces hypotheses uniformly in depth (the original), "inverse" in inverse depth.
+        fusion: "avg" averages the per-view volumes; "concat" concatenates exactly `views` of them.
+        views: neighbours per keyframe for "concat" fusion.
+        upsample: "logits" upsamples the per-hypothesis logits to the input size before the
+            soft-argmax (the original); "depth" takes the soft-argmax at 1/4 resolution and upsamples
+            the depth (cheaper, for CPU).
+        norm: normalisation layers ("group" works with batch size 1).
+    """
+
+    stem_channels: int = 16
+    stem_out: int = 32
+    feature_channels: int = 16
+    feature_hourglasses: int = 1
+    feature_levels: int = 3
+    hourglass_expand: int = 8
+    volume_channels: int = 16
+    reduce_kernel: int = 1
+    matching_hourglasses: int = 1
+    matching_levels: int = 2
+    hypotheses: int = 32
+    min_depth: float = 0.2
+    max_depth: float = 10.0
+    spacing: Literal["depth", "inverse"] = "depth"
+    fusion: Literal["avg", "concat"] = "avg"
+    views: int = 4
+    upsample: Literal["logits", "depth"] = "depth"
+    norm: Norm = "group"
+
+
+def depth_hypotheses(cfg: DepthConfig, like: torch.Tensor) -> torch.Tensor:
+    """The D depth hypotheses, increasing, on `like`'s device and dtype.
+
+    Shapes: returns (D,).
+    """
+    if cfg.spacing == "depth":
+        return torch.linspace(cfg.min_depth, cfg.max_depth, cfg.hypotheses, dtype=like.dtype, device=like.device)
+    inv = torch.linspace(1.0 / cfg.max_depth, 1.0 / cfg.min_depth, cfg.hypotheses, dtype=like.dtype,
+                         device=like.device)
+    return (1.0 / inv).flip(0)
+
+
+class DepthModule(nn.Module):
+    """Keyframe depth from features of the keyframe and its neighbours with known poses."""
+
+    def __init__(self, cfg: DepthConfig) -> None:
+        super().__init__()
+        self.cfg = cfg
+        C, V = cfg.feature_channels, cfg.volume_channels
+        self.encoder = FeatureEncoder(cfg.stem_channels, cfg.stem_out, C, cfg.feature_hourglasses,
+                                      cfg.feature_levels, cfg.hourglass_expand, cfg.norm)
+        k = cfg.reduce_kernel
+        if k == 1:
+            # A 1x1x1 conv of [key, warped] is W_key key + W_vol warped: the key half is a 2D conv,
+            # done once and broadcast over D, so the concatenated volume is never built.
+            self.reduce_key = nn.Conv2d(C, V, 1, bias=False)
+            self.reduce_vol = Conv3dCL(C, V, 1)
+            self.reduce_post = nn.Sequential(_norm(3, V, cfg.norm), nn.ReLU(inplace=True))
+        else:
+            self.reduce_key = None
+            self.reduce = nn.Sequential(ConvNormAct(3, 2 * C, V, k, 1, cfg.norm), ConvNormAct(3, V, V, k, 1, cfg.norm))
+        self.fuse = ConvNormAct(3, cfg.views * V, V, 1, 1, cfg.norm) if cfg.fusion == "concat" else None
+        self.matching = StackedHourglass(3, V, cfg.matching_hourglasses, cfg.matching_levels, cfg.hourglass_expand,
+                                         cfg.norm)
+        self.heads = nn.ModuleList(
+            nn.Sequential(ConvNormAct(3, V, V, 3, 1, cfg.norm), Conv3dCL(V, 1, 3, padding=1))
+            for _ in range(cfg.matching_hourglasses)
+        )
+
+    def features(self, images: torch.Tensor) -> torch.Tensor:
+        """Shapes: images (B, 3, H, W) normalised -> (B, C, H/4, W/4)."""
+        return self.encoder(images)
+
+    def cost_volume(self, feats: torch.Tensor, poses_cw: torch.Tensor, intrinsics: torch.Tensor,
+                    image_hw: tuple[int, int]) -> torch.Tensor:
+        """Fused cost volume of the keyframe (frame 0) against frames 1..N-1.
+
+        Shapes: feats (B, N, C, h, w); poses_cw (B, N, 7); intrinsics (B, 4) at image resolution
+        `image_hw`. Returns (B, V, h, w, D), channels-last in memory.
+
+        The depth axis is last: the 3x3x3 convolutions treat the three axes alike, and PyTorch's
+        CPU heuristic sends a 3D convolution to oneDNN only when the product of its first four
+        sizes (B * C * first spatial axis * second) is large, which (h, w) first satisfies at every
+        hourglass level where (D, h) first does not (measured: the matching runs 2x faster).
+        """
+        B, N, C, h, w = feats.shape
+        M = N - 1
+        H, W = image_hw
+        intr = scale_intrinsics(intrinsics.detach(), w / W, h / H)  # the kernel takes constant intrinsics
+        rel = pose_to_rt(relative_pose(poses_cw[:, :1], poses_cw[:, 1:]))  # (B, M, 3, 4)
+        depths = depth_hypotheses(self.cfg, feats)
+        vol = ops.backproject_volume(
+            feats[:, 1:].reshape(B * M, C, h, w).contiguous(),
+            rel.reshape(B * M, 3, 4).to(feats.dtype).contiguous(),
+            intr[:, None].expand(B, M, 4).reshape(B * M, 4).to(feats.dtype).contiguous(),
+            depths,
+        )  # (B*M, C, D, h, w)
+        D = depths.shape[0]
+        if self.reduce_key is not None:
+            # Pointwise reduction and view averaging in the kernel's (D, h, w) layout; only the fused
+            # volume is moved to (h, w, D) (see the docstring).
+            key = self.reduce_key(feats[:, 0])[:, None, :, None].expand(B, M, -1, 1, h, w)
+            x = self.reduce_vol(vol) + key.reshape(B * M, -1, 1, h, w)
+            x = self.reduce_post(x).reshape(B, M, -1, D, h, w)
+            x = x.mean(dim=1) if self.fuse is None else x.reshape(B, -1, D, h, w)
+            x = x.permute(0, 1, 3, 4, 2)
+            return x.contiguous(memory_format=torch.channels_last_3d) if self.fuse is None else self.fuse(x)
+        vol = vol.permute(0, 1, 3, 4, 2)  # (B*M, C, h, w, D)
+        key = feats[:, :1].expand(B, M, C, h, w).reshape(B * M, C, h, w, 1).expand(B * M, C, h, w, D)
+        x = self.reduce(torch.cat([key, vol], dim=1)).reshape(B, M, -1, h, w, D)
+        if self.fuse is None:
+            return x.mean(dim=1)
+        return self.fuse(x.reshape(B, -1, h, w, D))
+
+    def forward(self, feats: torch.Tensor, poses_cw: torch.Tensor, intrinsics: torch.Tensor,
+                image_hw: tuple[int, int]) -> list[torch.Tensor]:
+        """Depth of frame 0 given the features of all frames (frame 0 first) and their poses.
+
+        Shapes: feats (B, N, C, h, w), N >= 2 (N - 1 = `views` for "concat" fusion);
+        poses_cw (B, N, 7); intrinsics (B, 4) at image resolution `image_hw` = (H, W).
+        Returns one depth map (B, H, W) per 3D hourglass, the last being the estimate.
+        """
+        vol = self.cost_volume(feats, poses_cw, intrinsics, image_hw)
+        depths = depth_hypotheses(self.cfg, vol)
+        out = []
+        for y, head in zip(self.matching(vol), self.heads, strict=True):
+            logits = head(y)[:, 0].permute(0, 3, 1, 2)  # (B, h, w, D) -> (B, D, h, w)
+            if self.cfg.upsample == "logits":
+                logits = F.interpolate(logits, size=image_hw, mode="bilinear", align_corners=False)
+            depth = (logits.softmax(dim=1) * depths[:, None, None]).sum(dim=1)
+            if self.cfg.upsample == "depth":
+                depth = F.interpolate(depth[:, None], size=image_hw, mode="bilinear", align_corners=False)[:, 0]
+            out.append(depth)
+        return out

@@ -35,6 +35,7 @@ test: $(STAMP)
 bench: $(STAMP)
 	mkdir -p bench_out
 	$(BIN)/python -m bench.kernels --json bench_out/kernels.json
+	$(BIN)/python -m bench.model --json bench_out/model.json
 
 cuda-check: $(STAMP)
 	$(BIN)/python tools/cuda_check.py

@@ -12,12 +12,11 @@ backproject_volume at C=32, D=32, 60x80, M=4: not slower and >= 2x less peak mem
 from __future__ import annotations
 
 import argparse
-import json
 import sys
-from pathlib import Path
 
 import torch
 
+from bench._common import write_results
 from bench._gn import bench_gn_accumulate
 from bench._volume import bench_backproject_volume
 
@@ -50,11 +49,7 @@ def main(argv: list[str] | None = None) -> int:
     v = results["backproject_volume"]
     print(f"{'backproject_volume':<22}{'60x80':<12}{v['kernel_ms']:>11.1f}{v['reference_ms']:>11.1f}{v['speedup']:>9.2f}"
           f"{v['kernel_peak_mb']:>11.1f}{v['reference_peak_mb']:>10.1f}{v['memory_ratio']:>11.2f}")
-    if args.json:
-        path = Path(args.json)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_text(json.dumps(results, indent=2) + "\n")
-        print(f"wrote {path}")
+    write_results(args.json, results)
     return 0
 
 

@@ -13,16 +13,14 @@ from __future__ import annotations
 
 import argparse
 import collections
-import json
 import statistics
 import time
 from collections.abc import Callable
-from pathlib import Path
 
 import numpy as np
 import torch
 
-from bench._common import ROOT, peak_mb
+from bench._common import ROOT, peak_mb, write_results
 
 PRESETS = ("small", "full")
 SOURCES = ("dis", "learned")
@@ -124,11 +122,7 @@ def main(argv: list[str] | None = None) -> int:
     small = results["small"]
     ok = all(small[s]["seconds"] <= 2.0 and small[s]["peak_mb"] <= 3072 for s in SOURCES)
     print(f"target small <= 2 s and <= 3 GB: {'met' if ok else 'NOT met'}")
-    if args.json:
-        path = Path(args.json)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_text(json.dumps(results, indent=2) + "\n")
-        print(f"wrote {path}")
+    write_results(args.json, results)
     return 0
 
 

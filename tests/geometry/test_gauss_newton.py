@@ -306,40 +306,23 @@ def test_gradcheck_unrolled_layer(backend):
     assert torch.autograd.gradcheck(fn, leaves, eps=1e-6, atol=1e-5, rtol=1e-4)
 
 
-def test_gradcheck_focal_single_step():
-    inv_depth, intr, gt = scene(H=3, W=4, N=2, seed=14)
+@pytest.mark.parametrize("iterations", [1, 2])
+def test_gradcheck_focal_mode_including_intrinsics(iterations):
+    # Uncalibrated mode, gradients to the intrinsics too; with two steps the second step's gradient
+    # flows back through the first step's focal change into the kernel's intrinsics gradient.
+    inv_depth, intr, gt = scene(H=3, W=4, N=2, seed=14 + iterations)
     ii, jj = torch.tensor([0]), torch.tensor([1])
     g = torch.Generator().manual_seed(15)
     targets = project_targets(inv_depth, intr, gt, ii, jj) + 0.3 * torch.randn(
         1, 3, 4, 2, generator=g, dtype=torch.float64
     )
     weights = 0.5 + torch.rand(1, 3, 4, 2, generator=g, dtype=torch.float64)
-    opts = GNOptions(iterations=1, optimize_focal=True)
+    opts = GNOptions(iterations=iterations, optimize_focal=True)
 
-    def fn(t, w, d):
-        est, k = gauss_newton(gt, d[None], intr, t, w, ii, jj, opts)
-        return est, k
+    def fn(k, t, w, d):
+        return gauss_newton(gt, d[None], k, t, w, ii, jj, opts)
 
-    leaves = [x.clone().requires_grad_(True) for x in (targets, weights, inv_depth)]
-    assert torch.autograd.gradcheck(fn, leaves, eps=1e-6, atol=1e-5, rtol=1e-4)
-
-
-def test_gradcheck_focal_unrolled_with_intrinsics():
-    # Two steps in the uncalibrated mode: the second step's gradient flows back through the first
-    # step's focal change, into the kernel's intrinsics gradient.
-    inv_depth, intr, gt = scene(H=3, W=4, N=2, seed=16)
-    ii, jj = torch.tensor([0]), torch.tensor([1])
-    g = torch.Generator().manual_seed(17)
-    targets = project_targets(inv_depth, intr, gt, ii, jj) + 0.3 * torch.randn(
-        1, 3, 4, 2, generator=g, dtype=torch.float64
-    )
-    weights = 0.5 + torch.rand(1, 3, 4, 2, generator=g, dtype=torch.float64)
-    opts = GNOptions(iterations=2, optimize_focal=True)
-
-    def fn(k, t, d):
-        return gauss_newton(gt, d[None], k, t, weights, ii, jj, opts)
-
-    leaves = [x.clone().requires_grad_(True) for x in (intr, targets, inv_depth)]
+    leaves = [x.clone().requires_grad_(True) for x in (intr, targets, weights, inv_depth)]
     assert torch.autograd.gradcheck(fn, leaves, eps=1e-6, atol=1e-5, rtol=1e-4)
 
 

@@ -88,11 +88,12 @@ V2D_HOST_DEVICE void gn_accumulate(const GNPixel<T, K>& px, A* H, A* b) {
 // Number of per-edge values the backward reduces: dL/drel (12) then dL/d(fx, fy, cx, cy) (4).
 constexpr int kGNEdgeGrads = 16;
 
-// Backward of one valid pixel given G = dL/dH (K*K, full) and g = dL/db (K).
+// Backward of one valid pixel given Gs = G + G^T for G = dL/dH (K*K, full; callers form it once per
+// edge) and g = dL/db (K).
 // Writes dL/dd, dL/dtarget (2), dL/dweight (2) and adds dL/drel (12) then dL/dintrinsics (4) into
 // g_edge (kGNEdgeGrads values).
 template <typename T, int K, typename A>
-V2D_HOST_DEVICE void gn_pixel_backward(const GNPixel<T, K>& px, const T* rel, const T* intr, const T* G,
+V2D_HOST_DEVICE void gn_pixel_backward(const GNPixel<T, K>& px, const T* rel, const T* intr, const T* Gs,
                                        const T* g, T& g_d, T* g_target, T* g_weight, A* g_edge) {
   A* g_rel = g_edge;
   const A fx = intr[0], fy = intr[1];
@@ -105,7 +106,7 @@ V2D_HOST_DEVICE void gn_pixel_backward(const GNPixel<T, K>& px, const T* rel, co
   for (int i = 0; i < K; ++i) {
     A su = 0, sv = 0;
     for (int j = 0; j < K; ++j) {
-      const A s = A(G[i * K + j]) + A(G[j * K + i]);
+      const A s = A(Gs[i * K + j]);
       su += s * A(px.Ju[j]);
       sv += s * A(px.Jv[j]);
     }
@@ -113,7 +114,7 @@ V2D_HOST_DEVICE void gn_pixel_backward(const GNPixel<T, K>& px, const T* rel, co
     gv[i] = wv * sv + wv * rv * A(g[i]);
     Jg_u += A(px.Ju[i]) * A(g[i]);
     Jg_v += A(px.Jv[i]) * A(g[i]);
-    JGJ_u += A(px.Ju[i]) * su;  // su = (G + G^T) J, so J.su = 2 J^T G J
+    JGJ_u += A(px.Ju[i]) * su;  // su = Gs J, so J.su = 2 J^T G J
     JGJ_v += A(px.Jv[i]) * sv;
   }
   const A dru = wu * Jg_u, drv = wv * Jg_v;

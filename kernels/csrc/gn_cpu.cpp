@@ -1,8 +1,9 @@
 // CPU (OpenMP via at::parallel_for) implementation of gn_reduce; the per-pixel math is in gn.h.
 //
 // Work is split into chunks of one edge x kPixelsPerChunk pixels. Each chunk reduces into its own
-// slot of a partial buffer (double), and the slots are summed in a fixed order afterwards, so the
-// result does not depend on the number of threads or their scheduling.
+// slot of a partial buffer (double; blocks of kPixelsPerFlush pixels are summed in the input
+// precision first), and the slots are summed in a fixed order afterwards, so the result does not
+// depend on the number of threads or their scheduling.
 #include <ATen/Parallel.h>
 
 #include "gn.h"
@@ -11,6 +12,10 @@
 namespace {
 
 constexpr int64_t kPixelsPerChunk = 4096;
+// Pixels accumulated in the input precision before the running sums are flushed into the chunk's
+// double partials: arithmetic in float (no float<->double conversions in the inner loops) with
+// rounding error bounded by a 256-term float sum; the chunk and edge sums stay in double.
+constexpr int64_t kPixelsPerFlush = 256;
 
 template <typename scalar_t, int K>
 void forward_impl(const torch::Tensor& inv_depth, const torch::Tensor& rel_poses, const torch::Tensor& intrinsics,
@@ -37,14 +42,18 @@ void forward_impl(const torch::Tensor& inv_depth, const torch::Tensor& rel_poses
       const int64_t p0 = (c % chunks_per_edge) * kPixelsPerChunk;
       const int64_t p1 = std::min(p0 + kPixelsPerChunk, HW);
       double* Hc = partial.data() + c * S;
-      double* bc = Hc + K * K;
       const scalar_t* rel = rel_ptr + e * 12;
       const scalar_t* intr = intr_ptr + e * 4;
-      for (int64_t p = p0; p < p1; ++p) {
-        const int64_t idx = e * HW + p;
-        const scalar_t u = static_cast<scalar_t>(p % Wd), v = static_cast<scalar_t>(p / Wd);
-        if (v2d::gn_linearize<scalar_t, K>(u, v, d_ptr[idx], rel, intr, tgt_ptr + 2 * idx, w_ptr + 2 * idx, md, px))
-          v2d::gn_accumulate<scalar_t, K, double>(px, Hc, bc);
+      for (int64_t q0 = p0; q0 < p1; q0 += kPixelsPerFlush) {
+        scalar_t acc[S] = {0};
+        for (int64_t p = q0; p < std::min(q0 + kPixelsPerFlush, p1); ++p) {
+          const int64_t idx = e * HW + p;
+          const scalar_t u = static_cast<scalar_t>(p % Wd), v = static_cast<scalar_t>(p / Wd);
+          if (v2d::gn_linearize<scalar_t, K>(u, v, d_ptr[idx], rel, intr, tgt_ptr + 2 * idx, w_ptr + 2 * idx, md,
+                                             px))
+            v2d::gn_accumulate<scalar_t, K, scalar_t>(px, acc, acc + K * K);
+        }
+        for (int s = 0; s < S; ++s) Hc[s] += acc[s];
       }
     }
   });
@@ -98,20 +107,29 @@ void backward_impl(const torch::Tensor& grad_H, const torch::Tensor& grad_b, con
       double* grel = partial.data() + c * S;
       const scalar_t* rel = rel_ptr + e * 12;
       const scalar_t* intr = intr_ptr + e * 4;
-      const scalar_t* G = gH_ptr + e * K * K;
-      const scalar_t* g = gb_ptr + e * K;
-      for (int64_t p = p0; p < p1; ++p) {
-        const int64_t idx = e * HW + p;
-        const scalar_t u = static_cast<scalar_t>(p % Wd), v = static_cast<scalar_t>(p / Wd);
-        if (v2d::gn_linearize<scalar_t, K>(u, v, d_ptr[idx], rel, intr, tgt_ptr + 2 * idx, w_ptr + 2 * idx, md,
-                                           px)) {
-          v2d::gn_pixel_backward<scalar_t, K, double>(px, rel, intr, G, g, gd_ptr[idx], gt_ptr + 2 * idx,
-                                                      gw_ptr + 2 * idx, grel);
-        } else {
-          gd_ptr[idx] = 0;
-          gt_ptr[2 * idx] = gt_ptr[2 * idx + 1] = 0;
-          gw_ptr[2 * idx] = gw_ptr[2 * idx + 1] = 0;
+      // Local copies: the compiler cannot keep values read through gH_ptr in registers while the
+      // pixel loop writes the output arrays (possible aliasing).
+      scalar_t Gs[K * K], g[K];
+      for (int i = 0; i < K; ++i) {
+        g[i] = gb_ptr[e * K + i];
+        for (int j = 0; j < K; ++j) Gs[i * K + j] = gH_ptr[(e * K + i) * K + j] + gH_ptr[(e * K + j) * K + i];
+      }
+      for (int64_t q0 = p0; q0 < p1; q0 += kPixelsPerFlush) {
+        scalar_t acc[S] = {0};
+        for (int64_t p = q0; p < std::min(q0 + kPixelsPerFlush, p1); ++p) {
+          const int64_t idx = e * HW + p;
+          const scalar_t u = static_cast<scalar_t>(p % Wd), v = static_cast<scalar_t>(p / Wd);
+          if (v2d::gn_linearize<scalar_t, K>(u, v, d_ptr[idx], rel, intr, tgt_ptr + 2 * idx, w_ptr + 2 * idx, md,
+                                             px)) {
+            v2d::gn_pixel_backward<scalar_t, K, scalar_t>(px, rel, intr, Gs, g, gd_ptr[idx], gt_ptr + 2 * idx,
+                                                          gw_ptr + 2 * idx, acc);
+          } else {
+            gd_ptr[idx] = 0;
+            gt_ptr[2 * idx] = gt_ptr[2 * idx + 1] = 0;
+            gw_ptr[2 * idx] = gw_ptr[2 * idx + 1] = 0;
+          }
         }
+        for (int s = 0; s < S; ++s) grel[s] += acc[s];
       }
     }
   });
@@ -149,8 +167,6 @@ std::vector<torch::Tensor> gn_reduce_backward_cpu(const torch::Tensor& grad_H, c
                                                   const torch::Tensor& inv_depth, const torch::Tensor& rel_poses,
                                                   const torch::Tensor& intrinsics, const torch::Tensor& targets,
                                                   const torch::Tensor& weights, double min_depth, bool with_focal) {
-  const int64_t K = with_focal ? 7 : 6;
-  const int64_t E = inv_depth.size(0);
   auto g_d = torch::empty_like(inv_depth);
   auto g_rel = torch::zeros_like(rel_poses);
   auto g_intr = torch::zeros_like(intrinsics);

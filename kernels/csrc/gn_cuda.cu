@@ -140,11 +140,12 @@ __global__ void __launch_bounds__(kThreads)
                        scalar_t* __restrict__ g_w, double* __restrict__ acc) {
   const int64_t e = blockIdx.x / blocks_per_edge;
   const int64_t chunk = blockIdx.x % blocks_per_edge;
-  __shared__ scalar_t rel[12], intr[4], G[K * K], g[K];
+  __shared__ scalar_t rel[12], intr[4], Gs[K * K], g[K];
   load_to_shared(rel, rel_poses + e * 12, 12);
   load_to_shared(intr, intrinsics + e * 4, 4);
-  load_to_shared(G, grad_H + e * K * K, K * K);
   load_to_shared(g, grad_b + e * K, K);
+  const scalar_t* G = grad_H + e * K * K;
+  for (int t = threadIdx.x; t < K * K; t += blockDim.x) Gs[t] = G[t] + G[(t % K) * K + t / K];  // G + G^T
   __syncthreads();
 
   double g_edge[v2d::kGNEdgeGrads] = {};
@@ -155,7 +156,7 @@ __global__ void __launch_bounds__(kThreads)
     const scalar_t u = static_cast<scalar_t>(p % width), v = static_cast<scalar_t>(p / width);
     if (v2d::gn_linearize<scalar_t, K>(u, v, inv_depth[idx], rel, intr, targets + 2 * idx, weights + 2 * idx,
                                        min_depth, px)) {
-      v2d::gn_pixel_backward<scalar_t, K, double>(px, rel, intr, G, g, g_d[idx], g_t + 2 * idx, g_w + 2 * idx,
+      v2d::gn_pixel_backward<scalar_t, K, double>(px, rel, intr, Gs, g, g_d[idx], g_t + 2 * idx, g_w + 2 * idx,
                                                   g_edge);
     } else {
       g_d[idx] = scalar_t(0);

@@ -23,12 +23,15 @@ from typing import Any
 
 import yaml
 
+from v2d.data.clips import ClipConfig
 from v2d.depth import DepthConfig
 from v2d.errors import ConfigError
 from v2d.flow import DISOptions
 from v2d.geometry.gauss_newton import GNOptions
 from v2d.model import ModelConfig
+from v2d.losses import LossConfig
 from v2d.motion import MotionConfig
+from v2d.train import TrainConfig
 
 __all__ = ["V2DConfig", "DataConfig", "DemoConfig", "load_config", "merge", "to_dict", "validate"]
 
@@ -83,6 +86,9 @@ class V2DConfig:
     motion: MotionConfig = field(default_factory=MotionConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
     data: DataConfig = field(default_factory=DataConfig)
+    clips: ClipConfig = field(default_factory=ClipConfig)
+    loss: LossConfig = field(default_factory=LossConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
     demo: DemoConfig = field(default_factory=DemoConfig)
 
 
@@ -134,6 +140,29 @@ _RANGES: dict[tuple[type, str], _Check] = {
     (ModelConfig, "init_depth"): _POSITIVE,
     (DataConfig, "height"): ((lambda v: v >= 32 and v % 4 == 0), "a multiple of 4, >= 32"),
     (DataConfig, "width"): ((lambda v: v >= 32 and v % 4 == 0), "a multiple of 4, >= 32"),
+    (ClipConfig, "frames"): _at_least(2),
+    (ClipConfig, "stride"): _at_least(1),
+    (ClipConfig, "keyframe"): ((lambda v: v in ("first", "middle")), "'first' or 'middle'"),
+    (ClipConfig, "jitter"): _NON_NEGATIVE,
+    (LossConfig, "smoothness"): _NON_NEGATIVE,
+    (LossConfig, "flow_clip"): _POSITIVE,
+    (LossConfig, "residual"): _NON_NEGATIVE,
+    (LossConfig, "confidence"): _NON_NEGATIVE,
+    (LossConfig, "motion"): _NON_NEGATIVE,
+    (LossConfig, "iteration_decay"): _POSITIVE,
+    (TrainConfig, "steps"): _at_least(1),
+    (TrainConfig, "motion_steps"): _NON_NEGATIVE,
+    (TrainConfig, "gt_pose_steps"): _NON_NEGATIVE,
+    (TrainConfig, "rounds"): _at_least(1),
+    (TrainConfig, "batch_size"): _at_least(1),
+    (TrainConfig, "lr"): _POSITIVE,
+    (TrainConfig, "lr_decay"): _POSITIVE,
+    (TrainConfig, "lr_decay_steps"): _at_least(1),
+    (TrainConfig, "weight_decay"): _NON_NEGATIVE,
+    (TrainConfig, "grad_clip"): _NON_NEGATIVE,
+    (TrainConfig, "seed"): _NON_NEGATIVE,
+    (TrainConfig, "checkpoint_every"): _at_least(1),
+    (TrainConfig, "log_every"): _at_least(1),
     (DemoConfig, "seed"): _NON_NEGATIVE,
     (DemoConfig, "num_frames"): _at_least(2),
     (DemoConfig, "height"): _at_least(16),

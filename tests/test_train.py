@@ -1,0 +1,152 @@
+"""Training: losses, synthetic clips, checkpoints, exact resume after SIGKILL, weight loading."""
+
+from __future__ import annotations
+
+import csv
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from tools.cli import main
+from v2d.config import load_config
+from v2d.data.clips import ClipConfig, SyntheticClips
+from v2d.errors import InputError
+from v2d.geometry.camera import reproject
+from v2d.geometry.lie import se3_inv, se3_mul
+from v2d.losses import LossConfig, depth_loss, motion_loss
+from v2d.model import V2D
+from v2d.motion import MotionStep, edges
+from v2d.train import Trainer, load_weights
+
+ROOT = Path(__file__).resolve().parents[1]
+TINY = ["data.height=64", "data.width=96", "clips.frames=3", "train.steps=6", "train.motion_steps=2",
+        "train.gt_pose_steps=2", "train.checkpoint_every=2", "train.log_every=1", "train.rounds=1",
+        "motion.iterations=2"]
+
+
+def _rows(path: Path) -> list[dict[str, str]]:
+    with path.open() as f:
+        return list(csv.DictReader(f))
+
+
+def test_depth_loss_by_hand():
+    gt = torch.tensor([[[1.0, 2.0], [0.0, 4.0]]])  # one pixel without ground truth
+    pred = torch.tensor([[[1.5, 2.0], [9.0, 3.0]]])
+    image = torch.zeros(1, 3, 2, 2)
+    loss, parts = depth_loss([pred], gt, image, LossConfig(depth_weights=(1.0,), smoothness=0.0))
+    assert loss.item() == pytest.approx((0.5 + 0.0 + 1.0) / 3)  # mean |error| over the 3 valid pixels
+    assert parts["depth_l1"] == pytest.approx(0.5)
+    two, _ = depth_loss([pred, gt.clamp_min(0.5)], gt, image, LossConfig(depth_weights=(0.5, 1.0), smoothness=0.0))
+    assert two.item() == pytest.approx(0.5 * 0.5)  # the second (exact on valid pixels) adds nothing
+
+
+def test_motion_loss_is_zero_at_the_ground_truth_and_grows_with_pose_error():
+    clip = SyntheticClips(ClipConfig(frames=3, flip=False, jitter=0.0), 48, 64, seed=4)[0]
+    poses = se3_mul(clip["poses_cw"], se3_inv(clip["poses_cw"][:1]))[None]
+    depth, intr = clip["depths"][None, :1], clip["intrinsics"][None]
+    ii, jj = edges(3, "keyframe")
+    inv = (1 / depth).expand(1, 2, 48, 64)
+    coords, _ = reproject(inv, poses[:, ii], poses[:, jj], intr[:, None])
+    exact = MotionStep(coords, torch.ones_like(coords), poses, intr)
+    cfg = LossConfig(confidence=0.0)
+    zero, parts = motion_loss([exact], poses, depth, intr, ii, jj, cfg)
+    assert zero.item() < 1e-4 and parts["flow_epe"] < 1e-4
+    moved = poses.clone()
+    moved[:, 1:, 0] += 0.05
+    off = MotionStep(coords, torch.ones_like(coords), moved, intr)
+    loss, parts = motion_loss([off], poses, depth, intr, ii, jj, cfg)
+    assert loss.item() > 0.5 and parts["flow_epe"] > 0.5
+
+
+def test_synthetic_clips_are_deterministic_and_flips_stay_consistent():
+    cfg = ClipConfig(frames=3, stride=2, jitter=0.0, flip=False)
+    a, b = SyntheticClips(cfg, 48, 64, seed=11)[5], SyntheticClips(cfg, 48, 64, seed=11)[5]
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    assert a["images"].shape == (3, 3, 48, 64) and a["depths"].shape == (3, 48, 64) and a["poses_cw"].shape == (3, 7)
+    # A flipped clip is the mirror image: reprojecting the keyframe with its depth lands on the
+    # mirrored coordinates of the unflipped reprojection.
+    data = SyntheticClips(ClipConfig(frames=3, stride=2, jitter=0.0, flip=True), 48, 64, seed=11)
+    flipped, plain = data.clip(5, flip=True), data.clip(5, flip=False)
+    assert torch.equal(flipped["images"], plain["images"].flip(-1))
+    for clip in (flipped, plain):
+        clip["coords"] = reproject(1 / clip["depths"][:1], clip["poses_cw"][:1], clip["poses_cw"][1:],
+                                   clip["intrinsics"])[0]
+    mirrored = plain["coords"].flip(-2)
+    mirrored[..., 0] = 63 - mirrored[..., 0]
+    assert torch.allclose(flipped["coords"], mirrored, atol=1e-3)
+
+
+def _train(out: Path, *extra: str) -> list[dict[str, str]]:
+    assert main(["train", "--out", str(out), *[a for s in TINY for a in ("--set", s)], *extra]) == 0
+    return _rows(out / "metrics.csv")
+
+
+def test_training_runs_every_stage_and_writes_outputs(tmp_path):
+    rows = _train(tmp_path / "run")
+    assert [r["stage"] for r in rows] == ["motion"] * 2 + ["depth"] * 2 + ["joint"] * 2
+    assert all(float(r["loss"]) == float(r["loss"]) for r in rows)  # finite numbers
+    weights = torch.load(tmp_path / "run" / "model.pt", weights_only=True)
+    model = V2D.from_config(load_config(None, TINY))
+    meta = load_weights(tmp_path / "run" / "model.pt", model)
+    assert meta["step"] == 6 and set(weights["model"]) == set(model.state_dict())
+    assert not list((tmp_path / "run").glob(".*.tmp"))
+
+
+def test_sigkill_then_resume_reproduces_the_uninterrupted_losses(tmp_path):
+    reference = _train(tmp_path / "ref")
+    out = tmp_path / "killed"
+    args = [sys.executable, "-m", "tools.cli", "train", "--out", str(out), *[a for s in TINY for a in ("--set", s)]]
+    proc = subprocess.Popen(args, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 120
+    ckpt = out / "checkpoint.pt"
+    while time.time() < deadline and not (ckpt.exists() and torch.load(ckpt, weights_only=True)["step"] >= 2):
+        time.sleep(0.05)
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.wait()
+    step = torch.load(ckpt, weights_only=True)["step"]
+    assert 2 <= step < 6, "the run should be killed mid-way"
+    resumed = _train(out, "--resume")
+    assert [r["step"] for r in resumed] == [str(s) for s in range(1, 7)]  # no duplicated or missing rows
+    for a, b in zip(reference, resumed, strict=True):
+        assert float(a["loss"]) == pytest.approx(float(b["loss"]), rel=1e-5, abs=1e-6), a["step"]
+
+
+def test_bad_weights_and_resume_errors(tmp_path, capsys):
+    model = V2D.from_config(load_config(None, TINY))
+    with pytest.raises(InputError, match="weights file not found"):
+        load_weights(tmp_path / "none.pt", model)
+    junk = tmp_path / "junk.pt"
+    junk.write_bytes(b"not a checkpoint")
+    with pytest.raises(InputError, match="cannot load weights"):
+        load_weights(junk, model)
+    torch.save({"model": {"x": torch.zeros(1)}}, tmp_path / "other.pt")
+    with pytest.raises(InputError, match="do not fit this model"):
+        load_weights(tmp_path / "other.pt", model)
+    assert main(["train", "--out", str(tmp_path / "fresh"), "--resume"]) == 1
+    assert "no checkpoint" in capsys.readouterr().err
+
+
+def test_trainer_rejects_global_mode(tmp_path):
+    from v2d.errors import ConfigError
+
+    with pytest.raises(ConfigError, match="keyframe"):
+        Trainer(load_config(None, [*TINY, "motion.mode=global"]), tmp_path)
+
+
+def test_ddp_two_processes_with_gloo(tmp_path):
+    torchrun = Path(sys.executable).with_name("torchrun")
+    out = tmp_path / "ddp"
+    cmd = [str(torchrun), "--standalone", "--nproc_per_node", "2", "-m", "tools.cli", "train", "--out", str(out),
+           *[a for s in TINY for a in ("--set", s)], "--set", "train.steps=5"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=300, env=env)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    rows = _rows(out / "metrics.csv")
+    assert [r["step"] for r in rows] == [str(s) for s in range(1, 6)]  # rank 0 logs each step once
+    assert torch.load(out / "model.pt", weights_only=True)["step"] == 5

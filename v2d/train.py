@@ -1,0 +1,311 @@
+"""End-to-end training of V2D (DeepV2D's schedule) with atomic, exactly resumable checkpoints.
+
+Schedule (step counts are config fields):
+1. `motion_steps`: motion module only, ground-truth depth as its input (motion loss);
+2. `gt_pose_steps`: depth module only, ground-truth poses as its input (depth loss);
+3. up to `steps`: joint, the full alternation for `rounds` rounds (depth + motion losses).
+
+Resuming: a checkpoint holds the model, the optimizer, the step and every RNG state; clip k of the
+synthetic data depends only on (seed, k), so a run killed at any point and resumed from its last
+checkpoint computes the same next losses as an uninterrupted run.
+"""
+
+from __future__ import annotations
+
+import csv
+import dataclasses
+import json
+import logging
+import math
+import random
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Literal
+
+import numpy as np
+import torch
+from tqdm import tqdm
+
+from v2d.data.clips import SyntheticClips, collate
+from v2d.errors import ConfigError, InputError
+from v2d.io.writers import atomic_write, ensure_dir, write_text
+from v2d.losses import depth_loss, motion_loss
+from v2d.model import V2D, normalize_images
+from v2d.motion import edges
+
+__all__ = ["TrainConfig", "Trainer", "load_weights"]
+
+_log = logging.getLogger(__name__)
+CHECKPOINT_VERSION = 1
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """Training settings (the `train` section).
+
+    Attributes:
+        steps: total optimizer steps.
+        motion_steps: steps of stage 1 (motion only, GT depth as input).
+        gt_pose_steps: steps after stage 1 that train the depth module with GT poses as input.
+        rounds: alternation rounds in joint training (inference uses model.iters).
+        batch_size: clips per step (per process under DDP).
+        optimizer: "rmsprop" (as the original) or "adamw".
+        lr: learning rate; lr_decay: multiply the lr by this every lr_decay_steps steps.
+        weight_decay: L2 (rmsprop) or decoupled (adamw) weight decay.
+        grad_clip: clip the global gradient norm to this (0 = off).
+        seed: seeds the model initialisation, the data and every RNG.
+        checkpoint_every: write a checkpoint every this many steps (and at the end).
+        log_every: append rows to metrics.csv every this many steps.
+    The image size is `data.height` x `data.width`; clips are cut as the `clips` section says.
+    """
+
+    steps: int = 2000
+    motion_steps: int = 400
+    gt_pose_steps: int = 400
+    rounds: int = 2
+    batch_size: int = 1
+    optimizer: Literal["rmsprop", "adamw"] = "rmsprop"
+    lr: float = 2.5e-4
+    lr_decay: float = 0.5
+    lr_decay_steps: int = 1000
+    weight_decay: float = 1e-4
+    grad_clip: float = 1.0
+    seed: int = 0
+    checkpoint_every: int = 50
+    log_every: int = 10
+
+
+def _rng_state() -> dict[str, Any]:
+    np_state = np.random.get_state()
+    return {
+        "torch": torch.get_rng_state(),
+        "numpy": [np_state[0], torch.from_numpy(np_state[1].astype(np.int64)), *np_state[2:]],
+        "python": [list(random.getstate()[1]), random.getstate()[0], random.getstate()[2]],
+    }
+
+
+def _set_rng_state(state: dict[str, Any]) -> None:
+    torch.set_rng_state(state["torch"])
+    n = state["numpy"]
+    np.random.set_state((n[0], n[1].numpy().astype(np.uint32), *n[2:]))
+    p = state["python"]
+    random.setstate((p[1], tuple(p[0]), p[2]))
+
+
+def load_weights(path: str | Path, model: torch.nn.Module) -> dict[str, Any]:
+    """Load model weights from a checkpoint or a weights file (torch.load with weights_only=True).
+
+    Returns the file's metadata (everything but the tensors). Raises InputError for a missing,
+    corrupt or mismatching file.
+    """
+    path = Path(path)
+    try:
+        data = torch.load(path, map_location="cpu", weights_only=True)
+    except FileNotFoundError:
+        raise InputError(f"weights file not found: {path}") from None
+    except Exception as exc:  # torch raises several types for corrupt or foreign files
+        raise InputError(f"cannot load weights from {path}: {type(exc).__name__}: {exc}".splitlines()[0]) from None
+    if not isinstance(data, dict) or "model" not in data:
+        raise InputError(f"{path}: not a v2d checkpoint or weights file (no 'model' entry)")
+    try:
+        model.load_state_dict(data["model"])
+    except RuntimeError as exc:
+        raise InputError(f"{path}: weights do not fit this model configuration: {str(exc).splitlines()[0]}") from None
+    return {k: v for k, v in data.items() if k not in ("model", "optimizer", "rng")}
+
+
+class _TrainStep(torch.nn.Module):
+    """The loss of one step as a module, so that DistributedDataParallel wraps every stage."""
+
+    def __init__(self, model: V2D, cfg) -> None:
+        super().__init__()
+        self.model, self.cfg = model, cfg
+
+    def forward(self, batch: dict[str, torch.Tensor], stage: str, rounds: int) -> tuple[torch.Tensor, dict]:
+        return _stage_loss(self.model, self.cfg, batch, stage, rounds)
+
+
+class Trainer:
+    """Runs the schedule, logs metrics (CSV + JSON lines) and writes checkpoints to `out_dir`."""
+
+    def __init__(self, cfg, out_dir: str | Path, rank: int = 0, world_size: int = 1) -> None:
+        self.cfg, self.tc = cfg, cfg.train
+        if cfg.motion.flow_source != "learned":
+            cfg = dataclasses.replace(cfg, motion=dataclasses.replace(cfg.motion, flow_source="learned"))
+            self.cfg = cfg
+        if cfg.motion.mode != "keyframe":
+            raise ConfigError("train: only motion.mode 'keyframe' is supported for training")
+        self.out = ensure_dir(out_dir)
+        self.rank, self.world_size = rank, world_size
+        torch.manual_seed(self.tc.seed)
+        self.model = V2D.from_config(cfg)
+        self.step_module: torch.nn.Module = _TrainStep(self.model, cfg)
+        if world_size > 1:  # gradients are averaged over processes (DDP; gloo on CPU)
+            self.step_module = torch.nn.parallel.DistributedDataParallel(self.step_module,
+                                                                         find_unused_parameters=True)
+        params = [p for p in self.model.parameters() if p.requires_grad]
+        if self.tc.optimizer == "rmsprop":
+            self.opt = torch.optim.RMSprop(params, lr=self.tc.lr, weight_decay=self.tc.weight_decay)
+        else:
+            self.opt = torch.optim.AdamW(params, lr=self.tc.lr, weight_decay=self.tc.weight_decay)
+        self.step = 0
+        self.data = SyntheticClips(cfg.clips, cfg.data.height, cfg.data.width, seed=self.tc.seed * 1_000_003)
+        self.skipped = 0
+        self._logged = 0  # last step written to metrics.csv
+
+    # ------------------------------------------------------------------ checkpoints
+    @property
+    def checkpoint_path(self) -> Path:
+        return self.out / "checkpoint.pt"
+
+    def save(self) -> Path:
+        """Write out_dir/checkpoint.pt atomically (rank 0 only)."""
+        from v2d.config import to_dict
+
+        if self.rank != 0:
+            return self.checkpoint_path
+        state = {
+            "version": CHECKPOINT_VERSION,
+            "step": self.step,
+            "model": self.model.state_dict(),
+            "optimizer": self.opt.state_dict(),
+            "rng": _rng_state(),
+            "config": json.dumps(to_dict(self.cfg)),
+            "skipped": self.skipped,
+        }
+        return atomic_write(self.checkpoint_path, lambda f: torch.save(state, f))
+
+    def resume(self, path: str | Path | None = None) -> None:
+        """Restore model, optimizer, step and RNG states from a checkpoint (weights_only load)."""
+        path = Path(path) if path is not None else self.checkpoint_path
+        meta = load_weights(path, self.model)
+        data = torch.load(path, map_location="cpu", weights_only=True)
+        if "optimizer" not in data or "rng" not in data:
+            raise InputError(f"{path}: holds weights only, not a resumable training checkpoint")
+        self.opt.load_state_dict(data["optimizer"])
+        _set_rng_state(data["rng"])
+        self.step = int(meta["step"])
+        self.skipped = int(meta.get("skipped", 0))
+        self._truncate_log()
+        self._logged = self.step
+        _log.info("resumed from %s at step %d", path, self.step)
+
+    def _truncate_log(self) -> None:
+        """Drop metrics rows after the resumed step (they are recomputed, identically)."""
+        path = self.out / "metrics.csv"
+        if self.rank != 0 or not path.exists():
+            return
+        lines = path.read_text().splitlines(keepends=True)
+        kept = lines[:1] + [ln for ln in lines[1:] if int(ln.split(",", 1)[0]) <= self.step]
+        write_text(path, "".join(kept))
+
+    # ------------------------------------------------------------------ steps
+    def _stage(self, step: int) -> str:
+        if step < self.tc.motion_steps:
+            return "motion"
+        if step < self.tc.motion_steps + self.tc.gt_pose_steps:
+            return "depth"
+        return "joint"
+
+    def _batch(self, step: int) -> dict[str, torch.Tensor]:
+        B = self.tc.batch_size
+        first = (step * self.world_size + self.rank) * B
+        return collate([self.data[first + b] for b in range(B)])
+
+    def _lr(self, step: int) -> float:
+        return self.tc.lr * self.tc.lr_decay ** (step // max(self.tc.lr_decay_steps, 1))
+
+    def train(self, until: int | None = None, progress: bool = True) -> list[dict[str, Any]]:
+        """Run from the current step to `until` (default: train.steps); returns the logged rows."""
+        until = self.tc.steps if until is None else min(until, self.tc.steps)
+        rows: list[dict[str, Any]] = []
+        bar = tqdm(total=until, initial=self.step, desc="train", unit="step", disable=not progress or self.rank != 0)
+        self.model.train()
+        t0 = time.perf_counter()
+        while self.step < until:
+            stage = self._stage(self.step)
+            for g in self.opt.param_groups:
+                g["lr"] = self._lr(self.step)
+            batch = self._batch(self.step)
+            loss, parts = self.step_module(batch, stage, self.tc.rounds)
+            if not torch.isfinite(loss):
+                # A diverging step is skipped (counted, logged), never applied.
+                self.skipped += 1
+                _log.warning("step %d: non-finite loss in stage %s; step skipped (%d so far)", self.step, stage,
+                             self.skipped)
+                self.opt.zero_grad(set_to_none=True)
+            else:
+                self.opt.zero_grad(set_to_none=True)
+                loss.backward()
+                norm = (torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.tc.grad_clip)
+                        if self.tc.grad_clip > 0 else torch.tensor(0.0))
+                self.opt.step()
+                parts = {**parts, "grad_norm": float(norm)}
+            self.step += 1
+            row = {"step": self.step, "stage": stage, "loss": float(loss.detach()), "lr": self._lr(self.step - 1),
+                   "seconds": time.perf_counter() - t0, **parts}
+            rows.append(row)
+            bar.update(1)
+            bar.set_postfix(stage=stage, loss=f"{row['loss']:.4f}")
+            if self.rank == 0 and (self.step % self.tc.log_every == 0 or self.step == until):
+                self._log_rows([r for r in rows if r["step"] > self._logged])
+                self._logged = self.step
+            if self.step % self.tc.checkpoint_every == 0 or self.step == until:
+                self.save()
+        bar.close()
+        return rows
+
+    def _log_rows(self, rows: list[dict[str, Any]]) -> None:
+        keys = ["step", "stage", "loss", "depth_l1", "flow_epe", "grad_norm", "lr", "seconds"]
+        path = self.out / "metrics.csv"
+        new = not path.exists()
+        with path.open("a", newline="") as f:
+            w = csv.DictWriter(f, fieldnames=keys, extrasaction="ignore")
+            if new:
+                w.writeheader()
+            for r in rows:
+                w.writerow({k: (f"{v:.6g}" if isinstance(v, float) and math.isfinite(v) else v) for k, v in r.items()})
+
+
+def _stage_loss(model: V2D, cfg, batch: dict[str, torch.Tensor], stage: str, rounds: int
+                ) -> tuple[torch.Tensor, dict[str, float]]:
+    """Loss of one training stage ("motion", "depth" or "joint") on a batch of clips."""
+    images, depths, poses, intr = batch["images"], batch["depths"], batch["poses_cw"], batch["intrinsics"]
+    B, N, _, H, W = images.shape
+    ii, jj = edges(N, "keyframe")
+    lc = cfg.loss
+    gt_rel = _relative_to_key(poses)
+    if stage == "motion":
+        x = normalize_images(images)
+        feats = model.motion.features(x.flatten(0, 1)).unflatten(0, (B, N))
+        init = model.motion.init_poses(x, _identity_like(gt_rel))
+        inv = (1.0 / depths[:, :1].clamp_min(1e-3)).expand(B, len(ii), H, W)
+        steps = model.motion(images, feats, init, inv, intr, ii, jj)
+        return motion_loss(steps, gt_rel, depths[:, :1], intr, ii, jj, lc)
+    if stage == "depth":
+        feats = model.depth.features(normalize_images(images).flatten(0, 1)).unflatten(0, (B, N))
+        preds = model.depth(feats, poses, intr, (H, W))
+        return depth_loss(preds, depths[:, 0], images[:, 0], lc)
+    out = model(images, intr, iters=rounds)
+    total = images.new_zeros(())
+    parts: dict[str, float] = {}
+    for r in range(len(out.poses)):
+        ld, pd = depth_loss([d[:, 0] for d in out.depths[r]], depths[:, 0], images[:, 0], lc)
+        lm, pm = motion_loss(out.motion[r], gt_rel, depths[:, :1], intr, ii, jj, lc)
+        total = total + ld + lc.motion * lm
+        parts = {**pd, **pm}
+    return total / len(out.poses), parts
+
+
+def _identity_like(poses: torch.Tensor) -> torch.Tensor:
+    out = torch.zeros_like(poses)
+    out[..., 6] = 1.0
+    return out
+
+
+def _relative_to_key(poses: torch.Tensor) -> torch.Tensor:
+    """World->camera poses re-expressed with the keyframe (frame 0) at the identity. Shapes: (B, N, 7)."""
+    from v2d.geometry.lie import se3_inv, se3_mul
+
+    return se3_mul(poses, se3_inv(poses[:, :1]))

@@ -150,3 +150,13 @@ def test_ddp_two_processes_with_gloo(tmp_path):
     rows = _rows(out / "metrics.csv")
     assert [r["step"] for r in rows] == [str(s) for s in range(1, 6)]  # rank 0 logs each step once
     assert torch.load(out / "model.pt", weights_only=True)["step"] == 5
+
+
+def test_training_on_a_dataset_folder(tmp_path):
+    from tests.io.test_datasets import write_7scenes
+    from v2d.data.synthetic import render_sequence
+
+    root = write_7scenes(tmp_path / "scene", render_sequence(1, 8, height=64, width=96))
+    rows = _train(tmp_path / "run", "--set", f"train.data={root}", "--set", "train.steps=3",
+                  "--set", "train.motion_steps=1", "--set", "train.gt_pose_steps=1")
+    assert [r["stage"] for r in rows] == ["motion", "depth", "joint"]

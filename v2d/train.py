@@ -55,6 +55,8 @@ class TrainConfig:
         weight_decay: L2 (rmsprop) or decoupled (adamw) weight decay.
         grad_clip: clip the global gradient norm to this (0 = off).
         seed: seeds the model initialisation, the data and every RNG.
+        data: "synthetic" (clips rendered on the fly) or a dataset path (any layout `v2d.io.datasets`
+            reads, with depth and poses); clips are taken in order, cycling.
         checkpoint_every: write a checkpoint every this many steps (and at the end).
         log_every: append rows to metrics.csv every this many steps.
     The image size is `data.height` x `data.width`; clips are cut as the `clips` section says.
@@ -72,6 +74,7 @@ class TrainConfig:
     weight_decay: float = 1e-4
     grad_clip: float = 1.0
     seed: int = 0
+    data: str = "synthetic"
     checkpoint_every: int = 50
     log_every: int = 10
 
@@ -150,7 +153,12 @@ class Trainer:
         else:
             self.opt = torch.optim.AdamW(params, lr=self.tc.lr, weight_decay=self.tc.weight_decay)
         self.step = 0
-        self.data = SyntheticClips(cfg.clips, cfg.data.height, cfg.data.width, seed=self.tc.seed * 1_000_003)
+        if self.tc.data == "synthetic":
+            self.data = SyntheticClips(cfg.clips, cfg.data.height, cfg.data.width, seed=self.tc.seed * 1_000_003)
+        else:
+            from v2d.io.datasets import SequenceClips, open_sequence
+
+            self.data = SequenceClips(open_sequence(self.tc.data), cfg.clips, cfg.data.height, cfg.data.width)
         self.skipped = 0
         self._logged = 0  # last step written to metrics.csv
 
@@ -211,7 +219,7 @@ class Trainer:
     def _batch(self, step: int) -> dict[str, torch.Tensor]:
         B = self.tc.batch_size
         first = (step * self.world_size + self.rank) * B
-        return collate([self.data[first + b] for b in range(B)])
+        return collate([self.data[(first + b) % len(self.data)] for b in range(B)])
 
     def _lr(self, step: int) -> float:
         return self.tc.lr * self.tc.lr_decay ** (step // max(self.tc.lr_decay_steps, 1))

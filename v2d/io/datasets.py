@@ -1,0 +1,369 @@
+"""Readers of video datasets, behind one interface, and clips cut from them for training.
+
+`open_sequence(path)` detects the layout and returns a `Sequence` (frames with optional depth,
+poses and timestamps, plus intrinsics):
+
+- 7-Scenes: `frame-NNNNNN.color.{png,jpg}`, `.depth.png` (uint16 mm), `.pose.txt` (4x4
+  camera-to-world), `camera-intrinsics.txt` (3x3) in one folder (`seq-XX` folders of a scene);
+- TUM RGB-D: `rgb.txt`, `depth.txt` (png, 1/5000 m), `groundtruth.txt` (timestamp tx ty tz qx qy qz
+  qw, camera-to-world); frames are associated by nearest timestamp (within 0.02 s);
+- ScanNet export: `color/N.jpg`, `depth/N.png` (mm), `pose/N.txt` (4x4 camera-to-world),
+  `intrinsic/intrinsic_color.txt` (4x4); depth maps are resized to the colour images;
+- a plain folder of images (sorted by name) or a video file (OpenCV), with intrinsics from a file
+  (3x3 matrix or `fx fy cx cy`) or given explicitly; no ground truth.
+
+`SequenceClips` cuts clips (keyframe + neighbours, `ClipConfig`) from a sequence, resized to the
+training size with the intrinsics scaled to match, in the same dict format as `SyntheticClips`.
+
+Bad data is an `InputError` naming the file (unreadable image, missing depth or pose file,
+malformed intrinsics): a training run fails clearly on it rather than skipping samples silently.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from v2d.data.clips import ClipConfig
+from v2d.errors import InputError
+from v2d.geometry.camera import resize_intrinsics
+from v2d.geometry.lie import matrix_to_quat, quat_to_matrix
+
+__all__ = ["Sequence", "SequenceClips", "open_sequence", "read_intrinsics", "IMAGE_SUFFIXES"]
+
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".ppm")
+VIDEO_SUFFIXES = (".mp4", ".avi", ".mov", ".mkv", ".webm")
+
+
+@dataclass
+class Sequence:
+    """A video with optional ground truth.
+
+    Attributes (N frames):
+        images: N image paths, or None for a video (`video` holds its path).
+        depths: N depth-map paths (or None), with `depth_scale` metres per stored unit.
+        poses_wc: (N, 4, 4) float64 camera-to-world matrices, or None.
+        timestamps: (N,) float64 seconds (the frame index when the dataset has none).
+        intrinsics: (4,) float64 fx, fy, cx, cy at the images' size.
+        layout: detected layout name.
+    """
+
+    images: list[Path] | None
+    intrinsics: np.ndarray
+    timestamps: np.ndarray
+    layout: str
+    depths: list[Path] | None = None
+    depth_scale: float = 1e-3
+    poses_wc: np.ndarray | None = None
+    video: Path | None = None
+    _frames: list[np.ndarray] | None = field(default=None, repr=False)
+
+    def __len__(self) -> int:
+        return len(self.timestamps)
+
+    def image(self, k: int) -> np.ndarray:
+        """Frame k as (H, W, 3) uint8 RGB."""
+        if self.video is not None:
+            if self._frames is None:
+                self._frames = _read_video(self.video)
+            return self._frames[k]
+        return read_image(self.images[k])
+
+    def depth(self, k: int) -> np.ndarray | None:
+        """Depth of frame k as (H, W) float32 metres (0 = unknown), or None without depth."""
+        if self.depths is None:
+            return None
+        import cv2
+
+        path = self.depths[k]
+        d = cv2.imread(str(path), cv2.IMREAD_UNCHANGED)
+        if d is None or d.ndim != 2:
+            raise InputError(f"cannot read depth map {path} (expected a single-channel 16-bit image)")
+        d = d.astype(np.float32)
+        d[d >= 65535] = 0  # 7-Scenes marks invalid depth with 65535
+        return d * self.depth_scale
+
+
+def read_image(path: Path) -> np.ndarray:
+    import cv2
+
+    img = cv2.imread(str(path), cv2.IMREAD_COLOR)
+    if img is None:
+        raise InputError(f"cannot read image {path}")
+    return cv2.cvtColor(img, cv2.COLOR_BGR2RGB)
+
+
+def _read_video(path: Path) -> list[np.ndarray]:
+    import cv2
+
+    cap = cv2.VideoCapture(str(path))
+    frames = []
+    try:
+        while True:
+            ok, img = cap.read()
+            if not ok:
+                break
+            frames.append(cv2.cvtColor(img, cv2.COLOR_BGR2RGB))
+    finally:
+        cap.release()
+    if not frames:
+        raise InputError(f"cannot read any frame from video {path}")
+    return frames
+
+
+def _numbers(path: Path, count: int | None = None) -> np.ndarray:
+    try:
+        values = np.array([float(x) for x in path.read_text().split()], dtype=np.float64)
+    except (OSError, UnicodeDecodeError) as exc:
+        raise InputError(f"cannot read {path}: {exc}") from None
+    except ValueError:
+        raise InputError(f"{path}: expected numbers only") from None
+    if count is not None and values.size != count:
+        raise InputError(f"{path}: expected {count} numbers, got {values.size}")
+    if not np.isfinite(values).all():
+        raise InputError(f"{path}: NaN or Inf in the values")
+    return values
+
+
+def read_intrinsics(path: str | Path) -> np.ndarray:
+    """fx, fy, cx, cy from a file holding a 3x3 (or 4x4) K matrix or the four numbers.
+
+    Shapes: returns (4,) float64.
+    """
+    path = Path(path)
+    v = _numbers(path)
+    if v.size == 4:
+        k = v
+    elif v.size in (9, 16):
+        K = v.reshape(3, 3) if v.size == 9 else v.reshape(4, 4)[:3, :3]
+        if abs(K[0, 1]) > 1e-9 or abs(K[1, 0]) > 1e-9 or abs(K[2, 2] - 1) > 1e-9:
+            raise InputError(f"{path}: expected a pinhole K = [[fx, 0, cx], [0, fy, cy], [0, 0, 1]], got {K.tolist()}")
+        k = np.array([K[0, 0], K[1, 1], K[0, 2], K[1, 2]])
+    else:
+        raise InputError(f"{path}: expected 4 numbers (fx fy cx cy) or a 3x3 matrix, got {v.size} numbers")
+    if k[0] <= 0 or k[1] <= 0:
+        raise InputError(f"{path}: expected positive focal lengths, got fx={k[0]}, fy={k[1]}")
+    return k
+
+
+def _pose_file(path: Path) -> np.ndarray:
+    T = _numbers(path, 16).reshape(4, 4)
+    if np.abs(T[3] - [0, 0, 0, 1]).max() > 1e-6:
+        raise InputError(f"{path}: expected a 4x4 rigid transform with last row 0 0 0 1")
+    return T
+
+
+def _need(path: Path, what: str) -> Path:
+    if not path.exists():
+        raise InputError(f"missing {what}: {path}")
+    return path
+
+
+# ---------------------------------------------------------------------------------------------- layouts
+
+
+def _open_7scenes(root: Path) -> Sequence:
+    colors = sorted(p for p in root.glob("frame-*.color.*") if p.suffix.lower() in IMAGE_SUFFIXES)
+    if not colors:
+        raise InputError(f"{root}: no frame-NNNNNN.color images")
+    stems = [p.name.split(".color")[0] for p in colors]
+    depths = [_need(root / f"{s}.depth.png", "depth map") for s in stems]
+    poses = np.stack([_pose_file(_need(root / f"{s}.pose.txt", "pose file")) for s in stems])
+    intr_file = root / "camera-intrinsics.txt"
+    if not intr_file.exists():
+        intr_file = root.parent / "camera-intrinsics.txt"
+    intr = read_intrinsics(_need(intr_file, "intrinsics file camera-intrinsics.txt"))
+    return Sequence(images=colors, depths=depths, depth_scale=1e-3, poses_wc=poses, intrinsics=intr,
+                    timestamps=np.arange(len(colors), dtype=np.float64), layout="7scenes")
+
+
+def _tum_list(path: Path) -> list[tuple[float, str]]:
+    rows = []
+    for line in _need(path, "TUM list").read_text().splitlines():
+        line = line.strip()
+        if not line or line.startswith("#"):
+            continue
+        parts = line.split()
+        try:
+            rows.append((float(parts[0]), " ".join(parts[1:])))
+        except (ValueError, IndexError):
+            raise InputError(f"{path}: malformed line {line!r}") from None
+    return rows
+
+
+def _associate(a: np.ndarray, b: np.ndarray, max_diff: float) -> np.ndarray:
+    """Index into b of the nearest timestamp for each of a (-1 when farther than max_diff)."""
+    idx = np.clip(np.searchsorted(b, a), 1, len(b) - 1)
+    left, right = b[idx - 1], b[idx]
+    best = np.where(np.abs(a - left) <= np.abs(a - right), idx - 1, idx)
+    return np.where(np.abs(b[best] - a) <= max_diff, best, -1)
+
+
+def _open_tum(root: Path, intrinsics: np.ndarray | None) -> Sequence:
+    rgb = _tum_list(root / "rgb.txt")
+    depth = _tum_list(root / "depth.txt") if (root / "depth.txt").exists() else []
+    gt = _tum_list(root / "groundtruth.txt") if (root / "groundtruth.txt").exists() else []
+    if not rgb:
+        raise InputError(f"{root / 'rgb.txt'}: no frames listed")
+    t = np.array([r[0] for r in rgb])
+    keep = np.ones(len(t), dtype=bool)
+    depth_paths = None
+    if depth:
+        di = _associate(t, np.array([d[0] for d in depth]), 0.02)
+        keep &= di >= 0
+    poses = None
+    if gt:
+        gts = np.array([g[0] for g in gt])
+        gi = _associate(t, gts, 0.02)
+        keep &= gi >= 0
+    if not keep.any():
+        raise InputError(f"{root}: no rgb frame has depth/ground truth within 0.02 s")
+    images = [_need(root / rgb[k][1], "image") for k in np.flatnonzero(keep)]
+    if depth:
+        depth_paths = [_need(root / depth[di[k]][1], "depth map") for k in np.flatnonzero(keep)]
+    if gt:
+        vals = []
+        for k in np.flatnonzero(keep):
+            try:
+                vals.append([float(x) for x in gt[gi[k]][1].split()])
+            except ValueError:
+                raise InputError(f"{root / 'groundtruth.txt'}: malformed pose at t={gt[gi[k]][0]}") from None
+        v = torch.tensor(vals, dtype=torch.float64)
+        if v.shape[1] != 7:
+            raise InputError(f"{root / 'groundtruth.txt'}: expected 'timestamp tx ty tz qx qy qz qw' lines")
+        poses = np.tile(np.eye(4), (len(v), 1, 1))
+        poses[:, :3, :3] = quat_to_matrix(v[:, 3:] / v[:, 3:].norm(dim=-1, keepdim=True)).numpy()
+        poses[:, :3, 3] = v[:, :3].numpy()
+    if intrinsics is None:
+        f = root / "intrinsics.txt"
+        intrinsics = read_intrinsics(f) if f.exists() else None
+    if intrinsics is None:
+        raise InputError(f"{root}: TUM sequences carry no intrinsics; put fx fy cx cy in {root / 'intrinsics.txt'}")
+    return Sequence(images=images, depths=depth_paths, depth_scale=1 / 5000, poses_wc=poses, intrinsics=intrinsics,
+                    timestamps=t[keep], layout="tum")
+
+
+def _open_scannet(root: Path) -> Sequence:
+    def index(p: Path) -> int:
+        return int(re.sub(r"\D", "", p.stem) or -1)
+
+    colors = sorted((p for p in (root / "color").iterdir() if p.suffix.lower() in IMAGE_SUFFIXES), key=index)
+    if not colors:
+        raise InputError(f"{root / 'color'}: no images")
+    depths = [_need(root / "depth" / f"{p.stem}.png", "depth map") for p in colors] if (root / "depth").is_dir() \
+        else None
+    poses = None
+    if (root / "pose").is_dir():
+        poses = np.stack([_pose_file(_need(root / "pose" / f"{p.stem}.txt", "pose file")) for p in colors])
+        if not np.isfinite(poses).all():
+            raise InputError(f"{root / 'pose'}: invalid (inf) poses")
+    intr = read_intrinsics(_need(root / "intrinsic" / "intrinsic_color.txt", "intrinsics file"))
+    return Sequence(images=colors, depths=depths, depth_scale=1e-3, poses_wc=poses, intrinsics=intr,
+                    timestamps=np.array([index(p) for p in colors], dtype=np.float64), layout="scannet")
+
+
+def open_sequence(path: str | Path, intrinsics: np.ndarray | str | Path | None = None) -> Sequence:
+    """Open a dataset folder, an image folder or a video file (layout auto-detected).
+
+    `intrinsics` (fx, fy, cx, cy, or a file) overrides the dataset's; image folders and videos need it
+    (or an `intrinsics.txt` next to the images).
+    """
+    path = Path(path)
+    if isinstance(intrinsics, str | Path):
+        intrinsics = read_intrinsics(intrinsics)
+    elif intrinsics is not None:
+        intrinsics = np.asarray(intrinsics, dtype=np.float64)
+        if intrinsics.shape != (4,) or not np.isfinite(intrinsics).all() or min(intrinsics[:2]) <= 0:
+            raise InputError(f"intrinsics: expected 4 finite numbers fx fy cx cy with fx, fy > 0, got {intrinsics}")
+    if not path.exists():
+        raise InputError(f"input not found: {path}")
+    if path.is_file():
+        if path.suffix.lower() not in VIDEO_SUFFIXES:
+            raise InputError(f"{path}: not a video file ({', '.join(VIDEO_SUFFIXES)}) or a folder")
+        seq = Sequence(images=None, video=path, intrinsics=np.zeros(4), timestamps=np.zeros(0), layout="video")
+        frames = _read_video(path)
+        seq._frames, seq.timestamps = frames, np.arange(len(frames), dtype=np.float64)
+        return _with_intrinsics(seq, intrinsics, path.with_name("intrinsics.txt"))
+    if any(path.glob("frame-*.color.*")):
+        seq = _open_7scenes(path)
+    elif (path / "rgb.txt").exists():
+        return _open_tum(path, intrinsics)
+    elif (path / "color").is_dir() and (path / "intrinsic").is_dir():
+        seq = _open_scannet(path)
+    else:
+        images = sorted(p for p in path.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES)
+        if not images:
+            raise InputError(f"{path}: no images, video or known dataset layout found")
+        seq = Sequence(images=images, intrinsics=np.zeros(4), timestamps=np.arange(len(images), dtype=np.float64),
+                       layout="images")
+        return _with_intrinsics(seq, intrinsics, path / "intrinsics.txt")
+    if intrinsics is not None:
+        seq.intrinsics = intrinsics
+    return seq
+
+
+def _with_intrinsics(seq: Sequence, intrinsics: np.ndarray | None, default_file: Path) -> Sequence:
+    if intrinsics is None:
+        if not default_file.exists():
+            raise InputError(f"{seq.video or default_file.parent}: no intrinsics given and no {default_file}")
+        intrinsics = read_intrinsics(default_file)
+    seq.intrinsics = intrinsics
+    return seq
+
+
+# ---------------------------------------------------------------------------------------------- clips
+
+
+class SequenceClips(torch.utils.data.Dataset):
+    """Clips of a sequence with ground truth, resized to (height, width) (same dicts as SyntheticClips).
+
+    Clip k starts at frame k; its frames are k, k + stride, ... (`cfg.frames` of them), the
+    keyframe moved to index 0 (`cfg.keyframe`). Images are resized (area) to the training size and
+    the intrinsics scaled with them; depth maps are resized with nearest neighbours (no mixing of
+    valid and invalid pixels). Poses become world->camera in lietorch layout.
+    """
+
+    def __init__(self, seq: Sequence, cfg: ClipConfig, height: int, width: int) -> None:
+        if seq.depths is None or seq.poses_wc is None:
+            raise InputError(f"{seq.layout} sequence has no depth or poses: training needs both")
+        span = (cfg.frames - 1) * cfg.stride + 1
+        if len(seq) < span:
+            raise InputError(f"sequence has {len(seq)} frames; a clip of {cfg.frames} at stride {cfg.stride} "
+                             f"needs {span}")
+        self.seq, self.cfg, self.height, self.width, self.span = seq, cfg, height, width, span
+
+    def __len__(self) -> int:
+        return len(self.seq) - self.span + 1
+
+    def __getitem__(self, k: int) -> dict[str, torch.Tensor]:
+        import cv2
+
+        cfg = self.cfg
+        idx = [k + i * cfg.stride for i in range(cfg.frames)]
+        if cfg.keyframe == "middle":
+            mid = idx[len(idx) // 2]
+            idx = [mid] + [i for i in idx if i != mid]
+        imgs, deps = [], []
+        hw0 = None
+        for i in idx:
+            img = self.seq.image(i)
+            hw0 = hw0 or img.shape[:2]
+            if img.shape[:2] != hw0:
+                raise InputError(f"frame {self.seq.images[i]}: size {img.shape[:2]} differs from {hw0}")
+            imgs.append(cv2.resize(img, (self.width, self.height), interpolation=cv2.INTER_AREA))
+            d = self.seq.depth(i)
+            deps.append(cv2.resize(d, (self.width, self.height), interpolation=cv2.INTER_NEAREST))
+        T_cw = np.linalg.inv(self.seq.poses_wc[idx])
+        R = torch.from_numpy(T_cw[:, :3, :3])
+        poses = torch.cat([torch.from_numpy(T_cw[:, :3, 3]), matrix_to_quat(R)], dim=-1)
+        intr = resize_intrinsics(torch.from_numpy(self.seq.intrinsics), hw0, (self.height, self.width))
+        return {
+            "images": torch.from_numpy(np.stack(imgs)).permute(0, 3, 1, 2).float() / 255.0,
+            "depths": torch.from_numpy(np.stack(deps)).float(),
+            "poses_cw": poses.float(),
+            "intrinsics": intr.float(),
+        }

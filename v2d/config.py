@@ -28,8 +28,8 @@ from v2d.depth import DepthConfig
 from v2d.errors import ConfigError
 from v2d.flow import DISOptions
 from v2d.geometry.gauss_newton import GNOptions
-from v2d.model import ModelConfig
 from v2d.losses import LossConfig
+from v2d.model import ModelConfig
 from v2d.motion import MotionConfig
 from v2d.train import TrainConfig
 

@@ -87,7 +87,7 @@ def test_layouts_round_trip_the_ground_truth(tmp_path, seq, writer, layout):
     s = open_sequence(writer(tmp_path / layout, seq))
     assert s.layout == layout and len(s) == 7
     np.testing.assert_allclose(s.intrinsics, seq.intrinsics.numpy())
-    clips = SequenceClips(s, ClipConfig(frames=3, stride=2, keyframe="middle"), H, W)
+    clips = SequenceClips(s, ClipConfig(frames=3, stride=2, keyframe="middle", flip=False, jitter=0.0), H, W)
     assert len(clips) == 7 - 4
     c = clips[1]  # frames 1, 3, 5 -> keyframe 3 first
     order = [3, 1, 5]
@@ -97,6 +97,11 @@ def test_layouts_round_trip_the_ground_truth(tmp_path, seq, writer, layout):
     np.testing.assert_allclose(c["depths"].numpy(), seq.depths[order], atol=6e-4)  # mm / 0.2 mm storage
     rel = se3_mul(c["poses_cw"].double(), se3_inv(seq.poses_cw[order]))
     assert rel[:, :3].abs().max() < 1e-5 and (rel[:, 6].abs() - 1).abs().max() < 1e-6
+    # With augmentation on, some clips come mirrored (cx moves to W - 1 - cx) and colours change.
+    aug = SequenceClips(s, ClipConfig(frames=3, stride=2, flip=True, jitter=0.1), H, W, seed=1)
+    items = [aug[k] for k in range(len(aug))] + [SequenceClips(s, aug.cfg, H, W, seed=2)[k] for k in range(3)]
+    assert any(torch.allclose(it["intrinsics"][2], W - 1 - s.intrinsics[2] * torch.ones(())) for it in items)
+    assert torch.equal(aug[1]["images"], aug[1]["images"])  # deterministic per (seed, k)
 
 
 def test_image_folder_and_video_need_intrinsics(tmp_path, seq):
@@ -151,7 +156,7 @@ def test_reads_the_shared_7scenes_sequence():
     s = open_sequence(SHARED / "7scenes-redkitchen")
     assert s.layout == "7scenes" and len(s) == 500
     np.testing.assert_allclose(s.intrinsics, [585, 585, 320, 240])
-    c = SequenceClips(s, ClipConfig(frames=5, stride=2), 240, 320)[100]
+    c = SequenceClips(s, ClipConfig(frames=5, stride=2, flip=False), 240, 320)[100]
     valid = c["depths"][c["depths"] > 0]
     assert c["images"].shape == (5, 3, 240, 320) and 0.3 < valid.median() < 5.0
     assert torch.allclose(c["intrinsics"], torch.tensor([292.5, 292.5, 159.75, 119.75]))

@@ -21,7 +21,7 @@ import torch
 from v2d.data.synthetic import default_intrinsics, make_scene, make_trajectory, render_views
 from v2d.errors import ConfigError
 
-__all__ = ["ClipConfig", "SyntheticClips", "collate"]
+__all__ = ["ClipConfig", "SyntheticClips", "augment", "collate"]
 
 
 @dataclass(frozen=True)
@@ -79,21 +79,32 @@ class SyntheticClips(torch.utils.data.Dataset):
         img = torch.from_numpy(images).permute(0, 3, 1, 2).float() / 255.0
         dep = torch.from_numpy(depths).float()
         poses, intr = poses.float(), intr.float()
-        coin = rng.random() < 0.5
-        if (cfg.flip and coin) if flip is None else flip:
-            img, dep = img.flip(-1), dep.flip(-1)
-            intr = torch.stack([intr[0], intr[1], self.width - 1 - intr[2], intr[3]])
-            # Mirroring x in every camera: T' = S T S with S = diag(-1, 1, 1) (a proper rotation stays one).
-            poses = poses.clone()
-            poses[:, 0] = -poses[:, 0]
-            poses[:, 4] = -poses[:, 4]  # qy
-            poses[:, 5] = -poses[:, 5]  # qz
-        if cfg.jitter > 0:
-            a = cfg.jitter
-            gain = 1 + a * (2 * torch.from_numpy(rng.random(3)).float() - 1)
-            bright = a * (2 * float(rng.random()) - 1)
-            img = (img * gain[None, :, None, None] + bright).clamp(0, 1)
-        return {"images": img, "depths": dep, "poses_cw": poses, "intrinsics": intr}
+        clip = {"images": img, "depths": dep, "poses_cw": poses, "intrinsics": intr}
+        return augment(clip, cfg, rng, flip)
+
+
+def augment(clip: dict[str, torch.Tensor], cfg: ClipConfig, rng: np.random.Generator, flip: bool | None = None
+            ) -> dict[str, torch.Tensor]:
+    """Random left-right mirroring (`cfg.flip`; `flip` forces it) and colour jitter (`cfg.jitter`).
+
+    Mirroring flips images and depths, moves cx to W - 1 - cx and conjugates every pose by
+    S = diag(-1, 1, 1) (x -> -x in the world and in every camera): t -> S t and, for the rotation,
+    (qx, qy, qz, qw) -> (qx, -qy, -qz, qw). Geometry stays consistent (tested by reprojection).
+    """
+    img, dep, poses, intr = clip["images"], clip["depths"], clip["poses_cw"], clip["intrinsics"]
+    coin = rng.random() < 0.5
+    if (cfg.flip and coin) if flip is None else flip:
+        W = img.shape[-1]
+        img, dep = img.flip(-1), dep.flip(-1)
+        intr = torch.stack([intr[0], intr[1], W - 1 - intr[2], intr[3]])
+        poses = poses.clone()
+        poses[:, [0, 4, 5]] = -poses[:, [0, 4, 5]]
+    if cfg.jitter > 0:
+        a = cfg.jitter
+        gain = 1 + a * (2 * torch.from_numpy(rng.random(3)).to(img.dtype) - 1)
+        bright = a * (2 * float(rng.random()) - 1)
+        img = (img * gain[None, :, None, None] + bright).clamp(0, 1)
+    return {"images": img, "depths": dep, "poses_cw": poses, "intrinsics": intr}
 
 
 def collate(items: list[dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]:

@@ -28,7 +28,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from v2d.data.clips import ClipConfig
+from v2d.data.clips import ClipConfig, augment
 from v2d.errors import InputError
 from v2d.geometry.camera import resize_intrinsics
 from v2d.geometry.lie import matrix_to_quat, quat_to_matrix
@@ -324,10 +324,11 @@ class SequenceClips(torch.utils.data.Dataset):
     Clip k starts at frame k; its frames are k, k + stride, ... (`cfg.frames` of them), the
     keyframe moved to index 0 (`cfg.keyframe`). Images are resized (area) to the training size and
     the intrinsics scaled with them; depth maps are resized with nearest neighbours (no mixing of
-    valid and invalid pixels). Poses become world->camera in lietorch layout.
+    valid and invalid pixels). Poses become world->camera in lietorch layout. `augment` applies the
+    clip config's flips and colour jitter, seeded by (seed, k).
     """
 
-    def __init__(self, seq: Sequence, cfg: ClipConfig, height: int, width: int) -> None:
+    def __init__(self, seq: Sequence, cfg: ClipConfig, height: int, width: int, seed: int = 0) -> None:
         if seq.depths is None or seq.poses_wc is None:
             raise InputError(f"{seq.layout} sequence has no depth or poses: training needs both")
         span = (cfg.frames - 1) * cfg.stride + 1
@@ -335,6 +336,7 @@ class SequenceClips(torch.utils.data.Dataset):
             raise InputError(f"sequence has {len(seq)} frames; a clip of {cfg.frames} at stride {cfg.stride} "
                              f"needs {span}")
         self.seq, self.cfg, self.height, self.width, self.span = seq, cfg, height, width, span
+        self.seed = seed
 
     def __len__(self) -> int:
         return len(self.seq) - self.span + 1
@@ -361,9 +363,10 @@ class SequenceClips(torch.utils.data.Dataset):
         R = torch.from_numpy(T_cw[:, :3, :3])
         poses = torch.cat([torch.from_numpy(T_cw[:, :3, 3]), matrix_to_quat(R)], dim=-1)
         intr = resize_intrinsics(torch.from_numpy(self.seq.intrinsics), hw0, (self.height, self.width))
-        return {
+        clip = {
             "images": torch.from_numpy(np.stack(imgs)).permute(0, 3, 1, 2).float() / 255.0,
             "depths": torch.from_numpy(np.stack(deps)).float(),
             "poses_cw": poses.float(),
             "intrinsics": intr.float(),
         }
+        return augment(clip, cfg, np.random.default_rng([self.seed, int(k)]))

@@ -45,7 +45,7 @@ setup(
     long_description_content_type="text/markdown",
     python_requires=">=3.10",
     packages=find_packages(include=["v2d", "v2d.*", "slam", "slam.*", "kernels", "kernels.*", "tools", "tools.*"]),
-    package_data={"v2d": ["weights/*.pt"], "kernels": ["csrc/*.h"]},
+    package_data={"v2d": ["weights/*.pt"], "kernels": ["csrc/*.h", "csrc/*.cuh"]},
     ext_modules=[_extension()],
     cmdclass={"build_ext": BuildExtension.with_options(use_ninja=True)},
     entry_points={"console_scripts": ["v2d=tools.cli:main"]},

@@ -56,7 +56,7 @@ def test_int_is_accepted_for_float_fields_and_converted():
         ("gn.damping=.nan", r"gn.damping: expected a finite number, got nan"),
         ("gn.max_rotation_step=.inf", r"gn.max_rotation_step: expected a finite number, got inf"),
         ("demo.num_frames=1", r"demo.num_frames: expected a value >= 2, got 1"),
-        ("demo.min_depth=9", r"demo: min_depth must be smaller than max_depth"),
+        ("depth.min_depth=11", r"depth: min_depth must be smaller than max_depth"),
     ],
 )
 def test_bad_overrides_name_the_key(override, message):

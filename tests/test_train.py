@@ -143,7 +143,8 @@ def test_ddp_two_processes_with_gloo(tmp_path):
     torchrun = Path(sys.executable).with_name("torchrun")
     out = tmp_path / "ddp"
     cmd = [str(torchrun), "--standalone", "--nproc_per_node", "2", "-m", "tools.cli", "train", "--out", str(out),
-           *[a for s in TINY for a in ("--set", s)], "--set", "train.steps=5"]
+           *[a for s in TINY for a in ("--set", s)], "--set", "train.steps=5",
+           "--set", "motion.flow_source=learned"]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=300, env=env)
     assert proc.returncode == 0, proc.stderr[-2000:]

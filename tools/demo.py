@@ -11,8 +11,8 @@ from v2d.config import V2DConfig
 def add_parser(sub: argparse._SubParsersAction, parents: list[argparse.ArgumentParser]) -> None:
     p = sub.add_parser(
         "demo", parents=parents, help="run on the embedded synthetic sequence (no data or weights needed)",
-        description="Render the embedded synthetic sequence, track it with the Gauss-Newton layer (DIS flow "
-        "targets), estimate the keyframe depth by plane sweep, and write trajectory.txt, depth/ and "
+        description="Render the embedded synthetic sequence, run the V2D model (shipped weights; flow source "
+        "from the config) on a clip of it with no pose or depth given, and write trajectory.txt, depth/ and "
         "summary.json with errors against the synthetic ground truth.",
     )
     p.add_argument("--out", default="demo_out", metavar="DIR", help="output directory (default: demo_out)")

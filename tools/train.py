@@ -3,8 +3,8 @@
     v2d train --out runs/small [--resume] [--config FILE] [--set train.steps=2000 ...]
     torchrun --nproc_per_node 2 -m tools.cli train --out runs/ddp     (DDP; gloo on CPU)
 
-Writes to OUT: checkpoint.pt (every train.checkpoint_every steps, atomically), metrics.csv, and at
-the end model.pt (weights + config, what `v2d run` loads).
+Writes to OUT: checkpoint.pt (every train.checkpoint_every steps, atomically), metrics.csv, loss.png,
+and at the end model.pt (weights + config, what `v2d run` loads).
 """
 
 from __future__ import annotations
@@ -31,7 +31,7 @@ def run(args: argparse.Namespace, cfg: V2DConfig) -> int:
     from v2d.config import to_dict
     from v2d.errors import InputError
     from v2d.io.writers import atomic_write
-    from v2d.train import Trainer
+    from v2d.train import Trainer, plot_metrics
 
     world = int(os.environ.get("WORLD_SIZE", "1"))
     rank = int(os.environ.get("RANK", "0"))
@@ -48,6 +48,7 @@ def run(args: argparse.Namespace, cfg: V2DConfig) -> int:
             state = {"model": trainer.model.state_dict(), "step": trainer.step, "config": json.dumps(to_dict(cfg))}
             atomic_write(trainer.out / "model.pt", lambda f: torch.save(state, f))
         if rank == 0 and rows:
+            plot_metrics(trainer.out / "metrics.csv", trainer.out / "loss.png")
             last = rows[-1]
             print(f"step {last['step']} ({last['stage']}): loss {last['loss']:.4f}; outputs in {args.out}/")
     finally:

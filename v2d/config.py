@@ -54,27 +54,16 @@ class DemoConfig:
 
     Attributes:
         seed: scene and trajectory seed.
-        num_frames: frames rendered.
-        height, width: image size in pixels.
-        pose_noise_rotation: rotation of the initial pose perturbation (radians).
-        pose_noise_translation: translation of the initial pose perturbation (scene units).
-        depth_hypotheses: plane-sweep depth planes.
-        min_depth, max_depth: plane-sweep depth range (scene units).
-        feature_scale: the plane sweep runs at 1/feature_scale of the image resolution.
-        tracking_iterations: Gauss-Newton steps per frame (the flow targets stay fixed).
+        num_frames: frames given to the model (keyframe first).
+        stride: rendered frames between consecutive model frames (30 fps hand-held motion).
+        height, width: image size in pixels (multiples of 4).
     """
 
     seed: int = 0
-    num_frames: int = 8
+    num_frames: int = 5
+    stride: int = 3
     height: int = 240
     width: int = 320
-    pose_noise_rotation: float = 0.1
-    pose_noise_translation: float = 0.2
-    depth_hypotheses: int = 48
-    min_depth: float = 0.5
-    max_depth: float = 8.0
-    feature_scale: int = 2
-    tracking_iterations: int = 10
 
 
 @dataclass(frozen=True)
@@ -165,20 +154,13 @@ _RANGES: dict[tuple[type, str], _Check] = {
     (TrainConfig, "log_every"): _at_least(1),
     (DemoConfig, "seed"): _NON_NEGATIVE,
     (DemoConfig, "num_frames"): _at_least(2),
-    (DemoConfig, "height"): _at_least(16),
-    (DemoConfig, "width"): _at_least(16),
-    (DemoConfig, "pose_noise_rotation"): _NON_NEGATIVE,
-    (DemoConfig, "pose_noise_translation"): _NON_NEGATIVE,
-    (DemoConfig, "depth_hypotheses"): _at_least(2),
-    (DemoConfig, "min_depth"): _POSITIVE,
-    (DemoConfig, "max_depth"): _POSITIVE,
-    (DemoConfig, "feature_scale"): _at_least(1),
-    (DemoConfig, "tracking_iterations"): _at_least(1),
+    (DemoConfig, "stride"): _at_least(1),
+    (DemoConfig, "height"): ((lambda v: v >= 32 and v % 4 == 0), "a multiple of 4, >= 32"),
+    (DemoConfig, "width"): ((lambda v: v >= 32 and v % 4 == 0), "a multiple of 4, >= 32"),
 }
 
 # Relations between fields of one section: (class, predicate, message).
 _RELATIONS: list[tuple[type, Callable[[Any], bool], str]] = [
-    (DemoConfig, lambda c: c.min_depth < c.max_depth, "min_depth must be smaller than max_depth"),
     (DepthConfig, lambda c: c.min_depth < c.max_depth, "min_depth must be smaller than max_depth"),
 ]
 

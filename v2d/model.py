@@ -14,6 +14,7 @@ is the keyframe of its own cost volume against the others).
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Literal
 
 import torch
@@ -25,7 +26,10 @@ from v2d.geometry.camera import check_intrinsics
 from v2d.geometry.gauss_newton import GNOptions
 from v2d.motion import MotionConfig, MotionModule, MotionStep, edges
 
-__all__ = ["ModelConfig", "V2D", "V2DOutput", "normalize_images"]
+__all__ = ["ModelConfig", "V2D", "V2DOutput", "normalize_images", "load_model", "SHIPPED_WEIGHTS"]
+
+# The trained `small` weights that ship with v2d (docs/TRAINING.md says how they were made).
+SHIPPED_WEIGHTS = Path(__file__).resolve().parent / "weights" / "small.pt"
 
 _MEAN, _STD = 0.45, 0.225  # image normalisation (inputs are RGB in [0, 1])
 
@@ -38,11 +42,14 @@ class ModelConfig:
         iters: rounds of (motion update, depth update) (the paper: 5).
         depth_init: "constant" or "network" (the depth module on the duplicated keyframe).
         init_depth: the constant initial depth (scene units) for depth_init = "constant".
+        weights: "shipped" (the trained small model in v2d/weights/), "none" (random initialisation)
+            or a path to a weights/checkpoint file; used by `load_model`.
     """
 
     iters: int = 5
     depth_init: Literal["constant", "network"] = "network"
     init_depth: float = 2.0
+    weights: str = "shipped"
 
 
 @dataclass
@@ -201,3 +208,19 @@ class V2D(nn.Module):
             out.intrinsics = [k[0] for k in out.intrinsics]
             out.init_depths = out.init_depths[0]
         return out
+
+
+def load_model(cfg) -> V2D:
+    """The model of a `v2d.config.V2DConfig` with the weights `cfg.model.weights` names, in eval mode.
+
+    Raises InputError when the weights file is missing, corrupt or does not fit the configuration
+    (e.g. shipped `small` weights with the `full` preset).
+    """
+    from v2d.train import load_weights
+
+    model = V2D.from_config(cfg)
+    source = cfg.model.weights
+    if source != "none":
+        path = SHIPPED_WEIGHTS if source == "shipped" else Path(source)
+        load_weights(path, model)
+    return model.eval()

@@ -155,25 +155,28 @@ class MotionModule(nn.Module):
 
     def forward(self, images: torch.Tensor, feats: torch.Tensor | None, poses_cw: torch.Tensor,
                 inv_depth: torch.Tensor, intrinsics: torch.Tensor, ii: torch.Tensor, jj: torch.Tensor,
-                dis: tuple[torch.Tensor, torch.Tensor] | None = None) -> list[MotionStep]:
+                dis: tuple[torch.Tensor, torch.Tensor] | None = None, flow_source: str | None = None
+                ) -> list[MotionStep]:
         """`cfg.iterations` outer iterations of flow + Gauss-Newton.
 
         Shapes: images (B, N, 3, H, W) in [0, 1] (used by "dis"); feats (B, N, F, H/4, W/4) (used
         by "learned"); poses_cw (B, N, 7) initial poses; inv_depth (B, E, H, W) of the source frame
         of each edge; intrinsics (B, 4); ii, jj (E,); dis: `dis_targets(images, ii, jj)` when
-        already computed (DIS flow does not depend on poses or depth, so callers reuse it).
+        already computed (DIS flow does not depend on poses or depth, so callers reuse it);
+        flow_source overrides `cfg.flow_source` (training the flow network needs "learned").
         Returns one MotionStep per outer iteration.
         """
+        source = flow_source or self.cfg.flow_source
         B, N, _, H, W = images.shape
         fixed = 1 if self.cfg.mode == "keyframe" else self.gn.fixed_poses
         opts = dataclasses.replace(self.gn, fixed_poses=fixed)
         steps: list[MotionStep] = []
-        if self.cfg.flow_source == "dis" and dis is None:
+        if source == "dis" and dis is None:
             dis = self.dis_targets(images, ii, jj)
         for it in range(self.cfg.iterations):
             if it > 0:
                 poses_cw = poses_cw.detach()
-            if self.cfg.flow_source == "dis":
+            if source == "dis":
                 targets, weights = (t.to(inv_depth.dtype) for t in dis)
                 d, intr_gn = inv_depth, intrinsics
             else:

@@ -1,9 +1,12 @@
 """End-to-end training of V2D (DeepV2D's schedule) with atomic, exactly resumable checkpoints.
 
 Schedule (step counts are config fields):
-1. `motion_steps`: motion module only, ground-truth depth as its input (motion loss);
+1. `motion_steps`: motion module only, ground-truth depth as its input (motion loss; the learned
+   flow network, whatever `motion.flow_source` says);
 2. `gt_pose_steps`: depth module only, ground-truth poses as its input (depth loss);
-3. up to `steps`: joint, the full alternation for `rounds` rounds (depth + motion losses).
+3. up to `steps`: joint, the full alternation for `rounds` rounds with the configured flow source
+   (depth loss, plus the motion loss when the flow is learned). With `dis`, the depth module learns
+   from the poses it will be given at inference.
 
 Resuming: a checkpoint holds the model, the optimizer, the step and every RNG state; clip k of the
 synthetic data depends only on (seed, k), so a run killed at any point and resumed from its last
@@ -13,7 +16,6 @@ checkpoint computes the same next losses as an uninterrupted run.
 from __future__ import annotations
 
 import csv
-import dataclasses
 import json
 import logging
 import math
@@ -134,9 +136,6 @@ class Trainer:
 
     def __init__(self, cfg, out_dir: str | Path, rank: int = 0, world_size: int = 1) -> None:
         self.cfg, self.tc = cfg, cfg.train
-        if cfg.motion.flow_source != "learned":
-            cfg = dataclasses.replace(cfg, motion=dataclasses.replace(cfg.motion, flow_source="learned"))
-            self.cfg = cfg
         if cfg.motion.mode != "keyframe":
             raise ConfigError("train: only motion.mode 'keyframe' is supported for training")
         self.out = ensure_dir(out_dir)
@@ -289,7 +288,7 @@ def _stage_loss(model: V2D, cfg, batch: dict[str, torch.Tensor], stage: str, rou
         feats = model.motion.features(x.flatten(0, 1)).unflatten(0, (B, N))
         init = model.motion.init_poses(x, _identity_like(gt_rel))
         inv = (1.0 / depths[:, :1].clamp_min(1e-3)).expand(B, len(ii), H, W)
-        steps = model.motion(images, feats, init, inv, intr, ii, jj)
+        steps = model.motion(images, feats, init, inv, intr, ii, jj, flow_source="learned")
         return motion_loss(steps, gt_rel, depths[:, :1], intr, ii, jj, lc)
     if stage == "depth":
         feats = model.depth.features(normalize_images(images).flatten(0, 1)).unflatten(0, (B, N))
@@ -298,10 +297,12 @@ def _stage_loss(model: V2D, cfg, batch: dict[str, torch.Tensor], stage: str, rou
     out = model(images, intr, iters=rounds)
     total = images.new_zeros(())
     parts: dict[str, float] = {}
+    learned = cfg.motion.flow_source == "learned"
     for r in range(len(out.poses)):
         ld, pd = depth_loss([d[:, 0] for d in out.depths[r]], depths[:, 0], images[:, 0], lc)
         lm, pm = motion_loss(out.motion[r], gt_rel, depths[:, :1], intr, ii, jj, lc)
-        total = total + ld + lc.motion * lm
+        # With DIS flow the motion loss has no trainable input; it is still logged (flow_epe).
+        total = total + ld + (lc.motion * lm if learned else 0.0)
         parts = {**pd, **pm}
     return total / len(out.poses), parts
 
@@ -317,3 +318,35 @@ def _relative_to_key(poses: torch.Tensor) -> torch.Tensor:
     from v2d.geometry.lie import se3_inv, se3_mul
 
     return se3_mul(poses, se3_inv(poses[:, :1]))
+
+
+def plot_metrics(csv_path: str | Path, png_path: str | Path, window: int = 50) -> Path:
+    """Loss curves of a run (metrics.csv) as a PNG: per-stage loss, depth L1 and flow EPE (moving means)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rows = list(csv.DictReader(Path(csv_path).open()))
+    if not rows:
+        raise InputError(f"{csv_path}: no rows to plot")
+    fig, axes = plt.subplots(1, 3, figsize=(13, 3.6))
+    for ax, key, label in zip(axes, ("loss", "depth_l1", "flow_epe"),
+                              ("loss", "depth L1 (m)", "induced-flow EPE (px)"), strict=True):
+        for stage in ("motion", "depth", "joint"):
+            pts = [(int(r["step"]), float(r[key])) for r in rows if r["stage"] == stage and r.get(key)]
+            if not pts:
+                continue
+            x, y = np.array(pts).T
+            k = min(window, len(y))
+            smooth = np.convolve(y, np.ones(k) / k, mode="valid")
+            (line,) = ax.plot(x[k - 1:], smooth, label=stage)
+            ax.plot(x, y, alpha=0.2, lw=0.5, color=line.get_color())
+        ax.set_xlabel("step")
+        ax.set_title(label)
+        ax.legend()
+    fig.tight_layout()
+    png_path = Path(png_path)
+    atomic_write(png_path, lambda f: fig.savefig(f, format="png", dpi=90))
+    plt.close(fig)
+    return png_path

@@ -161,3 +161,16 @@ def test_training_on_a_dataset_folder(tmp_path):
     rows = _train(tmp_path / "run", "--set", f"train.data={root}", "--set", "train.steps=3",
                   "--set", "train.motion_steps=1", "--set", "train.gt_pose_steps=1")
     assert [r["stage"] for r in rows] == ["motion", "depth", "joint"]
+
+
+def test_export_weights_from_a_checkpoint(tmp_path):
+    _train(tmp_path / "run", "--set", "train.steps=4")
+    out = tmp_path / "exported.pt"
+    assert main(["train", "--out", str(tmp_path / "run"), "--resume", "--until", "4", "--export", str(out),
+                 *[a for s in TINY for a in ("--set", s)], "--set", "train.steps=4"]) == 0
+    data = torch.load(out, weights_only=True)
+    assert data["step"] == 4 and "optimizer" not in data
+    model = V2D.from_config(load_config(None, TINY))
+    load_weights(out, model)
+    ref = torch.load(tmp_path / "run" / "checkpoint.pt", weights_only=True)["model"]
+    assert all(torch.equal(v, model.state_dict()[k]) for k, v in ref.items())

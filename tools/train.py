@@ -22,6 +22,9 @@ def add_parser(sub: argparse._SubParsersAction, parents: list[argparse.ArgumentP
     p.add_argument("--out", required=True, metavar="DIR", help="run directory (checkpoints, metrics, model.pt)")
     p.add_argument("--resume", action="store_true", help="continue from OUT/checkpoint.pt")
     p.add_argument("--until", type=int, metavar="STEP", help="stop at this step (default: train.steps)")
+    p.add_argument("--export", metavar="FILE",
+                   help="write the weights (model + config, no optimizer state) to FILE when done; with --resume "
+                   "and --until equal to the checkpoint's step this exports a checkpoint without training")
     p.set_defaults(handler=run)
 
 
@@ -44,9 +47,12 @@ def run(args: argparse.Namespace, cfg: V2DConfig) -> int:
                 raise InputError(f"--resume: no checkpoint at {trainer.checkpoint_path}")
             trainer.resume()
         rows = trainer.train(until=args.until)
+        state = {"model": trainer.model.state_dict(), "step": trainer.step, "config": json.dumps(to_dict(cfg))}
         if rank == 0 and trainer.step >= cfg.train.steps:
-            state = {"model": trainer.model.state_dict(), "step": trainer.step, "config": json.dumps(to_dict(cfg))}
             atomic_write(trainer.out / "model.pt", lambda f: torch.save(state, f))
+        if rank == 0 and args.export:
+            atomic_write(args.export, lambda f: torch.save(state, f))
+            print(f"weights of step {trainer.step} written to {args.export}")
         if rank == 0 and rows:
             plot_metrics(trainer.out / "metrics.csv", trainer.out / "loss.png")
             last = rows[-1]

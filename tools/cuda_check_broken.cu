@@ -11,8 +11,9 @@ double host_only_scale(double x) { return 2.0 * x; }
 
 __device__ double scaled_residual(const v2d::GNPixel<double, 6>& px) { return host_only_scale(px.r[0]); }
 
-__global__ void broken_kernel(const double* rel, const double* intr, const double* target, const double* weight,
-                              double* out) {
+__global__ void broken_kernel(const double* rel, const double* intr, double* out) {
+  v2d::GNCamera<double> cam;
+  v2d::gn_camera(rel, intr, 0.1, cam);
   v2d::GNPixel<double, 6> px;
-  if (v2d::gn_linearize<double, 6>(0.0, 0.0, 1.0, rel, intr, target, weight, 0.1, px)) out[0] = scaled_residual(px);
+  if (v2d::gn_linearize<double, 6>(0.0, 0.0, 1.0, 0.0, 0.0, 1.0, 1.0, cam, px)) out[0] = scaled_residual(px);
 }

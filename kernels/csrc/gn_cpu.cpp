@@ -4,23 +4,170 @@
 // slot of a partial buffer (double; blocks of kPixelsPerFlush pixels are summed in the input
 // precision first), and the slots are summed in a fixed order afterwards, so the result does not
 // depend on the number of threads or their scheduling.
+//
+// Within a chunk the pixels are processed kLanes at a time: gn.h's per-pixel functions are
+// instantiated with Vec, a SIMD vector of pixels (GCC vector extensions, so the baseline x86-64
+// SSE2 build vectorises without -march flags), and invalid pixels are masked, not branched over.
+// Each lane keeps its own running sums within a block; the lanes are added in double at the flush.
 #include <ATen/Parallel.h>
+
+#include <cstring>
+#include <type_traits>
+#include <utility>
 
 #include "gn.h"
 #include "ops.h"
 
+namespace gn_simd {
+
+// N lanes of S. Arithmetic is element-wise; a scalar operand is broadcast (implicit constructor).
+template <typename S, int N>
+struct Vec {
+  typedef S V __attribute__((vector_size(N * sizeof(S))));
+  V v;
+  Vec() = default;
+  Vec(S s) : v(V{} + s) {}  // NOLINT(google-explicit-constructor): broadcast
+  static Vec raw(V x) {
+    Vec r;
+    r.v = x;
+    return r;
+  }
+  static Vec load(const S* p) {
+    Vec r;
+    std::memcpy(&r.v, p, sizeof(V));
+    return r;
+  }
+  void store(S* p) const { std::memcpy(p, &v, sizeof(V)); }
+  S operator[](int i) const { return v[i]; }
+  friend Vec operator+(Vec a, Vec b) { return raw(a.v + b.v); }
+  friend Vec operator-(Vec a, Vec b) { return raw(a.v - b.v); }
+  friend Vec operator*(Vec a, Vec b) { return raw(a.v * b.v); }
+  friend Vec operator/(Vec a, Vec b) { return raw(a.v / b.v); }
+  friend Vec operator-(Vec a) { return raw(-a.v); }
+  Vec& operator+=(Vec b) {
+    v += b.v;
+    return *this;
+  }
+};
+
+template <typename S, int N>
+struct Mask {
+  typedef decltype(typename Vec<S, N>::V{} > typename Vec<S, N>::V{}) M;
+  M m;
+};
+
+// The helpers gn.h calls for its branch-free masking (found by argument-dependent lookup).
+template <typename S, int N>
+inline Mask<S, N> gn_gt(Vec<S, N> a, Vec<S, N> b) {
+  return {a.v > b.v};
+}
+template <typename S, int N>
+inline Mask<S, N> gn_and(Mask<S, N> a, Mask<S, N> b) {
+  return {a.m & b.m};
+}
+template <typename S, int N>
+inline Vec<S, N> gn_select(Mask<S, N> c, Vec<S, N> a, Vec<S, N> b) {
+  return Vec<S, N>::raw(c.m ? a.v : b.v);
+}
+
+// De-interleave 2N values (pairs) at p into the first and second elements of each pair, and back.
+template <typename S, int N, int... I>
+inline void load_pairs_impl(const S* p, Vec<S, N>& first, Vec<S, N>& second, std::integer_sequence<int, I...>) {
+  using Idx = typename Mask<S, N>::M;
+  const Vec<S, N> lo = Vec<S, N>::load(p), hi = Vec<S, N>::load(p + N);
+  first.v = __builtin_shuffle(lo.v, hi.v, Idx{(2 * I)...});
+  second.v = __builtin_shuffle(lo.v, hi.v, Idx{(2 * I + 1)...});
+}
+template <typename S, int N>
+inline void load_pairs(const S* p, Vec<S, N>& first, Vec<S, N>& second) {
+  load_pairs_impl(p, first, second, std::make_integer_sequence<int, N>{});
+}
+template <typename S, int N, int... I>
+inline void store_pairs_impl(S* p, Vec<S, N> first, Vec<S, N> second, std::integer_sequence<int, I...>) {
+  using Idx = typename Mask<S, N>::M;
+  Vec<S, N>::raw(__builtin_shuffle(first.v, second.v, Idx{((I % 2) * N + I / 2)...})).store(p);
+  Vec<S, N>::raw(__builtin_shuffle(first.v, second.v, Idx{((I % 2) * N + N / 2 + I / 2)...})).store(p + N);
+}
+template <typename S, int N>
+inline void store_pairs(S* p, Vec<S, N> first, Vec<S, N> second) {
+  store_pairs_impl(p, first, second, std::make_integer_sequence<int, N>{});
+}
+
+// 16 bytes: one SSE2 register (4 float or 2 double lanes).
+template <typename S>
+constexpr int kLanes = 16 / sizeof(S);
+
+// The inputs of n <= N consecutive pixels p, ..., p+n-1 of one edge (flat index idx of p), as
+// vectors; lanes past n are padding (d = 0: invalid).
+template <typename S, int N>
+struct Group {
+  Vec<S, N> u, v, d, tu, tv, wu, wv;
+  void load(const S* d_ptr, const S* tgt_ptr, const S* w_ptr, int64_t idx, int64_t col, int64_t row, int64_t width,
+            int n) {
+    if (n == N && col + N <= width) {
+      S iota[N];
+      for (int l = 0; l < N; ++l) iota[l] = static_cast<S>(l);
+      u = Vec<S, N>(static_cast<S>(col)) + Vec<S, N>::load(iota);
+      v = Vec<S, N>(static_cast<S>(row));
+      d = Vec<S, N>::load(d_ptr + idx);
+      load_pairs(tgt_ptr + 2 * idx, tu, tv);
+      load_pairs(w_ptr + 2 * idx, wu, wv);
+      return;
+    }
+    S buf[7][N] = {};
+    for (int l = 0; l < n; ++l) {
+      buf[0][l] = static_cast<S>(col);
+      buf[1][l] = static_cast<S>(row);
+      buf[2][l] = d_ptr[idx + l];
+      buf[3][l] = tgt_ptr[2 * (idx + l)];
+      buf[4][l] = tgt_ptr[2 * (idx + l) + 1];
+      buf[5][l] = w_ptr[2 * (idx + l)];
+      buf[6][l] = w_ptr[2 * (idx + l) + 1];
+      if (++col == width) {
+        col = 0;
+        ++row;
+      }
+    }
+    u = Vec<S, N>::load(buf[0]);
+    v = Vec<S, N>::load(buf[1]);
+    d = Vec<S, N>::load(buf[2]);
+    tu = Vec<S, N>::load(buf[3]);
+    tv = Vec<S, N>::load(buf[4]);
+    wu = Vec<S, N>::load(buf[5]);
+    wv = Vec<S, N>::load(buf[6]);
+  }
+};
+
+}  // namespace gn_simd
+
 namespace {
+
+using gn_simd::Vec;
 
 constexpr int64_t kPixelsPerChunk = 4096;
 // Pixels accumulated in the input precision before the running sums are flushed into the chunk's
 // double partials: arithmetic in float (no float<->double conversions in the inner loops) with
-// rounding error bounded by a 256-term float sum; the chunk and edge sums stay in double.
+// rounding error bounded by a 256 / kLanes-term float sum per lane; the lanes, the chunk and the
+// edge sums are added in double.
 constexpr int64_t kPixelsPerFlush = 256;
+
+// Adds the lanes of acc[0..n) in double into out[0..n), then zeroes acc.
+template <typename S, int N>
+void flush(Vec<S, N>* acc, int n, double* out) {
+  for (int s = 0; s < n; ++s) {
+    double t = 0;
+    for (int l = 0; l < N; ++l) t += static_cast<double>(acc[s][l]);
+    out[s] += t;
+    acc[s] = Vec<S, N>(S(0));
+  }
+}
 
 template <typename scalar_t, int K>
 void forward_impl(const torch::Tensor& inv_depth, const torch::Tensor& rel_poses, const torch::Tensor& intrinsics,
                   const torch::Tensor& targets, const torch::Tensor& weights, double min_depth, torch::Tensor& H_out,
                   torch::Tensor& b_out) {
+  constexpr int N = gn_simd::kLanes<scalar_t>;
+  using V = Vec<scalar_t, N>;
   const int64_t E = inv_depth.size(0), Ht = inv_depth.size(1), Wd = inv_depth.size(2);
   const int64_t HW = Ht * Wd;
   const int64_t chunks_per_edge = (HW + kPixelsPerChunk - 1) / kPixelsPerChunk;
@@ -36,24 +183,32 @@ void forward_impl(const torch::Tensor& inv_depth, const torch::Tensor& rel_poses
   const scalar_t md = static_cast<scalar_t>(min_depth);
 
   at::parallel_for(0, n_chunks, 1, [&](int64_t begin, int64_t end) {
-    v2d::GNPixel<scalar_t, K> px;
+    v2d::GNPixel<V, K> px;
+    gn_simd::Group<scalar_t, N> in;
     for (int64_t c = begin; c < end; ++c) {
       const int64_t e = c / chunks_per_edge;
       const int64_t p0 = (c % chunks_per_edge) * kPixelsPerChunk;
       const int64_t p1 = std::min(p0 + kPixelsPerChunk, HW);
       double* Hc = partial.data() + c * S;
-      const scalar_t* rel = rel_ptr + e * 12;
-      const scalar_t* intr = intr_ptr + e * 4;
+      v2d::GNCamera<V> cam;
+      v2d::gn_camera(rel_ptr + e * 12, intr_ptr + e * 4, md, cam);
+      V acc[S];
+      for (int s = 0; s < S; ++s) acc[s] = V(scalar_t(0));
+      int64_t col = p0 % Wd, row = p0 / Wd;
       for (int64_t q0 = p0; q0 < p1; q0 += kPixelsPerFlush) {
-        scalar_t acc[S] = {0};
-        for (int64_t p = q0; p < std::min(q0 + kPixelsPerFlush, p1); ++p) {
-          const int64_t idx = e * HW + p;
-          const scalar_t u = static_cast<scalar_t>(p % Wd), v = static_cast<scalar_t>(p / Wd);
-          if (v2d::gn_linearize<scalar_t, K>(u, v, d_ptr[idx], rel, intr, tgt_ptr + 2 * idx, w_ptr + 2 * idx, md,
-                                             px))
-            v2d::gn_accumulate<scalar_t, K, scalar_t>(px, acc, acc + K * K);
+        const int64_t q1 = std::min(q0 + kPixelsPerFlush, p1);
+        for (int64_t p = q0; p < q1; p += N) {
+          const int n = static_cast<int>(std::min<int64_t>(N, q1 - p));
+          in.load(d_ptr, tgt_ptr, w_ptr, e * HW + p, col, row, Wd, n);
+          v2d::gn_linearize<V, K>(in.u, in.v, in.d, in.tu, in.tv, in.wu, in.wv, cam, px);
+          v2d::gn_accumulate<V, K, V>(px, acc, acc + K * K);
+          col += n;
+          while (col >= Wd) {
+            col -= Wd;
+            ++row;
+          }
         }
-        for (int s = 0; s < S; ++s) Hc[s] += acc[s];
+        flush(acc, S, Hc);
       }
     }
   });
@@ -79,6 +234,8 @@ void backward_impl(const torch::Tensor& grad_H, const torch::Tensor& grad_b, con
                    const torch::Tensor& rel_poses, const torch::Tensor& intrinsics, const torch::Tensor& targets,
                    const torch::Tensor& weights, double min_depth, torch::Tensor& g_d, torch::Tensor& g_rel,
                    torch::Tensor& g_intr, torch::Tensor& g_t, torch::Tensor& g_w) {
+  constexpr int N = gn_simd::kLanes<scalar_t>;
+  using V = Vec<scalar_t, N>;
   constexpr int S = v2d::kGNEdgeGrads;
   const int64_t E = inv_depth.size(0), Ht = inv_depth.size(1), Wd = inv_depth.size(2);
   const int64_t HW = Ht * Wd;
@@ -99,37 +256,54 @@ void backward_impl(const torch::Tensor& grad_H, const torch::Tensor& grad_b, con
   const scalar_t md = static_cast<scalar_t>(min_depth);
 
   at::parallel_for(0, n_chunks, 1, [&](int64_t begin, int64_t end) {
-    v2d::GNPixel<scalar_t, K> px;
+    v2d::GNPixel<V, K> px;
+    gn_simd::Group<scalar_t, N> in;
     for (int64_t c = begin; c < end; ++c) {
       const int64_t e = c / chunks_per_edge;
       const int64_t p0 = (c % chunks_per_edge) * kPixelsPerChunk;
       const int64_t p1 = std::min(p0 + kPixelsPerChunk, HW);
       double* grel = partial.data() + c * S;
-      const scalar_t* rel = rel_ptr + e * 12;
-      const scalar_t* intr = intr_ptr + e * 4;
-      // Local copies: the compiler cannot keep values read through gH_ptr in registers while the
-      // pixel loop writes the output arrays (possible aliasing).
-      scalar_t Gs[K * K], g[K];
+      v2d::GNCamera<V> cam;
+      v2d::gn_camera(rel_ptr + e * 12, intr_ptr + e * 4, md, cam);
+      // Local (broadcast) copies: the compiler cannot keep values read through gH_ptr in registers
+      // while the pixel loop writes the output arrays (possible aliasing).
+      V Gs[K * K], g[K];
       for (int i = 0; i < K; ++i) {
-        g[i] = gb_ptr[e * K + i];
-        for (int j = 0; j < K; ++j) Gs[i * K + j] = gH_ptr[(e * K + i) * K + j] + gH_ptr[(e * K + j) * K + i];
+        g[i] = V(gb_ptr[e * K + i]);
+        for (int j = 0; j < K; ++j) Gs[i * K + j] = V(gH_ptr[(e * K + i) * K + j] + gH_ptr[(e * K + j) * K + i]);
       }
+      V acc[S];
+      for (int s = 0; s < S; ++s) acc[s] = V(scalar_t(0));
+      int64_t col = p0 % Wd, row = p0 / Wd;
       for (int64_t q0 = p0; q0 < p1; q0 += kPixelsPerFlush) {
-        scalar_t acc[S] = {0};
-        for (int64_t p = q0; p < std::min(q0 + kPixelsPerFlush, p1); ++p) {
+        const int64_t q1 = std::min(q0 + kPixelsPerFlush, p1);
+        for (int64_t p = q0; p < q1; p += N) {
           const int64_t idx = e * HW + p;
-          const scalar_t u = static_cast<scalar_t>(p % Wd), v = static_cast<scalar_t>(p / Wd);
-          if (v2d::gn_linearize<scalar_t, K>(u, v, d_ptr[idx], rel, intr, tgt_ptr + 2 * idx, w_ptr + 2 * idx, md,
-                                             px)) {
-            v2d::gn_pixel_backward<scalar_t, K, scalar_t>(px, rel, intr, Gs, g, gd_ptr[idx], gt_ptr + 2 * idx,
-                                                          gw_ptr + 2 * idx, acc);
+          const int n = static_cast<int>(std::min<int64_t>(N, q1 - p));
+          in.load(d_ptr, tgt_ptr, w_ptr, idx, col, row, Wd, n);
+          v2d::gn_linearize<V, K>(in.u, in.v, in.d, in.tu, in.tv, in.wu, in.wv, cam, px);
+          V gd, gt[2], gw[2];
+          v2d::gn_pixel_backward<V, K, V>(px, cam, Gs, g, gd, gt, gw, acc);
+          if (n == N) {
+            gd.store(gd_ptr + idx);
+            gn_simd::store_pairs(gt_ptr + 2 * idx, gt[0], gt[1]);
+            gn_simd::store_pairs(gw_ptr + 2 * idx, gw[0], gw[1]);
           } else {
-            gd_ptr[idx] = 0;
-            gt_ptr[2 * idx] = gt_ptr[2 * idx + 1] = 0;
-            gw_ptr[2 * idx] = gw_ptr[2 * idx + 1] = 0;
+            for (int l = 0; l < n; ++l) {
+              gd_ptr[idx + l] = gd[l];
+              gt_ptr[2 * (idx + l)] = gt[0][l];
+              gt_ptr[2 * (idx + l) + 1] = gt[1][l];
+              gw_ptr[2 * (idx + l)] = gw[0][l];
+              gw_ptr[2 * (idx + l) + 1] = gw[1][l];
+            }
+          }
+          col += n;
+          while (col >= Wd) {
+            col -= Wd;
+            ++row;
           }
         }
-        for (int s = 0; s < S; ++s) grel[s] += acc[s];
+        flush(acc, S, grel);
       }
     }
   });
@@ -146,7 +320,6 @@ void backward_impl(const torch::Tensor& grad_H, const torch::Tensor& grad_b, con
 }
 
 }  // namespace
-
 std::vector<torch::Tensor> gn_reduce_forward_cpu(const torch::Tensor& inv_depth, const torch::Tensor& rel_poses,
                                                  const torch::Tensor& intrinsics, const torch::Tensor& targets,
                                                  const torch::Tensor& weights, double min_depth, bool with_focal) {

@@ -84,9 +84,8 @@ __global__ void __launch_bounds__(kThreads)
                       int blocks_per_edge, double* __restrict__ acc) {
   const int64_t e = blockIdx.x / blocks_per_edge;
   const int64_t chunk = blockIdx.x % blocks_per_edge;
-  __shared__ scalar_t rel[12], intr[4];
-  load_to_shared(rel, rel_poses + e * 12, 12);
-  load_to_shared(intr, intrinsics + e * 4, 4);
+  __shared__ v2d::GNCamera<scalar_t> cam;
+  if (threadIdx.x == 0) v2d::gn_camera(rel_poses + e * 12, intrinsics + e * 4, min_depth, cam);
   __syncthreads();
 
   double H[K * K] = {};  // gn_accumulate writes the upper triangle only
@@ -96,8 +95,9 @@ __global__ void __launch_bounds__(kThreads)
   for (int64_t p = chunk * blockDim.x + threadIdx.x; p < HW; p += stride) {
     const int64_t idx = e * HW + p;
     const scalar_t u = static_cast<scalar_t>(p % width), v = static_cast<scalar_t>(p / width);
-    if (v2d::gn_linearize<scalar_t, K>(u, v, inv_depth[idx], rel, intr, targets + 2 * idx, weights + 2 * idx,
-                                       min_depth, px))
+    const scalar_t* t = targets + 2 * idx;
+    const scalar_t* w = weights + 2 * idx;
+    if (v2d::gn_linearize<scalar_t, K>(u, v, inv_depth[idx], t[0], t[1], w[0], w[1], cam, px))
       v2d::gn_accumulate<scalar_t, K, double>(px, H, b);
   }
 
@@ -140,9 +140,9 @@ __global__ void __launch_bounds__(kThreads)
                        scalar_t* __restrict__ g_w, double* __restrict__ acc) {
   const int64_t e = blockIdx.x / blocks_per_edge;
   const int64_t chunk = blockIdx.x % blocks_per_edge;
-  __shared__ scalar_t rel[12], intr[4], Gs[K * K], g[K];
-  load_to_shared(rel, rel_poses + e * 12, 12);
-  load_to_shared(intr, intrinsics + e * 4, 4);
+  __shared__ v2d::GNCamera<scalar_t> cam;
+  __shared__ scalar_t Gs[K * K], g[K];
+  if (threadIdx.x == 0) v2d::gn_camera(rel_poses + e * 12, intrinsics + e * 4, min_depth, cam);
   load_to_shared(g, grad_b + e * K, K);
   const scalar_t* G = grad_H + e * K * K;
   for (int t = threadIdx.x; t < K * K; t += blockDim.x) Gs[t] = G[t] + G[(t % K) * K + t / K];  // G + G^T
@@ -154,10 +154,10 @@ __global__ void __launch_bounds__(kThreads)
   for (int64_t p = chunk * blockDim.x + threadIdx.x; p < HW; p += stride) {
     const int64_t idx = e * HW + p;
     const scalar_t u = static_cast<scalar_t>(p % width), v = static_cast<scalar_t>(p / width);
-    if (v2d::gn_linearize<scalar_t, K>(u, v, inv_depth[idx], rel, intr, targets + 2 * idx, weights + 2 * idx,
-                                       min_depth, px)) {
-      v2d::gn_pixel_backward<scalar_t, K, double>(px, rel, intr, Gs, g, g_d[idx], g_t + 2 * idx, g_w + 2 * idx,
-                                                  g_edge);
+    const scalar_t* t = targets + 2 * idx;
+    const scalar_t* w = weights + 2 * idx;
+    if (v2d::gn_linearize<scalar_t, K>(u, v, inv_depth[idx], t[0], t[1], w[0], w[1], cam, px)) {
+      v2d::gn_pixel_backward<scalar_t, K, double>(px, cam, Gs, g, g_d[idx], g_t + 2 * idx, g_w + 2 * idx, g_edge);
     } else {
       g_d[idx] = scalar_t(0);
       g_t[2 * idx] = g_t[2 * idx + 1] = scalar_t(0);

@@ -202,3 +202,15 @@ def test_extension_entry_points_check_shapes_themselves():
     H, b = ext.gn_reduce_forward(inv_depth, rel, intr, targets, weights, 0.1, False)
     with pytest.raises(RuntimeError, match=r"grad_H must be \(E, K, K\) = \(2, 7, 7\)"):
         ext.gn_reduce_backward(H, b, inv_depth, rel, intr, targets, weights, 0.1, True)
+
+
+def test_finite_check_is_not_fooled_by_overflowing_sums():
+    inv_depth, rel, intr, targets, weights = make_inputs(1, 4, 5, dtype=torch.float32)
+    huge = torch.full_like(targets, 3e38)  # finite, but their sum overflows float32
+    H, _ = ops.gn_reduce(inv_depth, rel, intr, huge, weights, backend="reference")
+    assert H.shape == (1, 6, 6)
+    for bad in (float("inf"), float("-inf"), float("nan")):
+        t = targets.clone()
+        t[0, 1, 2, 0] = bad
+        with pytest.raises(NumericalError, match="targets: gn_reduce got 1 non-finite"):
+            ops.gn_reduce(inv_depth, rel, intr, t, weights)

@@ -9,6 +9,8 @@ the depth estimators (no motion estimation). Metrics per keyframe with median sc
 AbsRel, RMSE, delta < 1.25. The three estimators see exactly the same clips:
 - `trained`: the depth module with the given weights;
 - `untrained`: the same network freshly initialised (seed 0);
+- `trained_no_poses`: the trained network given identity poses (a diagnostic: equal to `trained`
+  means the network ignores the multi-view cost volume and predicts from the keyframe alone);
 - `plane_sweep`: winner-take-all plane sweep of raw RGB patches (`v2d.planesweep`, built on the
   cost-volume kernel), 64 hypotheses spaced in inverse depth over the depth module's range.
 """
@@ -56,9 +58,9 @@ def evaluate(data: Path, weights: Path | None, keyframes: int, config: list[str]
         torch.manual_seed(0)
         trained = V2D.from_config(cfg).eval()
         load_weights(weights, trained)
-    models = {"trained": trained, "untrained": untrained}
-
-    per: dict[str, list[dict[str, float]]] = {k: [] for k in ("trained", "untrained", "plane_sweep")}
+    models = {"trained": trained, "untrained": untrained, "trained_no_poses": trained}
+    names = ("trained", "untrained", "trained_no_poses", "plane_sweep")
+    per: dict[str, list[dict[str, float]]] = {k: [] for k in names}
     seconds: dict[str, float] = {k: 0.0 for k in per}
     with torch.no_grad():
         for k in picks:
@@ -70,7 +72,11 @@ def evaluate(data: Path, weights: Path | None, keyframes: int, config: list[str]
                 t = time.perf_counter()
                 x = normalize_images(c["images"])
                 feats = model.depth.features(x)[None]
-                depth = model.depth(feats, c["poses_cw"][None], c["intrinsics"][None], (240, 320))[-1][0]
+                poses = c["poses_cw"][None]
+                if name == "trained_no_poses":
+                    poses = torch.zeros_like(poses)
+                    poses[..., 6] = 1.0
+                depth = model.depth(feats, poses, c["intrinsics"][None], (240, 320))[-1][0]
                 seconds[name] += time.perf_counter() - t
                 per[name].append(depth_metrics(depth.numpy(), gt))
             t = time.perf_counter()
@@ -103,11 +109,11 @@ def main(argv: list[str] | None = None) -> int:
         return 1
     r = evaluate(args.data, args.weights, args.keyframes, args.config)
     print(f"{r['keyframes']} keyframes of {args.data.name}, 240x320, 5-frame clips, GT poses, median scaling")
-    print(f"{'method':<13}{'AbsRel':>8}{'RMSE':>8}{'d<1.25':>8}{'s/kf':>8}")
-    for name in ("trained", "untrained", "plane_sweep"):
+    print(f"{'method':<18}{'AbsRel':>8}{'RMSE':>8}{'d<1.25':>8}{'s/kf':>8}")
+    for name in ("trained", "untrained", "trained_no_poses", "plane_sweep"):
         if name in r:
             m = r[name]
-            print(f"{name:<13}{m['abs_rel']:>8.3f}{m['rmse']:>8.3f}{m['delta1']:>8.3f}{m['seconds_per_keyframe']:>8.2f}")
+            print(f"{name:<18}{m['abs_rel']:>8.3f}{m['rmse']:>8.3f}{m['delta1']:>8.3f}{m['seconds_per_keyframe']:>8.2f}")
     write_results(args.json, r)
     return 0
 

@@ -174,3 +174,11 @@ def test_export_weights_from_a_checkpoint(tmp_path):
     load_weights(out, model)
     ref = torch.load(tmp_path / "run" / "checkpoint.pt", weights_only=True)["model"]
     assert all(torch.equal(v, model.state_dict()[k]) for k, v in ref.items())
+
+
+def test_init_from_weights_fine_tunes(tmp_path):
+    _train(tmp_path / "a", "--set", "train.steps=2")
+    trainer = Trainer(load_config(None, [*TINY, f"train.init={tmp_path / 'a' / 'model.pt'}", "train.seed=5"]),
+                      tmp_path / "b")
+    ref = torch.load(tmp_path / "a" / "model.pt", weights_only=True)["model"]
+    assert trainer.step == 0 and all(torch.equal(v, trainer.model.state_dict()[k]) for k, v in ref.items())

@@ -57,6 +57,8 @@ class TrainConfig:
         weight_decay: L2 (rmsprop) or decoupled (adamw) weight decay.
         grad_clip: clip the global gradient norm to this (0 = off).
         seed: seeds the model initialisation, the data and every RNG.
+        init: weights to start from (a model.pt or checkpoint.pt; fine-tuning), "" = random
+            initialisation from `seed`. Only the model is taken, not the optimizer or the step.
         data: "synthetic" (clips rendered on the fly) or a dataset path (any layout `v2d.io.datasets`
             reads, with depth and poses); clips are taken in order, cycling.
         checkpoint_every: write a checkpoint every this many steps (and at the end).
@@ -76,6 +78,7 @@ class TrainConfig:
     weight_decay: float = 1e-4
     grad_clip: float = 1.0
     seed: int = 0
+    init: str = ""
     data: str = "synthetic"
     checkpoint_every: int = 50
     log_every: int = 10
@@ -142,6 +145,8 @@ class Trainer:
         self.rank, self.world_size = rank, world_size
         torch.manual_seed(self.tc.seed)
         self.model = V2D.from_config(cfg)
+        if self.tc.init:
+            load_weights(self.tc.init, self.model)
         self.step_module: torch.nn.Module = _TrainStep(self.model, cfg)
         if world_size > 1:  # gradients are averaged over processes (DDP; gloo on CPU)
             self.step_module = torch.nn.parallel.DistributedDataParallel(self.step_module,

@@ -12,15 +12,16 @@ from evo.tools import file_interface
 from tools.cli import main
 from v2d.model import SHIPPED_WEIGHTS
 
-# Regression bounds for the shipped weights at 120x160 (measured values in docs/TRAINING.md).
-ROTATION_DEG = 1.0
-ABS_REL = 0.2
+# Regression bounds for the shipped weights on the default demo (240x320, the training size):
+# measured 0.12 deg mean rotation error (true rotations up to 14 deg) and AbsRel 0.038.
+ROTATION_DEG = 0.5
+ABS_REL = 0.1
 
 
 @pytest.mark.skipif(not SHIPPED_WEIGHTS.exists(), reason=f"shipped weights missing: {SHIPPED_WEIGHTS}")
 def test_demo_recovers_poses_and_depth_and_writes_outputs(tmp_path, capsys):
     out = tmp_path / "demo"
-    assert main(["demo", "--out", str(out), "--set", "demo.height=120", "--set", "demo.width=160"]) == 0
+    assert main(["demo", "--out", str(out)]) == 0
     summary = json.loads((out / "summary.json").read_text())
     track, depth = summary["tracking"], summary["depth"]
     assert track["rotation_error_deg"]["true_max"] > 5.0  # the camera really turns
@@ -29,7 +30,7 @@ def test_demo_recovers_poses_and_depth_and_writes_outputs(tmp_path, capsys):
     traj = file_interface.read_tum_trajectory_file(str(out / "trajectory.txt"))
     assert traj.num_poses == 5
     png = cv2.imread(str(out / "depth" / "000000.png"), cv2.IMREAD_UNCHANGED)
-    assert png.dtype == np.uint16 and png.shape == (120, 160)
+    assert png.dtype == np.uint16 and png.shape == (240, 320)
     assert np.allclose(np.load(out / "depth" / "000000.npy") * 1000, png, atol=0.51)
     assert not list(out.rglob(".*.tmp"))  # atomic writes leave no temporaries
 

@@ -107,6 +107,13 @@ def load_weights(path: str | Path, model: torch.nn.Module) -> dict[str, Any]:
     Returns the file's metadata (everything but the tensors). Raises InputError for a missing,
     corrupt or mismatching file.
     """
+    data = _read_checkpoint(path)
+    _load_model_state(path, data, model)
+    return {k: v for k, v in data.items() if k not in ("model", "optimizer", "rng")}
+
+
+def _read_checkpoint(path: str | Path) -> dict[str, Any]:
+    """torch.load(weights_only=True) of a v2d weights/checkpoint file; InputError when it is not one."""
     path = Path(path)
     try:
         data = torch.load(path, map_location="cpu", weights_only=True)
@@ -116,11 +123,14 @@ def load_weights(path: str | Path, model: torch.nn.Module) -> dict[str, Any]:
         raise InputError(f"cannot load weights from {path}: {type(exc).__name__}: {exc}".splitlines()[0]) from None
     if not isinstance(data, dict) or "model" not in data:
         raise InputError(f"{path}: not a v2d checkpoint or weights file (no 'model' entry)")
+    return data
+
+
+def _load_model_state(path: str | Path, data: dict[str, Any], model: torch.nn.Module) -> None:
     try:
         model.load_state_dict(data["model"])
     except RuntimeError as exc:
         raise InputError(f"{path}: weights do not fit this model configuration: {str(exc).splitlines()[0]}") from None
-    return {k: v for k, v in data.items() if k not in ("model", "optimizer", "rng")}
 
 
 class _TrainStep(torch.nn.Module):
@@ -191,14 +201,14 @@ class Trainer:
     def resume(self, path: str | Path | None = None) -> None:
         """Restore model, optimizer, step and RNG states from a checkpoint (weights_only load)."""
         path = Path(path) if path is not None else self.checkpoint_path
-        meta = load_weights(path, self.model)
-        data = torch.load(path, map_location="cpu", weights_only=True)
+        data = _read_checkpoint(path)  # read once: model, optimizer and RNG come from the same file
         if "optimizer" not in data or "rng" not in data:
             raise InputError(f"{path}: holds weights only, not a resumable training checkpoint")
+        _load_model_state(path, data, self.model)
         self.opt.load_state_dict(data["optimizer"])
         _set_rng_state(data["rng"])
-        self.step = int(meta["step"])
-        self.skipped = int(meta.get("skipped", 0))
+        self.step = int(data["step"])
+        self.skipped = int(data.get("skipped", 0))
         self._truncate_log()
         self._logged = self.step
         _log.info("resumed from %s at step %d", path, self.step)

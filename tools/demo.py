@@ -11,19 +11,21 @@ from v2d.config import V2DConfig
 def add_parser(sub: argparse._SubParsersAction, parents: list[argparse.ArgumentParser]) -> None:
     p = sub.add_parser(
         "demo", parents=parents, help="run on the embedded synthetic sequence (no data or weights needed)",
-        description="Render the embedded synthetic sequence, run the V2D model (shipped weights; flow source "
-        "from the config) on a clip of it with no pose or depth given, and write trajectory.txt, depth/ and "
-        "summary.json with errors against the synthetic ground truth.",
+        description="Render the embedded synthetic sequence, run SLAM on it (shipped weights, flow source from "
+        "the config) and write trajectory.txt, depth/, cloud.ply and summary.json with the errors against the "
+        "synthetic ground truth (ate_rmse after Sim3 alignment, path_length, keyframe depth AbsRel).",
     )
     p.add_argument("--out", default="demo_out", metavar="DIR", help="output directory (default: demo_out)")
     p.set_defaults(handler=run)
 
 
 def run(args: argparse.Namespace, cfg: V2DConfig) -> int:
-    from v2d.demo import run_demo
+    from slam.demo import run_demo
 
-    summary = run_demo(cfg, args.out)
-    brief = {k: summary[k] for k in ("frames", "tracking", "depth", "seconds")}
+    summary = run_demo(cfg, args.out, progress=not args.quiet)
+    brief = {k: summary[k] for k in ("frames", "keyframes", "ate_rmse", "path_length", "ate_percent_of_path",
+                                     "fps", "seconds")}
+    brief["depth_abs_rel"] = summary["depth"]["abs_rel"]
     print(json.dumps(brief, indent=2))
     print(f"outputs written to {args.out}/")
     return 0

@@ -33,7 +33,7 @@ from v2d.model import ModelConfig
 from v2d.motion import MotionConfig
 from v2d.train import TrainConfig
 
-__all__ = ["V2DConfig", "DataConfig", "DemoConfig", "load_config", "merge", "to_dict", "validate"]
+__all__ = ["V2DConfig", "DataConfig", "SlamConfig", "DemoConfig", "load_config", "merge", "to_dict", "validate"]
 
 
 @dataclass(frozen=True)
@@ -49,19 +49,87 @@ class DataConfig:
 
 
 @dataclass(frozen=True)
+class SlamConfig:
+    """Settings of the SLAM front end (the `slam` section; `slam.frontend`).
+
+    Pixel quantities are given for 320-pixel-wide frames and scale with the network input width
+    (`data.width`), so one configuration serves every input size.
+
+    Attributes:
+        init_frames: frames in the initialisation set (the first keyframe plus neighbours).
+        init_rate: input frames between consecutive initialisation frames.
+        keyframe_flow: mean flow (px) the keyframe's depth induces in the tracked frame at which the
+            frame becomes a new keyframe (a scale-free pose distance: baseline over depth, rotation).
+        min_confidence: mean flow confidence over the keyframe's visible pixels below which tracking
+            quality has dropped: the previous frame becomes a keyframe and the frame is tracked
+            again against it (a poorly tracked frame never becomes a keyframe itself).
+        min_overlap: fraction of the keyframe's pixels visible in the frame below which tracking
+            quality has dropped (as for min_confidence).
+        window: keyframes in the local window optimised together.
+        window_fixed: oldest window poses held fixed (gauge).
+        window_iterations: Gauss-Newton steps of the window optimisation.
+        edge_max_flow: window edges whose predicted mean flow exceeds this (px) are left out (wide
+            baselines make classical flow unreliable).
+        robust_scale: Cauchy scale (px) of the flow residual used to re-weight DIS targets.
+        depth_views: frames besides the keyframe in a keyframe's cost volume.
+        scale_lock: rescale each keyframe depth from the depth module (median ratio) to agree with
+            the other window keyframes' depth splatted into it, so the map keeps one scale.
+        refine_previous: when a keyframe is added, run the depth module again on the previous
+            keyframe with the frames recorded after it (its final depth then sees both sides).
+        buffer_frames: most recent frames whose images are kept for cost volumes (memory bound).
+        lost_confidence, lost_overlap: tracking is lost below this mean confidence or overlap.
+        lost_residual: tracking is lost above this confidence-weighted RMS flow residual (px).
+        relocalise_after: frames lost in a row before re-initialising at the current frame.
+        static_flow: frames whose flow w.r.t. the previous frame is below this (px) are static.
+        min_texture: mean image gradient (grey levels per pixel) below which a frame is textureless.
+        cloud_stride: pixel stride of the fused point cloud.
+        cloud_neighbours: keyframes on each side a point is checked against.
+        cloud_tolerance: relative depth disagreement still counted as consistent.
+        cloud_min_views: consistent neighbours a point needs to be kept.
+        cloud_voxel: voxel size of the cloud's downsampling (scene units; 0 = off).
+    """
+
+    init_frames: int = 5
+    init_rate: int = 2
+    keyframe_flow: float = 16.0
+    min_confidence: float = 0.3
+    min_overlap: float = 0.6
+    window: int = 4
+    window_fixed: int = 1
+    window_iterations: int = 4
+    edge_max_flow: float = 40.0
+    robust_scale: float = 2.0
+    depth_views: int = 4
+    scale_lock: bool = False
+    refine_previous: bool = True
+    buffer_frames: int = 48
+    lost_confidence: float = 0.1
+    lost_overlap: float = 0.15
+    lost_residual: float = 6.0
+    relocalise_after: int = 8
+    static_flow: float = 0.3
+    min_texture: float = 2.0
+    cloud_stride: int = 2
+    cloud_neighbours: int = 2
+    cloud_tolerance: float = 0.05
+    cloud_min_views: int = 1
+    cloud_voxel: float = 0.0
+
+
+@dataclass(frozen=True)
 class DemoConfig:
     """Settings of `v2d demo` (the embedded synthetic sequence).
 
     Attributes:
         seed: scene and trajectory seed.
-        num_frames: frames given to the model (keyframe first).
-        stride: rendered frames between consecutive model frames (30 fps hand-held motion).
+        num_frames: frames given to SLAM.
+        stride: rendered frames between consecutive SLAM frames (30 fps hand-held motion).
         height, width: image size in pixels (multiples of 4).
     """
 
     seed: int = 0
-    num_frames: int = 5
-    stride: int = 3
+    num_frames: int = 60
+    stride: int = 2
     height: int = 240
     width: int = 320
 
@@ -78,6 +146,7 @@ class V2DConfig:
     clips: ClipConfig = field(default_factory=ClipConfig)
     loss: LossConfig = field(default_factory=LossConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
+    slam: SlamConfig = field(default_factory=SlamConfig)
     demo: DemoConfig = field(default_factory=DemoConfig)
 
 
@@ -152,6 +221,29 @@ _RANGES: dict[tuple[type, str], _Check] = {
     (TrainConfig, "seed"): _NON_NEGATIVE,
     (TrainConfig, "checkpoint_every"): _at_least(1),
     (TrainConfig, "log_every"): _at_least(1),
+    (SlamConfig, "init_frames"): _at_least(2),
+    (SlamConfig, "init_rate"): _at_least(1),
+    (SlamConfig, "keyframe_flow"): _POSITIVE,
+    (SlamConfig, "min_confidence"): _NON_NEGATIVE,
+    (SlamConfig, "min_overlap"): _NON_NEGATIVE,
+    (SlamConfig, "window"): _at_least(2),
+    (SlamConfig, "window_fixed"): _at_least(1),
+    (SlamConfig, "window_iterations"): _at_least(1),
+    (SlamConfig, "edge_max_flow"): _POSITIVE,
+    (SlamConfig, "robust_scale"): _POSITIVE,
+    (SlamConfig, "depth_views"): _at_least(1),
+    (SlamConfig, "buffer_frames"): _at_least(2),
+    (SlamConfig, "lost_confidence"): _NON_NEGATIVE,
+    (SlamConfig, "lost_overlap"): _NON_NEGATIVE,
+    (SlamConfig, "lost_residual"): _POSITIVE,
+    (SlamConfig, "relocalise_after"): _at_least(1),
+    (SlamConfig, "static_flow"): _NON_NEGATIVE,
+    (SlamConfig, "min_texture"): _NON_NEGATIVE,
+    (SlamConfig, "cloud_stride"): _at_least(1),
+    (SlamConfig, "cloud_neighbours"): _at_least(1),
+    (SlamConfig, "cloud_tolerance"): _POSITIVE,
+    (SlamConfig, "cloud_min_views"): _NON_NEGATIVE,
+    (SlamConfig, "cloud_voxel"): _NON_NEGATIVE,
     (DemoConfig, "seed"): _NON_NEGATIVE,
     (DemoConfig, "num_frames"): _at_least(2),
     (DemoConfig, "stride"): _at_least(1),
@@ -162,6 +254,9 @@ _RANGES: dict[tuple[type, str], _Check] = {
 # Relations between fields of one section: (class, predicate, message).
 _RELATIONS: list[tuple[type, Callable[[Any], bool], str]] = [
     (DepthConfig, lambda c: c.min_depth < c.max_depth, "min_depth must be smaller than max_depth"),
+    (SlamConfig, lambda c: c.window_fixed < c.window, "window_fixed must be smaller than window"),
+    (SlamConfig, lambda c: c.lost_confidence <= c.min_confidence and c.lost_overlap <= c.min_overlap,
+     "the lost_* thresholds must not exceed the keyframe thresholds min_confidence / min_overlap"),
 ]
 
 

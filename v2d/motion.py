@@ -155,25 +155,31 @@ class MotionModule(nn.Module):
 
     def forward(self, images: torch.Tensor, feats: torch.Tensor | None, poses_cw: torch.Tensor,
                 inv_depth: torch.Tensor, intrinsics: torch.Tensor, ii: torch.Tensor, jj: torch.Tensor,
-                dis: tuple[torch.Tensor, torch.Tensor] | None = None, flow_source: str | None = None
-                ) -> list[MotionStep]:
+                dis: tuple[torch.Tensor, torch.Tensor] | None = None, flow_source: str | None = None,
+                gn: GNOptions | None = None, iterations: int | None = None) -> list[MotionStep]:
         """`cfg.iterations` outer iterations of flow + Gauss-Newton.
 
         Shapes: images (B, N, 3, H, W) in [0, 1] (used by "dis"); feats (B, N, F, H/4, W/4) (used
         by "learned"); poses_cw (B, N, 7) initial poses; inv_depth (B, E, H, W) of the source frame
         of each edge; intrinsics (B, 4); ii, jj (E,); dis: `dis_targets(images, ii, jj)` when
         already computed (DIS flow does not depend on poses or depth, so callers reuse it);
-        flow_source overrides `cfg.flow_source` (training the flow network needs "learned").
+        flow_source overrides `cfg.flow_source` (training the flow network needs "learned"); gn
+        overrides the Gauss-Newton options, fixed poses included (the SLAM front end tracks with a
+        fixed focal length and optimises its window with several fixed poses); iterations overrides
+        `cfg.iterations` (with "dis" flow the targets do not change between outer iterations).
         Returns one MotionStep per outer iteration.
         """
         source = flow_source or self.cfg.flow_source
         B, N, _, H, W = images.shape
-        fixed = 1 if self.cfg.mode == "keyframe" else self.gn.fixed_poses
-        opts = dataclasses.replace(self.gn, fixed_poses=fixed)
+        if gn is None:
+            fixed = 1 if self.cfg.mode == "keyframe" else self.gn.fixed_poses
+            opts = dataclasses.replace(self.gn, fixed_poses=fixed)
+        else:
+            opts = gn
         steps: list[MotionStep] = []
         if source == "dis" and dis is None:
             dis = self.dis_targets(images, ii, jj)
-        for it in range(self.cfg.iterations):
+        for it in range(self.cfg.iterations if iterations is None else iterations):
             if it > 0:
                 poses_cw = poses_cw.detach()
             if source == "dis":

@@ -12,6 +12,13 @@ poses and timestamps, plus intrinsics):
 - a plain folder of images (sorted by name) or a video file (OpenCV), with intrinsics from a file
   (3x3 matrix or `fx fy cx cy`) or given explicitly; no ground truth.
 
+Image folders, videos and TUM sequences may come without intrinsics when the caller allows it
+(`require_intrinsics=False`, for uncalibrated SLAM); `Sequence.intrinsics` is None then.
+
+`iter_frames(seq, indices, size)` streams the selected frames (a video is decoded in one pass and
+never held in memory); `select_frames`, `parse_size` and `parse_intrinsics` turn command-line
+choices into frame indices, an image size and intrinsics.
+
 `SequenceClips` cuts clips (keyframe + neighbours, `ClipConfig`) from a sequence, resized to the
 training size with the intrinsics scaled to match, in the same dict format as `SyntheticClips`.
 
@@ -21,7 +28,9 @@ malformed intrinsics): a training run fails clearly on it rather than skipping s
 
 from __future__ import annotations
 
+import logging
 import re
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -33,7 +42,10 @@ from v2d.errors import InputError
 from v2d.geometry.camera import resize_intrinsics
 from v2d.geometry.lie import matrix_to_quat, quat_to_matrix
 
-__all__ = ["Sequence", "SequenceClips", "open_sequence", "read_intrinsics", "IMAGE_SUFFIXES"]
+__all__ = ["Sequence", "SequenceClips", "open_sequence", "read_intrinsics", "IMAGE_SUFFIXES", "iter_frames",
+           "select_frames", "parse_size", "parse_intrinsics"]
+
+_log = logging.getLogger(__name__)
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".ppm")
 VIDEO_SUFFIXES = (".mp4", ".avi", ".mov", ".mkv", ".webm")
@@ -48,12 +60,12 @@ class Sequence:
         depths: N depth-map paths (or None), with `depth_scale` metres per stored unit.
         poses_wc: (N, 4, 4) float64 camera-to-world matrices, or None.
         timestamps: (N,) float64 seconds (the frame index when the dataset has none).
-        intrinsics: (4,) float64 fx, fy, cx, cy at the images' size.
+        intrinsics: (4,) float64 fx, fy, cx, cy at the images' size, or None when unknown.
         layout: detected layout name.
     """
 
     images: list[Path] | None
-    intrinsics: np.ndarray
+    intrinsics: np.ndarray | None
     timestamps: np.ndarray
     layout: str
     depths: list[Path] | None = None
@@ -66,7 +78,7 @@ class Sequence:
         return len(self.timestamps)
 
     def image(self, k: int) -> np.ndarray:
-        """Frame k as (H, W, 3) uint8 RGB."""
+        """Frame k as (H, W, 3) uint8 RGB (a video is decoded whole and cached: use `iter_frames` to stream)."""
         if self.video is not None:
             if self._frames is None:
                 self._frames = _read_video(self.video)
@@ -95,6 +107,50 @@ def read_image(path: Path) -> np.ndarray:
     if img is None:
         raise InputError(f"cannot read image {path}")
     return cv2.cvtColor(img, cv2.COLOR_BGR2RGB)
+
+
+def _open_video(path: Path):  # -> cv2.VideoCapture
+    import cv2
+
+    cap = cv2.VideoCapture(str(path))
+    if not cap.isOpened():
+        raise InputError(f"cannot read any frame from video {path}")
+    return cap
+
+
+def _count_video_frames(path: Path) -> int:
+    """Exact frame count: containers' frame counts are estimates, so decode once (without keeping frames)."""
+    cap = _open_video(path)
+    try:
+        if not cap.read()[0]:
+            raise InputError(f"cannot read any frame from video {path}")
+        n = 1
+        while cap.grab():
+            n += 1
+    finally:
+        cap.release()
+    return n
+
+
+def _stream_video(path: Path, indices: list[int]) -> Iterator[tuple[int, str, np.ndarray]]:
+    """(k, name, rgb) for the wanted frames in one decoding pass; stops early if the video ends early."""
+    import cv2
+
+    cap = _open_video(path)
+    try:
+        pos = 0  # index of the frame the next grab() returns
+        for k in indices:
+            while pos <= k:
+                if not cap.grab():
+                    _log.warning("%s: video ended after %d frames, before frame %d", path, pos, k)
+                    return
+                pos += 1
+            ok, bgr = cap.retrieve()
+            if not ok:
+                raise InputError(f"{path}: cannot decode video frame {k}")
+            yield k, f"{path}, video frame {k}", cv2.cvtColor(bgr, cv2.COLOR_BGR2RGB)
+    finally:
+        cap.release()
 
 
 def _read_video(path: Path) -> list[np.ndarray]:
@@ -203,7 +259,7 @@ def _associate(a: np.ndarray, b: np.ndarray, max_diff: float) -> np.ndarray:
     return np.where(np.abs(b[best] - a) <= max_diff, best, -1)
 
 
-def _open_tum(root: Path, intrinsics: np.ndarray | None) -> Sequence:
+def _open_tum(root: Path, intrinsics: np.ndarray | None, require_intrinsics: bool) -> Sequence:
     rgb = _tum_list(root / "rgb.txt")
     depth = _tum_list(root / "depth.txt") if (root / "depth.txt").exists() else []
     gt = _tum_list(root / "groundtruth.txt") if (root / "groundtruth.txt").exists() else []
@@ -241,7 +297,7 @@ def _open_tum(root: Path, intrinsics: np.ndarray | None) -> Sequence:
     if intrinsics is None:
         f = root / "intrinsics.txt"
         intrinsics = read_intrinsics(f) if f.exists() else None
-    if intrinsics is None:
+    if intrinsics is None and require_intrinsics:
         raise InputError(f"{root}: TUM sequences carry no intrinsics; put fx fy cx cy in {root / 'intrinsics.txt'}")
     return Sequence(images=images, depths=depth_paths, depth_scale=1 / 5000, poses_wc=poses, intrinsics=intrinsics,
                     timestamps=t[keep], layout="tum")
@@ -266,11 +322,14 @@ def _open_scannet(root: Path) -> Sequence:
                     timestamps=np.array([index(p) for p in colors], dtype=np.float64), layout="scannet")
 
 
-def open_sequence(path: str | Path, intrinsics: np.ndarray | str | Path | None = None) -> Sequence:
+def open_sequence(path: str | Path, intrinsics: np.ndarray | str | Path | None = None, *,
+                  require_intrinsics: bool = True) -> Sequence:
     """Open a dataset folder, an image folder or a video file (layout auto-detected).
 
-    `intrinsics` (fx, fy, cx, cy, or a file) overrides the dataset's; image folders and videos need it
-    (or an `intrinsics.txt` next to the images).
+    `intrinsics` (fx, fy, cx, cy, or a file) overrides the dataset's; image folders, videos and TUM
+    sequences need it (or an `intrinsics.txt` next to the images) unless `require_intrinsics` is
+    False, in which case `seq.intrinsics` is None without them. A video is not decoded into memory:
+    it is decoded once to count its frames exactly (timestamps are frame indices).
     """
     path = Path(path)
     if isinstance(intrinsics, str | Path):
@@ -284,35 +343,113 @@ def open_sequence(path: str | Path, intrinsics: np.ndarray | str | Path | None =
     if path.is_file():
         if path.suffix.lower() not in VIDEO_SUFFIXES:
             raise InputError(f"{path}: not a video file ({', '.join(VIDEO_SUFFIXES)}) or a folder")
-        seq = Sequence(images=None, video=path, intrinsics=np.zeros(4), timestamps=np.zeros(0), layout="video")
-        frames = _read_video(path)
-        seq._frames, seq.timestamps = frames, np.arange(len(frames), dtype=np.float64)
-        return _with_intrinsics(seq, intrinsics, path.with_name("intrinsics.txt"))
+        seq = Sequence(images=None, video=path, intrinsics=None, layout="video",
+                       timestamps=np.arange(_count_video_frames(path), dtype=np.float64))
+        return _with_intrinsics(seq, intrinsics, path.with_name("intrinsics.txt"), require_intrinsics)
     if any(path.glob("frame-*.color.*")):
         seq = _open_7scenes(path)
     elif (path / "rgb.txt").exists():
-        return _open_tum(path, intrinsics)
+        return _open_tum(path, intrinsics, require_intrinsics)
     elif (path / "color").is_dir() and (path / "intrinsic").is_dir():
         seq = _open_scannet(path)
     else:
         images = sorted(p for p in path.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES)
         if not images:
             raise InputError(f"{path}: no images, video or known dataset layout found")
-        seq = Sequence(images=images, intrinsics=np.zeros(4), timestamps=np.arange(len(images), dtype=np.float64),
+        seq = Sequence(images=images, intrinsics=None, timestamps=np.arange(len(images), dtype=np.float64),
                        layout="images")
-        return _with_intrinsics(seq, intrinsics, path / "intrinsics.txt")
+        return _with_intrinsics(seq, intrinsics, path / "intrinsics.txt", require_intrinsics)
     if intrinsics is not None:
         seq.intrinsics = intrinsics
     return seq
 
 
-def _with_intrinsics(seq: Sequence, intrinsics: np.ndarray | None, default_file: Path) -> Sequence:
-    if intrinsics is None:
+def _with_intrinsics(seq: Sequence, intrinsics: np.ndarray | None, default_file: Path, required: bool) -> Sequence:
+    if intrinsics is None and (required or default_file.exists()):
         if not default_file.exists():
             raise InputError(f"{seq.video or default_file.parent}: no intrinsics given and no {default_file}")
         intrinsics = read_intrinsics(default_file)
     seq.intrinsics = intrinsics
     return seq
+
+
+# ---------------------------------------------------------------------------------------------- streaming
+
+
+def iter_frames(seq: Sequence, indices: Iterable[int], size: tuple[int, int] | None = None
+                ) -> Iterator[tuple[int, np.ndarray]]:
+    """Yield (k, rgb) for each frame index k, reading one frame at a time.
+
+    `indices` must be strictly increasing and within [0, len(seq)). A video is decoded in a single
+    pass (skipped frames are grabbed, not converted) and memory does not grow with its length; if it
+    ends before the last wanted frame, iteration stops there (a warning is logged; count what you get).
+    Every frame must have the size of the first one yielded (checked before resizing); `size` =
+    (height, width) resizes with area interpolation. InputError for unreadable or mixed-size frames.
+
+    Shapes: rgb (H, W, 3) uint8, or (height, width, 3) with `size`.
+    """
+    import cv2
+
+    indices = [int(k) for k in indices]
+    if any(b <= a for a, b in zip(indices, indices[1:], strict=False)) or \
+            (indices and not 0 <= indices[0] <= indices[-1] < len(seq)):
+        raise InputError(f"frame indices must increase and lie in [0, {len(seq)}), got {_short(indices)}")
+    if seq.video is not None:
+        frames = _stream_video(seq.video, indices)
+    else:
+        frames = ((k, str(seq.images[k]), read_image(seq.images[k])) for k in indices)
+    hw0 = None
+    for k, name, rgb in frames:
+        hw = rgb.shape[:2]
+        hw0 = hw0 or hw
+        if hw != hw0:
+            raise InputError(f"{name}: image size {hw[0]}x{hw[1]} differs from the first frame's "
+                             f"{hw0[0]}x{hw0[1]} (mixed sizes)")
+        if size is not None and hw != tuple(size):
+            rgb = cv2.resize(rgb, (size[1], size[0]), interpolation=cv2.INTER_AREA)
+        yield k, rgb
+
+
+def _short(values: list[int]) -> str:
+    return str(values) if len(values) <= 8 else f"[{', '.join(map(str, values[:8]))}, ...] ({len(values)} values)"
+
+
+def select_frames(num_frames: int, stride: int = 1, max_frames: int | None = None, start: int = 0) -> list[int]:
+    """Frame indices start, start + stride, ... below num_frames, at most max_frames of them."""
+    if stride < 1:
+        raise InputError(f"stride must be >= 1, got {stride}")
+    if start < 0:
+        raise InputError(f"start frame must be >= 0, got {start}")
+    if max_frames is not None and max_frames < 1:
+        raise InputError(f"max_frames must be >= 1 (or None for all), got {max_frames}")
+    return list(range(start, num_frames, stride))[:max_frames]
+
+
+def parse_size(text: str) -> tuple[int, int]:
+    """(height, width) from "HxW", e.g. "240x320"; both multiples of 4 and >= 32 (the networks downsample by 4)."""
+    m = re.fullmatch(r"\s*(\d+)\s*[xX]\s*(\d+)\s*", text)
+    hw = (int(m[1]), int(m[2])) if m else None
+    if hw is None or min(hw) < 32 or hw[0] % 4 or hw[1] % 4:
+        raise InputError(f"size: expected HEIGHTxWIDTH with both multiples of 4 and >= 32 (e.g. 240x320), "
+                         f"got {text!r}")
+    return hw
+
+
+def parse_intrinsics(text: str) -> np.ndarray:
+    """fx, fy, cx, cy from "fx,fy,cx,cy" or from a file (see `read_intrinsics`).
+
+    Shapes: returns (4,) float64.
+    """
+    if Path(text).is_file():
+        return read_intrinsics(text)
+    try:
+        k = np.array([float(v) for v in text.split(",")], dtype=np.float64)
+    except ValueError:
+        k = None
+    if k is None or k.shape != (4,) or not np.isfinite(k).all() or min(k[:2]) <= 0:
+        raise InputError(f"intrinsics: expected an intrinsics file or fx,fy,cx,cy (4 finite numbers, fx and fy > 0), "
+                         f"got {text!r}")
+    return k
 
 
 # ---------------------------------------------------------------------------------------------- clips
@@ -331,6 +468,8 @@ class SequenceClips(torch.utils.data.Dataset):
     def __init__(self, seq: Sequence, cfg: ClipConfig, height: int, width: int, seed: int = 0) -> None:
         if seq.depths is None or seq.poses_wc is None:
             raise InputError(f"{seq.layout} sequence has no depth or poses: training needs both")
+        if seq.intrinsics is None:
+            raise InputError(f"{seq.layout} sequence has no intrinsics: training needs them")
         span = (cfg.frames - 1) * cfg.stride + 1
         if len(seq) < span:
             raise InputError(f"sequence has {len(seq)} frames; a clip of {cfg.frames} at stride {cfg.stride} "

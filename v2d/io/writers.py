@@ -2,14 +2,18 @@
 
 Every file is written to a temporary file in the same directory and moved into place with
 `os.replace`, so a crash or a full disk never leaves a half-written file under the final name.
+`staged_output` does the same for a whole output directory: a run writes into a staging
+directory that replaces the outputs only when the run succeeds.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
+import shutil
 import tempfile
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -18,7 +22,7 @@ import numpy as np
 from v2d.errors import InputError
 
 __all__ = ["atomic_write", "write_bytes", "write_text", "write_json", "write_npy", "write_depth_png",
-           "write_image_png", "write_tum", "ensure_dir"]
+           "write_image_png", "write_tum", "ensure_dir", "staged_output"]
 
 
 def ensure_dir(path: str | Path) -> Path:
@@ -33,6 +37,12 @@ def ensure_dir(path: str | Path) -> Path:
     return path
 
 
+def _umask() -> int:
+    umask = os.umask(0)
+    os.umask(umask)
+    return umask
+
+
 def atomic_write(path: str | Path, write: Callable[[Any], None], mode: str = "wb") -> Path:
     """Call `write(file_object)` on a temporary file next to `path`, then rename it to `path`."""
     path = Path(path)
@@ -42,9 +52,7 @@ def atomic_write(path: str | Path, write: Callable[[Any], None], mode: str = "wb
             write(f)
             f.flush()
             os.fsync(f.fileno())
-        umask = os.umask(0)
-        os.umask(umask)
-        os.chmod(tmp, 0o666 & ~umask)  # mkstemp creates 0600; give the file the usual permissions
+        os.chmod(tmp, 0o666 & ~_umask())  # mkstemp creates 0600; give the file the usual permissions
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
@@ -116,3 +124,85 @@ def write_tum(path: str | Path, timestamps: np.ndarray, poses_wc: np.ndarray) ->
                          f"and {poses_wc.shape}")
     lines = [" ".join([f"{t:.6f}"] + [f"{v:.9f}" for v in p]) for t, p in zip(timestamps, poses_wc, strict=True)]
     return write_text(path, "# timestamp tx ty tz qx qy qz qw\n" + "\n".join(lines) + "\n")
+
+
+@contextlib.contextmanager
+def staged_output(out_dir: str | Path) -> Iterator[Path]:
+    """Context manager: write a run's outputs into the yielded staging directory; they reach out_dir on success.
+
+    Checks first that out_dir (or its nearest existing parent) is a writable directory (InputError
+    otherwise), so enter it before any heavy work. The stage is a hidden `.NAME.partial-*` directory
+    next to out_dir (inside out_dir when that already exists but its parent is not writable or is on
+    another filesystem). On success, a new out_dir is the renamed stage; into an existing out_dir
+    each top-level entry is moved, a directory (e.g. `depth/`) replacing the old one as a whole so
+    old and new outputs never mix; other files in out_dir are kept. On any exception (also
+    KeyboardInterrupt) the stage and the parents created for it are removed, out_dir is untouched,
+    and the exception propagates.
+    """
+    out_dir = Path(out_dir)
+    _check_writable(out_dir)
+    missing = [p for p in out_dir.parents if not p.exists()]  # deepest first
+    stage = None
+
+    def discard() -> None:
+        if stage is not None:
+            shutil.rmtree(stage, ignore_errors=True)
+        for p in missing:
+            with contextlib.suppress(OSError):
+                p.rmdir()
+
+    try:
+        for p in reversed(missing):
+            p.mkdir(exist_ok=True)
+        stage = Path(tempfile.mkdtemp(dir=_stage_parent(out_dir), prefix=f".{out_dir.name}.partial-"))
+        os.chmod(stage, 0o777 & ~_umask())  # mkdtemp creates 0700; a new out_dir gets the usual permissions
+    except OSError as exc:
+        discard()
+        raise InputError(f"cannot create output directory {out_dir}: {exc.strerror or exc}") from None
+    try:
+        yield stage
+        _commit(stage, out_dir)
+    except BaseException:
+        discard()
+        raise
+
+
+def _check_writable(out_dir: Path) -> None:
+    if out_dir.exists() and not out_dir.is_dir():
+        raise InputError(f"output directory {out_dir} is not a directory")
+    existing = next(p for p in (out_dir, *out_dir.parents) if p.exists())
+    if not existing.is_dir():
+        raise InputError(f"output directory {out_dir} is not a directory ({existing} is a file)")
+    if not os.access(existing, os.W_OK | os.X_OK):
+        raise InputError(f"output directory {out_dir} is not writable")
+
+
+def _stage_parent(out_dir: Path) -> Path:
+    """Where the stage goes: beside out_dir, so that committing is a rename on one filesystem."""
+    parent = out_dir.parent
+    if out_dir.is_dir() and (not os.access(parent, os.W_OK | os.X_OK) or parent.stat().st_dev != out_dir.stat().st_dev):
+        return out_dir  # e.g. out_dir is a home directory or a mount point
+    return parent
+
+
+def _commit(stage: Path, out_dir: Path) -> None:
+    if not out_dir.exists():
+        os.rename(stage, out_dir)
+        return
+    entries = sorted(stage.iterdir())
+    old = Path(tempfile.mkdtemp(dir=stage, prefix=".old-"))
+    moved = []  # (old entry now in `old`, its place in out_dir)
+    try:
+        for k, entry in enumerate(entries):
+            target = out_dir / entry.name
+            if os.path.lexists(target) and (entry.is_dir() or target.is_dir()):
+                # os.replace cannot put a directory over an existing one: move the old one aside first.
+                os.rename(target, old / str(k))
+                moved.append((old / str(k), target))
+            os.replace(entry, target)
+    except BaseException:
+        for aside, target in moved:  # restore the old directories whose replacement did not arrive
+            if not os.path.lexists(target):
+                os.rename(aside, target)
+        raise
+    shutil.rmtree(stage)

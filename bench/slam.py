@@ -1,0 +1,189 @@
+"""SLAM benchmark: accuracy, speed and memory of `v2d run` / `v2d demo` against the issue's targets.
+
+    python -m bench.slam --json bench_out/slam.json [--data ../shared/data/7scenes-redkitchen]
+        [--skip-memory] [--sources dis learned]
+
+Every measurement is one `v2d` command in a fresh subprocess (what a user runs), so wall time is
+end to end (reading and resizing images, tracking, depth, fusion, writing) and the peak resident
+memory is the child's own (`ru_maxrss` from wait4). Accuracy is evaluated from the files the run
+wrote, with the same code as everywhere else (evo for ATE after Sim3 alignment; per-keyframe
+median-scaled AbsRel against the dataset's depth).
+
+1. demo: `v2d demo` (the embedded synthetic sequence): ATE as a percentage of the path length.
+2. 7-Scenes redkitchen, frames 0-499 at stride 2, 240x320, with the dataset's intrinsics and
+   uncalibrated, for each flow source: ATE RMSE (Sim3), keyframe depth AbsRel, frames/s.
+3. speed: a 300-frame synthetic run (rendered to PNGs first, 240x320, default config): frames/s.
+4. memory: the same renderer's 1000-frame run vs the 300-frame run: peak RSS and their ratio.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+
+from bench._common import ROOT, write_results
+
+DEFAULT_DATA = ROOT.parent / "shared" / "data" / "7scenes-redkitchen"
+
+
+def _v2d(args: list[str]) -> tuple[float, float]:
+    """Run `v2d ARGS` in a subprocess; returns (wall seconds, peak RSS in MB). Raises on failure."""
+    t = time.perf_counter()
+    proc = subprocess.Popen([sys.executable, "-m", "tools.cli", *args, "-q"], cwd=ROOT,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    _, status, usage = os.wait4(proc.pid, 0)
+    wall = time.perf_counter() - t
+    err = proc.stderr.read()
+    proc.stderr.close()
+    if os.waitstatus_to_exitcode(status) != 0:
+        raise RuntimeError(f"v2d {' '.join(args)} failed:\n{err}")
+    return wall, usage.ru_maxrss / 1024.0  # KiB -> MiB
+
+
+def _render_folder(path: Path, frames: int, seed: int) -> np.ndarray:
+    """Render the synthetic sequence into a PNG folder with intrinsics.txt; returns GT poses_wc (N, 7)."""
+    import cv2
+
+    from v2d.data.synthetic import default_intrinsics, make_scene, make_trajectory, render_views
+    from v2d.geometry.lie import se3_inv
+
+    path.mkdir(parents=True, exist_ok=True)
+    intr = default_intrinsics(240, 320)
+    scene = make_scene(seed)
+    poses = make_trajectory(scene, seed, frames)
+    for lo in range(0, frames, 50):  # in chunks: 1000 frames at once would hold 230 MB of images
+        images, _ = render_views(scene, poses[lo:lo + 50], intr, 240, 320)
+        for k, im in enumerate(np.asarray(images)):
+            cv2.imwrite(str(path / f"{lo + k:06d}.png"), np.ascontiguousarray(im[..., ::-1]))
+    (path / "intrinsics.txt").write_text(" ".join(f"{v:.6f}" for v in intr.tolist()))
+    return se3_inv(poses).numpy()
+
+
+def _trajectory(path: Path) -> tuple[np.ndarray, np.ndarray]:
+    rows = np.loadtxt(path, comments="#")
+    return rows[:, 0], rows[:, 1:]
+
+
+def _ate(out: Path, gt_t: np.ndarray, gt_wc: np.ndarray) -> dict:
+    from v2d.metrics import trajectory_ate
+
+    t, p = _trajectory(out / "trajectory.txt")
+    return trajectory_ate(t, p, gt_t, gt_wc, align="sim3")
+
+
+def _seven_scenes(data: Path, out: Path, source: str, calibrated: bool) -> dict:
+    import cv2
+    import torch
+
+    from v2d.geometry.lie import matrix_to_quat
+    from v2d.io.datasets import open_sequence
+    from v2d.metrics import depth_metrics
+
+    args = ["run", str(data), "--out", str(out), "--stride", "2", "--max-frames", "250", "--resize", "240x320",
+            "--set", f"motion.flow_source={source}"]
+    if not calibrated:
+        args.append("--uncalibrated")
+    wall, rss = _v2d(args)
+    summary = json.loads((out / "summary.json").read_text())
+    seq = open_sequence(data)
+    idx = np.arange(0, 500, 2)
+    gt = seq.poses_wc[idx]
+    gt_wc = np.concatenate([gt[:, :3, 3], matrix_to_quat(torch.from_numpy(gt[:, :3, :3])).numpy()], axis=1)
+    from v2d.errors import NumericalError
+
+    try:
+        ate = _ate(out, idx.astype(np.float64), gt_wc)
+    except NumericalError as exc:  # e.g. a trajectory that never moved
+        ate = {"ate_rmse": float("nan"), "path_length": float("nan"), "scale": float("nan"), "error": str(exc)}
+    rels = []
+    for f in sorted((out / "depth").glob("*.npy")):
+        g = cv2.resize(seq.depth(int(f.stem)), (320, 240), interpolation=cv2.INTER_NEAREST)
+        rels.append(depth_metrics(np.load(f), g)["abs_rel"])
+    return {"flow_source": source, "calibrated": calibrated, "ate_rmse_cm": 100 * ate["ate_rmse"],
+            "path_length_m": ate["path_length"], "scale": ate["scale"], "depth_abs_rel": float(np.mean(rels)),
+            "keyframes": summary["keyframes"], "lost_frames": summary["lost_frames"],
+            "fps_tracking": summary["fps"], "fps_end_to_end": summary["frames"] / wall, "peak_rss_mb": rss,
+            "focal_px_240x320": summary["intrinsics"]["fx"], "ate_error": ate.get("error"),
+            "restarts": summary["restarts"], "warnings": summary["warnings"]}
+
+
+def _demo(tmp: Path, results: dict) -> None:
+    wall, rss = _v2d(["demo", "--out", str(tmp / "demo")])
+    demo = json.loads((tmp / "demo" / "summary.json").read_text())
+    results["demo"] = {"ate_rmse": demo["ate_rmse"], "path_length": demo["path_length"],
+                       "ate_percent_of_path": demo["ate_percent_of_path"], "depth_abs_rel": demo["depth"]["abs_rel"],
+                       "frames": demo["frames"], "keyframes": demo["keyframes"], "fps_tracking": demo["fps"],
+                       "wall_s": wall, "peak_rss_mb": rss}
+    print(f"demo: ATE {demo['ate_percent_of_path']:.2f}% of {demo['path_length']:.2f} path, "
+          f"depth AbsRel {demo['depth']['abs_rel']:.3f}")
+
+
+def _seven_scenes_all(tmp: Path, results: dict, data: Path, sources: list[str]) -> None:
+    if not data.exists():
+        print(f"7-Scenes skipped: {data} not found")
+        return
+    results["7scenes"] = []
+    for source in sources:
+        for calibrated in (True, False):
+            r = _seven_scenes(data, tmp / f"7s-{source}-{calibrated}", source, calibrated)
+            results["7scenes"].append(r)
+            print(f"7-Scenes {source:7s} {'calibrated' if calibrated else 'uncalibrated'}: "
+                  f"ATE {r['ate_rmse_cm']:.2f} cm {r['ate_error'] or ''}, depth AbsRel {r['depth_abs_rel']:.3f}, "
+                  f"{r['fps_end_to_end']:.2f} frames/s end to end, {r['keyframes']} keyframes, "
+                  f"{r['lost_frames']} lost")
+
+
+def _synthetic(tmp: Path, results: dict, skip_memory: bool) -> None:
+    frames = 300 if skip_memory else 1000
+    gt_wc = _render_folder(tmp / "synthetic", frames, seed=7)
+    t_gt = np.arange(frames, dtype=np.float64)
+    runs = {}
+    for n in [300] if skip_memory else [300, 1000]:
+        out = tmp / f"syn{n}"
+        wall, rss = _v2d(["run", str(tmp / "synthetic"), "--out", str(out), "--max-frames", str(n)])
+        summary = json.loads((out / "summary.json").read_text())
+        ate = _ate(out, t_gt[:n], gt_wc[:n])
+        runs[n] = {"frames": n, "wall_s": wall, "fps_end_to_end": n / wall, "fps_tracking": summary["fps"],
+                   "peak_rss_mb": rss, "keyframes": summary["keyframes"], "lost_frames": summary["lost_frames"],
+                   "ate_percent_of_path": 100 * ate["ate_rmse"] / ate["path_length"]}
+        print(f"synthetic {n} frames: {n / wall:.2f} frames/s end to end, peak RSS {rss:.0f} MB, "
+              f"ATE {runs[n]['ate_percent_of_path']:.2f}% of path")
+    results["synthetic_runs"] = list(runs.values())
+    if 1000 in runs:
+        results["rss_1000_over_300"] = runs[1000]["peak_rss_mb"] / runs[300]["peak_rss_mb"]
+        print(f"peak RSS 1000 / 300 frames: {results['rss_1000_over_300']:.3f}")
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--json", metavar="FILE", help="write the results here")
+    parser.add_argument("--data", type=Path, default=DEFAULT_DATA, help="7-Scenes redkitchen folder")
+    parser.add_argument("--sources", nargs="+", default=["dis", "learned"], choices=["dis", "learned"])
+    parser.add_argument("--parts", nargs="+", default=["demo", "7scenes", "synthetic"],
+                        choices=["demo", "7scenes", "synthetic"], help="which measurements to run")
+    parser.add_argument("--skip-memory", action="store_true", help="skip the 1000-frame run (about 5 minutes)")
+    args = parser.parse_args(argv)
+    results: dict = {"targets": {"demo_ate_percent": 1.0, "7scenes_ate_cm": 5.0, "fps": 5.0, "peak_rss_mb": 4096,
+                                 "rss_1000_over_300": 1.10}}
+    with tempfile.TemporaryDirectory(prefix="v2d-bench-") as tmp:
+        tmp = Path(tmp)
+        if "demo" in args.parts:
+            _demo(tmp, results)
+        if "7scenes" in args.parts:
+            _seven_scenes_all(tmp, results, args.data, args.sources)
+        if "synthetic" in args.parts:
+            _synthetic(tmp, results, args.skip_memory)
+    write_results(args.json, results)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

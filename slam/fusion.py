@@ -1,0 +1,325 @@
+"""Keyframe depth fusion: forward splatting, multi-view consistency, fused coloured clouds, PLY output.
+
+A keyframe pixel enters the fused cloud only when nearby keyframes see a surface at the same depth
+(the usual multi-view-stereo fusion test), so one bad depth map does not scatter floaters through
+the cloud. All lookups are nearest-pixel: interpolating depth across an object's silhouette would
+invent points between foreground and background.
+
+Depth maps mark invalid pixels with 0 or a non-finite value. Open3D is imported inside the
+functions that need it (importing it is slow and needs libusb).
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import os
+import tempfile
+from collections.abc import Sequence
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import Tensor
+
+from v2d.errors import InputError, NumericalError, ShapeError
+from v2d.geometry.camera import backproject, project, relative_pose
+from v2d.geometry.lie import se3_act, se3_inv
+
+__all__ = ["consistency_mask", "fuse_keyframes", "splat_depth", "write_ply"]
+
+_log = logging.getLogger(__name__)
+
+# Open3D 0.20 refuses to write a cloud without points ("Write PLY failed: point cloud has 0 points")
+# although a PLY file with zero vertices is valid; write_ply then writes this header itself, with
+# the properties Open3D writes for a coloured cloud (its reader returns an empty cloud for it).
+_EMPTY_PLY = (
+    b"ply\nformat binary_little_endian 1.0\ncomment Created by v2d\nelement vertex 0\n"
+    b"property double x\nproperty double y\nproperty double z\n"
+    b"property uchar red\nproperty uchar green\nproperty uchar blue\nend_header\n"
+)
+
+
+# --------------------------------------------------------------------------------------------------
+# validation
+
+
+def _check_depth(name: str, depth: object) -> Tensor:
+    if not isinstance(depth, Tensor) or depth.dim() != 2 or not depth.is_floating_point():
+        got = f" {tuple(depth.shape)} {depth.dtype}" if isinstance(depth, Tensor | np.ndarray) else ""
+        raise ShapeError(f"{name}: expected a floating-point torch.Tensor (H, W), got {type(depth).__name__}{got}")
+    return depth
+
+
+def _check_vector(name: str, x: object, shape: tuple[int, ...], like: Tensor) -> Tensor:
+    """A finite float tensor of `shape`, moved to the dtype and device of `like`."""
+    if isinstance(x, np.ndarray):
+        x = torch.from_numpy(x)
+    if not isinstance(x, Tensor) or tuple(x.shape) != shape or not x.is_floating_point():
+        got = tuple(x.shape) if isinstance(x, Tensor) else type(x).__name__
+        raise ShapeError(f"{name}: expected a floating-point tensor {shape}, got {got}")
+    if not bool(torch.isfinite(x).all()):
+        raise NumericalError(f"{name}: expected finite values, got {x.tolist()}")
+    return x.to(dtype=like.dtype, device=like.device)
+
+
+def _check_intrinsics(intrinsics: object, like: Tensor) -> Tensor:
+    intr = _check_vector("intrinsics", intrinsics, (4,), like)
+    if not (intr[0] > 0 and intr[1] > 0):
+        raise ShapeError(f"intrinsics: expected fx > 0 and fy > 0, got {intr.tolist()}")
+    return intr
+
+
+def _check_rel_tol(rel_tol: float) -> float:
+    if not (isinstance(rel_tol, int | float) and math.isfinite(rel_tol) and rel_tol >= 0):
+        raise InputError(f"rel_tol: expected a finite number >= 0, got {rel_tol!r}")
+    return float(rel_tol)
+
+
+def _check_count(name: str, n: object) -> int:
+    if isinstance(n, bool) or not isinstance(n, int | np.integer) or n < 0:
+        raise InputError(f"{name}: expected an int >= 0, got {n!r}")
+    return int(n)
+
+
+def _check_index(name: str, i: object, K: int) -> int:
+    if isinstance(i, bool) or not isinstance(i, int | np.integer) or not 0 <= i < K:
+        raise ShapeError(f"{name}: expected an int in [0, {K}), got {i!r}")
+    return int(i)
+
+
+def _check_depth_stack(depths: Sequence[object], poses_cw: object, intrinsics: object
+                       ) -> tuple[list[Tensor], Tensor, Tensor]:
+    if len(depths) == 0:
+        raise ShapeError("depths: expected at least one (H, W) depth map, got none")
+    deps = [_check_depth(f"depths[{i}]", d) for i, d in enumerate(depths)]
+    for i, d in enumerate(deps):
+        if d.shape != deps[0].shape or d.dtype != deps[0].dtype or d.device != deps[0].device:
+            raise ShapeError(f"depths[{i}]: expected {tuple(deps[0].shape)} {deps[0].dtype} on {deps[0].device} "
+                             f"like depths[0], got {tuple(d.shape)} {d.dtype} on {d.device}")
+    poses = _check_vector("poses_cw", poses_cw, (len(deps), 7), deps[0])
+    return deps, poses, _check_intrinsics(intrinsics, deps[0])
+
+
+# --------------------------------------------------------------------------------------------------
+# geometry
+
+
+def _valid(depth: Tensor) -> Tensor:
+    return torch.isfinite(depth) & (depth > 0)
+
+
+def _warp(depth: Tensor, T_src_dst: Tensor, intrinsics: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    """Nearest destination pixel (flat index v * W + u), destination depth and validity of every pixel.
+
+    A pixel is valid when its depth is, it lands in front of the destination camera and its
+    rounded projection is inside the image. `index` is 0 where it is not valid.
+
+    Shapes:
+        depth: (H, W), T_src_dst: (7,), intrinsics: (4,) -> index (H, W) int64, z (H, W), ok (H, W) bool
+    """
+    H, W = depth.shape
+    valid = _valid(depth)
+    X = se3_act(T_src_dst, backproject(torch.where(valid, depth, 1.0), intrinsics))
+    z = X[..., 2]
+    # Pixel (u, v) covers [u - 0.5, u + 0.5); NaN/inf from z <= 0 fail the range tests below.
+    col, row = torch.floor(project(X, intrinsics) + 0.5).unbind(-1)
+    ok = valid & (z > 0) & (col >= 0) & (col < W) & (row >= 0) & (row < H)
+    # Integer arithmetic: a float32 index would lose pixels beyond 2^24.
+    index = torch.where(ok, row, 0.0).long() * W + torch.where(ok, col, 0.0).long()
+    return index, z, ok
+
+
+def splat_depth(depth: Tensor, pose_cw_src: Tensor, pose_cw_dst: Tensor, intrinsics: Tensor) -> Tensor:
+    """Forward-warp a depth map into another camera with a z-buffer (nearest pixel, nearest surface).
+
+    Every valid source pixel is moved to the destination pixel nearest to its projection; where
+    several land on one pixel the smallest destination depth wins. Pixels nothing lands on (holes,
+    disocclusions, outside the source view) are 0. Used to initialise a new keyframe's depth from
+    the previous keyframe's.
+
+    Shapes:
+        depth: (H, W) float (0 or non-finite = invalid), pose_cw_src: (7,), pose_cw_dst: (7,),
+        intrinsics: (4,) -> (H, W) depth in the destination camera, dtype and device of `depth`
+    """
+    depth = _check_depth("depth", depth)
+    src = _check_vector("pose_cw_src", pose_cw_src, (7,), depth)
+    dst = _check_vector("pose_cw_dst", pose_cw_dst, (7,), depth)
+    intr = _check_intrinsics(intrinsics, depth)
+    index, z, ok = _warp(depth, relative_pose(src, dst), intr)
+    out = depth.new_full((depth.numel(),), torch.inf)
+    out = out.scatter_reduce(0, index[ok], z[ok], reduce="amin")
+    return torch.where(torch.isinf(out), 0.0, out).view(depth.shape)
+
+
+def _consistency(depths: list[Tensor], poses_cw: Tensor, intrinsics: Tensor, k: int, neighbours: Sequence[int],
+                 rel_tol: float) -> Tensor:
+    count = torch.zeros(depths[k].shape, dtype=torch.int64, device=depths[k].device)
+    for n in neighbours:
+        index, z, ok = _warp(depths[k], relative_pose(poses_cw[k], poses_cw[n]), intrinsics)
+        d_n = depths[n].reshape(-1)[index]
+        count += ok & _valid(d_n) & ((z - d_n).abs() <= rel_tol * d_n)
+    return count
+
+
+def consistency_mask(depths: Sequence[Tensor], poses_cw: Tensor, intrinsics: Tensor, k: int,
+                     neighbours: Sequence[int], rel_tol: float) -> Tensor:
+    """How many neighbour keyframes agree with each pixel of keyframe k.
+
+    A valid pixel of keyframe k agrees with neighbour n when it lands in front of camera n, its
+    nearest pixel there is inside the image with a valid depth d_n, and its depth z in camera n
+    satisfies |z - d_n| <= rel_tol * d_n. A pixel occluded in n disagrees with n.
+
+    Shapes:
+        depths: K x (H, W) float tensors, poses_cw: (K, 7), intrinsics: (4,), neighbours: indices
+        in [0, K) other than k -> (H, W) int64 counts in [0, len(neighbours)]
+    """
+    deps, poses, intr = _check_depth_stack(depths, poses_cw, intrinsics)
+    k = _check_index("k", k, len(deps))
+    near = [_check_index("neighbours", n, len(deps)) for n in neighbours]
+    if k in near:
+        raise ShapeError(f"neighbours: expected indices other than k = {k}, got {list(neighbours)}")
+    return _consistency(deps, poses, intr, k, near, _check_rel_tol(rel_tol))
+
+
+# --------------------------------------------------------------------------------------------------
+# fusion
+
+
+def _as_tensor(x: object) -> Tensor:
+    return x if isinstance(x, Tensor) else torch.from_numpy(np.asarray(x))
+
+
+def fuse_keyframes(
+    depths: Sequence[np.ndarray | Tensor],
+    images: Sequence[np.ndarray | Tensor],
+    poses_cw: Tensor | np.ndarray,
+    intrinsics: Tensor | np.ndarray,
+    *,
+    neighbours: int = 2,
+    rel_tol: float = 0.05,
+    min_views: int = 1,
+    voxel: float = 0.0,
+    max_depth: float | None = None,
+) -> tuple[np.ndarray, np.ndarray]:
+    """Fused coloured point cloud of K keyframes, in world coordinates.
+
+    A pixel of keyframe k is kept when its depth is valid (finite, > 0, <= max_depth if given) and
+    it agrees (see `consistency_mask`, tolerance `rel_tol`) with at least `min_views` of keyframes
+    k - neighbours .. k + neighbours other than k (clipped to [0, K)); min_views = 0 turns the check
+    off. With one keyframe nothing can be checked: its valid pixels are kept and a warning is logged.
+    `voxel` > 0 (metres) averages points and colours per voxel of that size (Open3D
+    `voxel_down_sample`). Geometry runs in float64 on the device of the first depth map.
+
+    Shapes:
+        depths: K x (H, W) float, images: K x (H, W, 3) uint8 RGB, poses_cw: (K, 7) world->camera,
+        intrinsics: (4,) -> points (P, 3) float64 world, colors (P, 3) float64 RGB in [0, 1]
+    """
+    if len(depths) != len(images):
+        raise ShapeError(f"fuse_keyframes: expected as many images as depth maps, got {len(images)} images "
+                         f"and {len(depths)} depth maps")
+    neighbours = _check_count("neighbours", neighbours)
+    min_views = _check_count("min_views", min_views)
+    rel_tol = _check_rel_tol(rel_tol)
+    if not (isinstance(voxel, int | float) and math.isfinite(voxel) and voxel >= 0):
+        raise InputError(f"voxel: expected a finite size >= 0 (metres), got {voxel!r}")
+    if max_depth is not None and (isinstance(max_depth, bool) or not isinstance(max_depth, int | float)
+                                  or not max_depth > 0):
+        raise InputError(f"max_depth: expected None or a depth > 0 (metres), got {max_depth!r}")
+
+    device = _as_tensor(depths[0]).device if len(depths) else None
+    float_depths = []
+    for i, d in enumerate(depths):
+        d = _as_tensor(d)
+        if not d.is_floating_point():
+            raise ShapeError(f"depths[{i}]: expected a floating-point (H, W) depth map, got dtype {d.dtype}")
+        float_depths.append(d.to(dtype=torch.float64, device=device))
+    deps, poses, intr = _check_depth_stack(float_depths, poses_cw, intrinsics)
+    H, W = deps[0].shape
+    imgs = [_as_tensor(im) for im in images]
+    for i, im in enumerate(imgs):
+        if tuple(im.shape) != (H, W, 3) or im.dtype != torch.uint8:
+            raise ShapeError(f"images[{i}]: expected ({H}, {W}, 3) uint8 like the depth maps, "
+                             f"got {tuple(im.shape)} {im.dtype}")
+
+    K = len(deps)
+    check = K > 1 and min_views > 0
+    if K == 1 and min_views > 0:
+        _log.warning("fuse_keyframes: one keyframe, so no multi-view consistency check; keeping its valid pixels")
+    poses_wc = se3_inv(poses)
+    points, colors = [], []
+    for k in range(K):
+        keep = _valid(deps[k])
+        if max_depth is not None:
+            keep &= deps[k] <= max_depth
+        if check:
+            near = [n for n in range(max(0, k - neighbours), min(K, k + neighbours + 1)) if n != k]
+            keep &= _consistency(deps, poses, intr, k, near, rel_tol) >= min_views
+        _log.debug("fuse_keyframes: keyframe %d keeps %d of %d pixels", k, int(keep.sum()), keep.numel())
+        points.append(se3_act(poses_wc[k], backproject(deps[k], intr)[keep]))
+        colors.append(imgs[k].to(keep.device)[keep].double() / 255.0)
+    pts = torch.cat(points).cpu().numpy()
+    cols = torch.cat(colors).cpu().numpy()
+    if voxel > 0 and len(pts):
+        cloud = _open3d_cloud(pts, cols).voxel_down_sample(voxel)
+        pts, cols = np.asarray(cloud.points).copy(), np.asarray(cloud.colors).copy()
+    return pts, cols
+
+
+# --------------------------------------------------------------------------------------------------
+# output
+
+
+def _open3d_cloud(points: np.ndarray, colors: np.ndarray):  # -> open3d.geometry.PointCloud
+    import open3d as o3d
+
+    cloud = o3d.geometry.PointCloud()
+    cloud.points = o3d.utility.Vector3dVector(points)
+    cloud.colors = o3d.utility.Vector3dVector(colors)
+    return cloud
+
+
+def write_ply(path: str | Path, points: np.ndarray | Tensor, colors: np.ndarray | Tensor) -> Path:
+    """Write a coloured point cloud as binary PLY (colours stored as uchar), atomically.
+
+    The file is written under a temporary name ending in .ply (Open3D picks the format from the
+    suffix) in the target directory, then renamed; on failure the temporary file is removed and
+    InputError raised. An empty cloud gives a valid PLY with zero vertices.
+
+    Shapes:
+        points: (P, 3) finite, colors: (P, 3) RGB in [0, 1]
+    """
+    import open3d as o3d
+
+    path = Path(path)
+    pts = np.asarray(points, dtype=np.float64)
+    cols = np.asarray(colors, dtype=np.float64)
+    if pts.ndim != 2 or pts.shape[1] != 3 or cols.shape != pts.shape:
+        raise ShapeError(f"write_ply: expected points (P, 3) and colors (P, 3), got {pts.shape} and {cols.shape}")
+    if not np.isfinite(pts).all():
+        raise NumericalError(f"write_ply: expected finite points, got {int((~np.isfinite(pts)).any(1).sum())} "
+                             "non-finite")
+    if len(cols) and not (cols.min() >= 0 and cols.max() <= 1):
+        raise ShapeError(f"write_ply: expected colors in [0, 1], got [{cols.min()}, {cols.max()}]")
+
+    tmp = None
+    try:
+        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".ply")
+        with os.fdopen(fd, "wb") as f:
+            if len(pts) == 0:
+                f.write(_EMPTY_PLY)
+        if len(pts) and not o3d.io.write_point_cloud(tmp, _open3d_cloud(pts, cols), write_ascii=False):
+            raise OSError("Open3D could not write it")
+        with open(tmp, "rb+") as f:
+            os.fsync(f.fileno())
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(tmp, 0o666 & ~umask)  # mkstemp creates 0600; give the file the usual permissions
+        os.replace(tmp, path)
+    except BaseException as exc:
+        if tmp is not None:
+            Path(tmp).unlink(missing_ok=True)
+        if not isinstance(exc, Exception):
+            raise  # KeyboardInterrupt and the like propagate unchanged
+        raise InputError(f"cannot write point cloud {path}: {exc}") from exc
+    return path

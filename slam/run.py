@@ -1,0 +1,224 @@
+"""The run loop: frames in, trajectory, keyframe depth, fused cloud and a summary out.
+
+    summary = run_slam("video.mp4", "out/", cfg, RunOptions(stride=2))
+
+`run_slam` opens the input (video, image folder, 7-Scenes, TUM, ScanNet; `v2d.io.datasets`),
+streams the selected frames (resized to the network size, intrinsics scaled with them) through
+`slam.frontend.SlamSystem` and writes, into `out_dir`:
+
+- `trajectory.txt`: every processed frame's camera->world pose, TUM format, dataset timestamps
+  (or the frame index);
+- `depth/NNNNNN.png` (16-bit, millimetres when the scene unit is metres) and `depth/NNNNNN.npy`
+  (float32) for each keyframe, named by input frame index;
+- `cloud.ply`: the keyframes' depth fused into a coloured cloud, each point checked against
+  neighbouring keyframes (`slam.fusion.fuse_keyframes`);
+- `summary.json`: counts, lost/static/textureless frames, warnings, timing, intrinsics, config.
+
+All of it is staged in a hidden directory next to `out_dir` and moved into place only when the
+run succeeds (`v2d.io.writers.staged_output`): a failed run leaves nothing behind.
+
+Without intrinsics (none given, none in the dataset) or with `uncalibrated=True`, the run starts
+from fx = fy = 1.2 * width, principal point at the centre, and optimises the focal length.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import time
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from kernels import ops
+from slam.frontend import SlamResult, SlamSystem
+from v2d import __version__
+from v2d.config import V2DConfig, to_dict
+from v2d.errors import InputError
+from v2d.geometry.camera import resize_intrinsics
+from v2d.geometry.lie import se3_inv
+from v2d.io.datasets import iter_frames, open_sequence, select_frames
+from v2d.io.writers import ensure_dir, staged_output, write_depth_png, write_json, write_npy, write_tum
+from v2d.model import load_model
+
+__all__ = ["RunOptions", "run_slam", "track_frames", "write_outputs", "UNCALIBRATED_FOCAL", "slam_config"]
+
+_log = logging.getLogger(__name__)
+
+UNCALIBRATED_FOCAL = 1.2  # initial fx = fy = UNCALIBRATED_FOCAL * width without calibration
+
+
+@dataclass(frozen=True)
+class RunOptions:
+    """How `run_slam` reads its input.
+
+    Attributes:
+        stride: use every stride-th input frame.
+        max_frames: stop after this many used frames (None = all).
+        size: (H, W) the frames are resized to (None = `data.height` x `data.width`).
+        intrinsics: fx, fy, cx, cy at the input's size, overriding the dataset's (None = the dataset's).
+        uncalibrated: ignore any intrinsics and optimise the focal length.
+        progress: show a tqdm bar.
+    """
+
+    stride: int = 1
+    max_frames: int | None = None
+    size: tuple[int, int] | None = None
+    intrinsics: np.ndarray | None = None
+    uncalibrated: bool = False
+    progress: bool = True
+
+
+def slam_config(cfg: V2DConfig) -> V2DConfig:
+    """The configuration the front end runs the model with (keyframe-mode motion updates)."""
+    return dataclasses.replace(cfg, motion=dataclasses.replace(cfg.motion, mode="keyframe"))
+
+
+def _resize(image: np.ndarray, size: tuple[int, int]) -> np.ndarray:
+    import cv2
+
+    if image.shape[:2] == tuple(size):
+        return image
+    return cv2.resize(image, (size[1], size[0]), interpolation=cv2.INTER_AREA)
+
+
+def track_frames(frames: Iterable[np.ndarray], count: int, cfg: V2DConfig, size: tuple[int, int],
+                 intrinsics: np.ndarray | None, depth_dir: Path | None, names: list[int] | None = None,
+                 progress: bool = True, on_keyframe: Callable[[int, np.ndarray], None] | None = None
+                 ) -> tuple[SlamResult, dict[str, Any]]:
+    """Run the front end over `frames` (any size, resized to `size`); write keyframe depth to depth_dir.
+
+    Shapes: frames: (H0, W0, 3) uint8 RGB each; intrinsics (4,) at (H0, W0), or None (uncalibrated).
+    `names[f]` is frame f's input index (depth file names; default f). `on_keyframe(f, depth)` sees
+    each keyframe's final depth (H, W) too (the demo evaluates it). Returns the result and run facts.
+    """
+    from tqdm import tqdm
+
+    cfg = slam_config(cfg)
+    model = load_model(cfg)  # first: a missing or wrong weights file fails before any frame is read
+    H, W = size
+    system: SlamSystem | None = None
+    calibrated = intrinsics is not None
+    t0 = time.perf_counter()
+
+    def keyframe_done(f: int, depth: np.ndarray, pose_cw: torch.Tensor) -> None:
+        name = f"{(names[f] if names else f):06d}"
+        if depth_dir is not None:
+            write_depth_png(depth_dir / f"{name}.png", depth)
+            write_npy(depth_dir / f"{name}.npy", depth)
+        if on_keyframe is not None:
+            on_keyframe(f, depth)
+
+    bar = tqdm(total=count, unit="frame", disable=not progress, dynamic_ncols=True, desc="v2d slam")
+    n = 0
+    try:
+        for image in frames:
+            if system is None:
+                h0, w0 = image.shape[:2]
+                if calibrated:
+                    intr = resize_intrinsics(torch.as_tensor(intrinsics, dtype=torch.float64), (h0, w0), (H, W))
+                else:
+                    intr = torch.tensor([UNCALIBRATED_FOCAL * W, UNCALIBRATED_FOCAL * W, (W - 1) / 2, (H - 1) / 2],
+                                        dtype=torch.float64)
+                    _log.warning("no camera intrinsics: running uncalibrated from fx = fy = %.1f * width, "
+                                 "optimising the focal length (give --intrinsics for better results)",
+                                 UNCALIBRATED_FOCAL)
+                system = SlamSystem(model, cfg, intr, size, calibrated=calibrated, on_keyframe=keyframe_done)
+            system.add_frame(_resize(image, size))
+            n += 1
+            bar.update(1)
+            if system.initialised:
+                bar.set_postfix(kf=len(system.keyframes), lost=sum(s.lost for s in system.frames), refresh=False)
+        if system is None or n < 2:
+            raise InputError(f"the input gave {n} frame(s); SLAM needs at least 2")
+        result = system.finish()
+    finally:
+        bar.close()
+    seconds = time.perf_counter() - t0
+    facts = {"seconds": seconds, "fps": n / seconds, "frames": n, "calibrated": calibrated}
+    return result, facts
+
+
+def write_outputs(out: Path, result: SlamResult, timestamps: np.ndarray, cfg: V2DConfig, facts: dict[str, Any],
+                  extra: dict[str, Any] | None = None) -> dict[str, Any]:
+    """Write trajectory.txt, cloud.ply and summary.json (depth/ is written while tracking)."""
+    from slam.fusion import fuse_keyframes, write_ply
+
+    sc = cfg.slam
+    poses_wc = se3_inv(result.poses_cw)
+    write_tum(out / "trajectory.txt", timestamps, poses_wc.numpy())
+    s = result.cloud_stride
+    fx, fy, cx, cy = result.intrinsics.tolist()
+    intr_small = torch.tensor([fx / s, fy / s, cx / s, cy / s], dtype=torch.float64)  # pixel (i, j) = (s i, s j)
+    points, colors = fuse_keyframes(result.cloud_depths, result.cloud_images, result.keyframe_poses_cw, intr_small,
+                                    neighbours=sc.cloud_neighbours, rel_tol=sc.cloud_tolerance,
+                                    min_views=sc.cloud_min_views, voxel=sc.cloud_voxel)
+    write_ply(out / "cloud.ply", points, colors)
+    frames = result.frames
+    marked = {name: [f for f, st in enumerate(frames) if getattr(st, attr)]
+              for name, attr in (("lost", "lost"), ("static", "static"), ("textureless", "textureless"))}
+    tracked = [st.quality for st in frames if not st.is_keyframe and not st.lost]
+    summary = {
+        "version": __version__,
+        "kernels": "extension" if ops.extension_available() else "reference",
+        "frames": facts["frames"],
+        "keyframes": len(result.keyframe_frames),
+        "keyframe_frames": result.keyframe_frames,
+        "lost_frames": len(marked["lost"]),
+        "marked_frames": marked,
+        "restarts": result.restarts,
+        "points": int(points.shape[0]),
+        "seconds": facts["seconds"],  # model loading to the last frame's tracking
+        "seconds_total": facts.get("seconds_total"),  # including opening the input
+        "fps": facts["fps"],
+        "image_size": [cfg.data.height, cfg.data.width],
+        "intrinsics": {"fx": fx, "fy": fy, "cx": cx, "cy": cy, "calibrated": facts["calibrated"],
+                       "note": "at the network input size"},
+        "tracking": {
+            "flow_source": cfg.motion.flow_source,
+            "mean_confidence": float(np.mean([q.confidence for q in tracked])) if tracked else None,
+            "mean_overlap": float(np.mean([q.overlap for q in tracked])) if tracked else None,
+            "mean_residual_px": float(np.mean([q.residual for q in tracked])) if tracked else None,
+        },
+        "warnings": result.warnings,
+        "config": to_dict(cfg),
+    }
+    summary.update(extra or {})
+    write_json(out / "summary.json", summary)
+    return summary
+
+
+def run_slam(source: str | Path, out_dir: str | Path, cfg: V2DConfig, opts: RunOptions = RunOptions()
+             ) -> dict[str, Any]:
+    """Run SLAM on a video, image folder or dataset sequence and write the outputs to out_dir.
+
+    Raises InputError (bad input, unwritable output), ConfigError, ShapeError; nothing is left in
+    out_dir then. Returns the summary written to summary.json.
+    """
+    size = opts.size or (cfg.data.height, cfg.data.width)
+    cfg = dataclasses.replace(cfg, data=dataclasses.replace(cfg.data, height=size[0], width=size[1]))
+    with staged_output(out_dir) as stage:
+        t0 = time.perf_counter()
+        seq = open_sequence(source, opts.intrinsics, require_intrinsics=False)
+        indices = select_frames(len(seq), opts.stride, opts.max_frames)
+        if len(indices) < 2:
+            raise InputError(f"{source}: {len(indices)} frame(s) selected (of {len(seq)}, stride {opts.stride}); "
+                             "SLAM needs at least 2")
+        intr = None if opts.uncalibrated else seq.intrinsics
+        depth_dir = ensure_dir(stage / "depth")
+        frames = (rgb for _, rgb in iter_frames(seq, indices))
+        result, facts = track_frames(frames, len(indices), cfg, size, intr, depth_dir, names=indices,
+                                     progress=opts.progress)
+        n = facts["frames"]
+        timestamps = np.asarray(seq.timestamps, dtype=np.float64)[indices[:n]]
+        extra = {"input": {"path": str(source), "layout": seq.layout, "input_frames": len(seq),
+                           "stride": opts.stride, "max_frames": opts.max_frames}}
+        facts["seconds_total"] = time.perf_counter() - t0
+        summary = write_outputs(stage, result, timestamps, cfg, facts, extra)
+    _log.info("%d frames, %d keyframes, %d lost, %.1f frames/s -> %s", n, summary["keyframes"],
+              summary["lost_frames"], facts["fps"], out_dir)
+    return summary

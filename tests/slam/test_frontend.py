@@ -1,0 +1,169 @@
+"""The SLAM front end (`slam.frontend.SlamSystem`) on small rendered sequences.
+
+Sizes are 96x128 (a few seconds per run); the accuracy at the shipped weights' size, 240x320, is
+covered by the demo test (tests/test_demo.py) and measured by bench/slam.py.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+
+import numpy as np
+import pytest
+import torch
+
+from slam.frontend import SlamSystem
+from slam.run import slam_config
+from v2d.config import load_config
+from v2d.data.synthetic import render_sequence
+from v2d.errors import ShapeError
+from v2d.geometry.lie import se3_inv
+from v2d.metrics import trajectory_ate
+from v2d.model import SHIPPED_WEIGHTS, load_model
+
+H, W = 96, 128
+pytestmark = pytest.mark.skipif(not SHIPPED_WEIGHTS.exists(), reason=f"shipped weights missing: {SHIPPED_WEIGHTS}")
+
+
+def _cfg(*overrides: str):
+    return slam_config(load_config(None, list(overrides)))
+
+
+@pytest.fixture(scope="module")
+def seq():
+    return render_sequence(seed=2, num_frames=49, height=H, width=W)
+
+
+@pytest.fixture(scope="module")
+def model():
+    return load_model(_cfg())
+
+
+def _run(model, cfg, frames, intrinsics, calibrated=True, on_keyframe=None):
+    system = SlamSystem(model, cfg, intrinsics, (H, W), calibrated=calibrated, on_keyframe=on_keyframe)
+    for f in frames:
+        system.add_frame(np.ascontiguousarray(f))
+    return system, system.finish()
+
+
+def test_tracks_a_rendered_sequence_with_keyframes(seq, model):
+    frames = np.asarray(seq.images)[::2]
+    finals = []
+    system, res = _run(model, _cfg(), frames, seq.intrinsics, on_keyframe=lambda f, d, p: finals.append((f, d)))
+    n = len(frames)
+    assert res.poses_cw.shape == (n, 7) and torch.isfinite(res.poses_cw).all()
+    assert len(res.keyframe_frames) >= 3  # the camera moves: new keyframes by induced flow
+    assert res.keyframe_frames == sorted(res.keyframe_frames) and res.keyframe_frames[0] == 0
+    assert [f for f, _ in finals] == res.keyframe_frames  # every keyframe's depth handed out once
+    assert all(d.shape == (H, W) and np.isfinite(d).all() and (d > 0).mean() > 0.9 for _, d in finals)
+    assert not any(s.lost for s in res.frames)
+    ts = np.arange(n, dtype=np.float64)
+    gt_wc = se3_inv(seq.poses_cw[::2]).numpy()
+    ate = trajectory_ate(ts, se3_inv(res.poses_cw).numpy(), ts, gt_wc)
+    assert ate["ate_rmse"] < 0.03 * ate["path_length"], ate  # 96x128 is far below the training size
+    # memory bound: only the window keeps full-size images; the buffer is trimmed
+    assert all(k.image is None for k in system.keyframes)
+    assert len(system.buffer) <= system.sc.buffer_frames
+
+
+def test_keyframe_threshold_controls_keyframes(seq, model):
+    frames = np.asarray(seq.images)[:24]
+    _, few = _run(model, _cfg("slam.keyframe_flow=60"), frames, seq.intrinsics)
+    _, many = _run(model, _cfg("slam.keyframe_flow=8"), frames, seq.intrinsics)
+    assert len(few.keyframe_frames) < len(many.keyframe_frames)
+
+
+def test_window_and_buffer_stay_bounded(seq, model):
+    cfg = _cfg("slam.window=2", "slam.buffer_frames=4", "slam.keyframe_flow=6")
+    system = SlamSystem(model, cfg, seq.intrinsics, (H, W))
+    full_images = []
+    for f in np.asarray(seq.images)[::2]:
+        system.add_frame(np.ascontiguousarray(f))
+        if system.initialised:
+            full_images.append(sum(k.image is not None for k in system.keyframes))
+            assert len(system.window) <= 2 and len(system.buffer) <= 4
+            assert all(a in system.window and b in system.window for a, b in system.dis_cache)
+    assert max(full_images) <= 2
+    assert len(system.keyframes) > 4
+
+
+def test_static_camera_completes_with_warning(seq, model, caplog):
+    frame = np.asarray(seq.images)[0]
+    with caplog.at_level(logging.WARNING):
+        _, res = _run(model, _cfg(), [frame] * 14, seq.intrinsics)
+    assert torch.isfinite(res.poses_cw).all()
+    assert sum(s.static for s in res.frames) >= 10
+    assert len(res.keyframe_frames) == 1
+    assert any("static" in w for w in res.warnings)
+    # the camera did not move: every pose stays at the first one
+    assert (res.poses_cw[:, :3] - res.poses_cw[:1, :3]).abs().max() < 1e-2
+
+
+def test_textureless_stretch_completes_without_nan(seq, model):
+    frames = list(np.asarray(seq.images)[:16])
+    grey = np.full((H, W, 3), 128, np.uint8)
+    frames[6:11] = [grey] * 5
+    _, res = _run(model, _cfg(), frames, seq.intrinsics)
+    assert torch.isfinite(res.poses_cw).all()
+    assert [f for f, s in enumerate(res.frames) if s.textureless] == [6, 7, 8, 9, 10]
+    assert any("textureless" in w for w in res.warnings)
+    assert all(np.isfinite(d).all() for d in res.cloud_depths)
+
+
+def test_lost_frames_are_reported_and_tracking_recovers(seq, model):
+    frames = list(np.asarray(seq.images)[:20])
+    rng = np.random.default_rng(0)
+    noise = [rng.integers(0, 256, (H, W, 3), dtype=np.uint8) for _ in range(3)]
+    frames[12:15] = noise  # three frames of another "scene"
+    _, res = _run(model, _cfg(), frames, seq.intrinsics)
+    lost = [f for f, s in enumerate(res.frames) if s.lost]
+    assert set(lost) >= {12, 13, 14} and all(f in (12, 13, 14) for f in lost)
+    assert not any(s.lost for s in res.frames[15:])  # recovered against the last good keyframe
+    assert torch.isfinite(res.poses_cw).all()
+    assert any("lost" in w for w in res.warnings)
+
+
+def test_long_loss_restarts(seq, model):
+    frames = list(np.asarray(seq.images)[:10])
+    rng = np.random.default_rng(1)
+    frames += [rng.integers(0, 256, (H, W, 3), dtype=np.uint8) for _ in range(6)]
+    _, res = _run(model, _cfg("slam.relocalise_after=3"), frames, seq.intrinsics)
+    assert res.restarts >= 1
+    assert torch.isfinite(res.poses_cw).all()
+
+
+def test_uncalibrated_refines_focal(seq, model):
+    start = torch.tensor([1.2 * W, 1.2 * W, (W - 1) / 2, (H - 1) / 2], dtype=torch.float64)
+    _, res = _run(model, _cfg(), np.asarray(seq.images)[::2][:16], start, calibrated=False)
+    assert torch.isfinite(res.intrinsics).all()
+    assert res.intrinsics[0] != start[0]  # the focal length was optimised
+    true_f = float(seq.intrinsics[0])
+    assert abs(res.intrinsics[0] - true_f) < abs(start[0] - true_f)
+
+
+def test_learned_flow_source_runs(seq, model):
+    cfg = _cfg("motion.flow_source=learned")
+    _, res = _run(load_model(cfg), cfg, np.asarray(seq.images)[:12], seq.intrinsics)
+    assert res.poses_cw.shape == (12, 7) and torch.isfinite(res.poses_cw).all()
+
+
+def test_bad_frames_and_too_few_frames(seq, model):
+    system = SlamSystem(model, _cfg(), seq.intrinsics, (H, W))
+    with pytest.raises(ShapeError, match=r"expected \(96, 128, 3\) uint8"):
+        system.add_frame(np.zeros((H, W + 4, 3), np.uint8))
+    with pytest.raises(ShapeError, match="uint8"):
+        system.add_frame(np.zeros((H, W, 3), np.float32))
+    system.add_frame(np.asarray(seq.images)[0])
+    with pytest.raises(ShapeError, match="at least 2 frames"):
+        system.finish()
+    with pytest.raises(ShapeError, match="intrinsics"):
+        SlamSystem(model, _cfg(), torch.tensor([0.0, 1.0, 2.0, 3.0]), (H, W))
+    with pytest.raises(ShapeError, match="intrinsics"):
+        SlamSystem(model, _cfg(), torch.tensor([float("nan"), 1.0, 2.0, 3.0]), (H, W))
+
+
+def test_short_video_initialises_on_what_it_has(seq, model):
+    _, res = _run(model, _cfg(), np.asarray(seq.images)[:3], seq.intrinsics)
+    assert res.poses_cw.shape == (3, 7) and torch.isfinite(res.poses_cw).all()
+    assert dataclasses.is_dataclass(res.frames[0])

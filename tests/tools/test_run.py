@@ -1,0 +1,195 @@
+"""`v2d run`: inputs (image folder, video, 7-Scenes), outputs, and one-line errors on bad input."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import cv2
+import numpy as np
+import pytest
+from evo.tools import file_interface
+
+from tools.cli import main
+from v2d.data.synthetic import render_sequence
+from v2d.model import SHIPPED_WEIGHTS
+
+H, W = 96, 128
+SEVEN_SCENES = Path(__file__).resolve().parents[3] / "shared" / "data" / "7scenes-redkitchen"
+needs_weights = pytest.mark.skipif(not SHIPPED_WEIGHTS.exists(), reason=f"shipped weights missing: {SHIPPED_WEIGHTS}")
+
+
+@pytest.fixture(scope="module")
+def seq():
+    return render_sequence(seed=4, num_frames=24, height=H, width=W)
+
+
+def _folder(path: Path, images, intrinsics=None) -> Path:
+    path.mkdir(parents=True, exist_ok=True)
+    for i, im in enumerate(images):
+        cv2.imwrite(str(path / f"{i:04d}.png"), np.ascontiguousarray(np.asarray(im)[..., ::-1]))
+    if intrinsics is not None:
+        (path / "intrinsics.txt").write_text(" ".join(f"{v:.6f}" for v in intrinsics))
+    return path
+
+
+def _no_leftovers(parent: Path) -> None:
+    assert not list(parent.glob(".*partial-*")), "a staging directory was left behind"
+
+
+def _one_line_error(capsys, *needles: str) -> str:
+    err = [line for line in capsys.readouterr().err.strip().splitlines() if not line.startswith(("INFO", "WARNING"))]
+    assert len(err) == 1, err
+    for n in needles:
+        assert n in err[0], err[0]
+    return err[0]
+
+
+@needs_weights
+def test_run_image_folder_writes_every_output(tmp_path, seq, capsys):
+    src = _folder(tmp_path / "imgs", seq.images, seq.intrinsics.tolist())
+    out = tmp_path / "out"
+    assert main(["run", str(src), "--out", str(out), "--resize", f"{H}x{W}", "--stride", "2", "-q"]) == 0
+    summary = json.loads((out / "summary.json").read_text())
+    n = 12
+    assert summary["frames"] == n and summary["lost_frames"] == 0
+    for key in ("keyframes", "seconds", "fps", "config", "version", "marked_frames", "intrinsics", "warnings"):
+        assert key in summary
+    assert summary["intrinsics"]["calibrated"] is True
+    traj = file_interface.read_tum_trajectory_file(str(out / "trajectory.txt"))
+    assert traj.num_poses == n
+    assert np.allclose(traj.timestamps, np.arange(0, 24, 2))  # input frame indices (image folders have no times)
+    kf = summary["keyframe_frames"]
+    pngs = sorted((out / "depth").glob("*.png"))
+    assert [p.stem for p in pngs] == [f"{2 * f:06d}" for f in kf]  # named by input frame index
+    png = cv2.imread(str(pngs[0]), cv2.IMREAD_UNCHANGED)
+    assert png.dtype == np.uint16 and png.shape == (H, W)
+    assert np.allclose(np.load(pngs[0].with_suffix(".npy")) * 1000, png, atol=0.51)
+    import open3d as o3d
+
+    cloud = o3d.io.read_point_cloud(str(out / "cloud.ply"))
+    assert len(cloud.points) > 1000 and cloud.has_colors()
+    assert summary["points"] == len(cloud.points)
+    assert not list(out.rglob(".*.tmp"))
+    _no_leftovers(tmp_path)
+
+
+@needs_weights
+def test_run_video_uncalibrated_warns(tmp_path, seq, caplog):
+    video = tmp_path / "clip.avi"
+    writer = cv2.VideoWriter(str(video), cv2.VideoWriter_fourcc(*"MJPG"), 30, (W, H))
+    for im in seq.images:
+        writer.write(np.ascontiguousarray(np.asarray(im)[..., ::-1]))
+    writer.release()
+    out = tmp_path / "out"
+    assert main(["run", str(video), "--out", str(out), "--resize", f"{H}x{W}", "--max-frames", "10"]) == 0
+    assert any("uncalibrated" in r.getMessage() for r in caplog.records if r.levelname == "WARNING")
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["frames"] == 10 and summary["intrinsics"]["calibrated"] is False
+    assert file_interface.read_tum_trajectory_file(str(out / "trajectory.txt")).num_poses == 10
+
+
+@needs_weights
+@pytest.mark.skipif(not SEVEN_SCENES.exists(), reason=f"development data not found: {SEVEN_SCENES}")
+def test_run_7scenes_uses_dataset_timestamps_and_intrinsics(tmp_path):
+    out = tmp_path / "out"
+    assert main(["run", str(SEVEN_SCENES), "--out", str(out), "--stride", "3", "--max-frames", "12",
+                 "--resize", f"{H}x{W}", "-q"]) == 0
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["input"]["layout"] == "7scenes" and summary["frames"] == 12
+    traj = file_interface.read_tum_trajectory_file(str(out / "trajectory.txt"))
+    assert np.allclose(traj.timestamps, np.arange(0, 36, 3))
+
+
+@needs_weights
+def test_run_tum_layout_uses_its_timestamps(tmp_path, seq):
+    root = tmp_path / "tum"
+    _folder(root / "rgb", seq.images[:8])
+    stamps = 1305031102.175304 + 0.0333 * np.arange(8)
+    (root / "rgb.txt").write_text("# timestamp filename\n" + "".join(
+        f"{t:.6f} rgb/{i:04d}.png\n" for i, t in enumerate(stamps)))
+    out = tmp_path / "out"
+    fx, fy, cx, cy = seq.intrinsics.tolist()
+    assert main(["run", str(root), "--out", str(out), "--resize", f"{H}x{W}", "-q",
+                 "--intrinsics", f"{fx},{fy},{cx},{cy}"]) == 0
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["input"]["layout"] == "tum" and summary["intrinsics"]["calibrated"] is True
+    traj = file_interface.read_tum_trajectory_file(str(out / "trajectory.txt"))
+    assert np.allclose(traj.timestamps, stamps, atol=1e-6)
+
+
+def test_missing_input(tmp_path, capsys):
+    out = tmp_path / "out"
+    assert main(["run", str(tmp_path / "nope"), "--out", str(out)]) == 1
+    _one_line_error(capsys, "input not found")
+    assert not out.exists()
+    _no_leftovers(tmp_path)
+
+
+def test_folder_without_images(tmp_path, capsys):
+    (tmp_path / "empty").mkdir()
+    out = tmp_path / "out"
+    assert main(["run", str(tmp_path / "empty"), "--out", str(out)]) == 1
+    _one_line_error(capsys, "no images")
+    assert not out.exists()
+
+
+@pytest.mark.parametrize("content", [b"", b"not a video at all"])
+def test_unreadable_or_empty_video(tmp_path, capsys, content):
+    video = tmp_path / "bad.mp4"
+    video.write_bytes(content)
+    out = tmp_path / "out"
+    assert main(["run", str(video), "--out", str(out)]) == 1
+    _one_line_error(capsys, "cannot read any frame")
+    assert not out.exists()
+    _no_leftovers(tmp_path)
+
+
+@needs_weights
+def test_mixed_sizes_leave_no_partial_output(tmp_path, seq, capsys):
+    src = _folder(tmp_path / "imgs", seq.images[:12], seq.intrinsics.tolist())
+    cv2.imwrite(str(src / "0010.png"), np.zeros((H + 8, W, 3), np.uint8))  # found mid-run
+    out = tmp_path / "out"
+    assert main(["run", str(src), "--out", str(out), "--resize", f"{H}x{W}", "-q"]) == 1
+    _one_line_error(capsys, "mixed sizes")
+    assert not out.exists()
+    _no_leftovers(tmp_path)
+
+
+def test_one_frame_is_too_few(tmp_path, seq, capsys):
+    src = _folder(tmp_path / "imgs", seq.images[:1], seq.intrinsics.tolist())
+    assert main(["run", str(src), "--out", str(tmp_path / "out")]) == 1
+    _one_line_error(capsys, "at least 2")
+    assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize("text", ["1 2 3", "0 0 10 10", "a b c d"])
+def test_malformed_intrinsics_file(tmp_path, seq, capsys, text):
+    src = _folder(tmp_path / "imgs", seq.images[:3])
+    (src / "intrinsics.txt").write_text(text)
+    assert main(["run", str(src), "--out", str(tmp_path / "out")]) == 1
+    _one_line_error(capsys, "intrinsics.txt")
+    assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize("args, needle", [
+    (["--intrinsics", "1,2,3"], "fx,fy,cx,cy"),
+    (["--resize", "100x13"], "100x13"),
+    (["--stride", "0"], "stride"),
+    (["--max-frames", "0"], "max_frames"),
+    (["--set", "slam.windw=3"], "slam.windw"),
+    (["--set", "slam.window=1"], "slam.window"),
+])
+def test_bad_options(tmp_path, seq, capsys, args, needle):
+    src = _folder(tmp_path / "imgs", seq.images[:3], seq.intrinsics.tolist())
+    assert main(["run", str(src), "--out", str(tmp_path / "out"), *args]) == 1
+    _one_line_error(capsys, needle)
+    assert not (tmp_path / "out").exists()
+
+
+def test_unwritable_output(tmp_path, seq, capsys):
+    src = _folder(tmp_path / "imgs", seq.images[:3], seq.intrinsics.tolist())
+    blocker = tmp_path / "file"
+    blocker.write_text("x")
+    assert main(["run", str(src), "--out", str(blocker / "sub")]) == 1
+    _one_line_error(capsys, "not a directory")

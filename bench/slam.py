@@ -37,13 +37,15 @@ DEFAULT_DATA = ROOT.parent / "shared" / "data" / "7scenes-redkitchen"
 def _v2d(args: list[str]) -> tuple[float, float]:
     """Run `v2d ARGS` in a subprocess; returns (wall seconds, peak RSS in MB). Raises on failure."""
     t = time.perf_counter()
-    proc = subprocess.Popen([sys.executable, "-m", "tools.cli", *args, "-q"], cwd=ROOT,
-                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
-    _, status, usage = os.wait4(proc.pid, 0)
-    wall = time.perf_counter() - t
-    err = proc.stderr.read()
-    proc.stderr.close()
-    if os.waitstatus_to_exitcode(status) != 0:
+    with tempfile.TemporaryFile(mode="w+") as log:  # a file, not a pipe: a full pipe would block the child
+        proc = subprocess.Popen([sys.executable, "-m", "tools.cli", *args, "-q"], cwd=ROOT,
+                                stdout=subprocess.DEVNULL, stderr=log, text=True)
+        _, status, usage = os.wait4(proc.pid, 0)
+        proc.returncode = os.waitstatus_to_exitcode(status)
+        wall = time.perf_counter() - t
+        log.seek(0)
+        err = log.read()
+    if proc.returncode != 0:
         raise RuntimeError(f"v2d {' '.join(args)} failed:\n{err}")
     return wall, usage.ru_maxrss / 1024.0  # KiB -> MiB
 
@@ -79,7 +81,7 @@ def _ate(out: Path, gt_t: np.ndarray, gt_wc: np.ndarray) -> dict:
     return trajectory_ate(t, p, gt_t, gt_wc, align="sim3")
 
 
-def _seven_scenes(data: Path, out: Path, source: str, calibrated: bool) -> dict:
+def _seven_scenes(data: Path, out: Path, source: str, calibrated: bool, overrides: list[str]) -> dict:
     import cv2
     import torch
 
@@ -88,7 +90,7 @@ def _seven_scenes(data: Path, out: Path, source: str, calibrated: bool) -> dict:
     from v2d.metrics import depth_metrics
 
     args = ["run", str(data), "--out", str(out), "--stride", "2", "--max-frames", "250", "--resize", "240x320",
-            "--set", f"motion.flow_source={source}"]
+            "--set", f"motion.flow_source={source}"] + [a for o in overrides for a in ("--set", o)]
     if not calibrated:
         args.append("--uncalibrated")
     wall, rss = _v2d(args)
@@ -126,14 +128,15 @@ def _demo(tmp: Path, results: dict) -> None:
           f"depth AbsRel {demo['depth']['abs_rel']:.3f}")
 
 
-def _seven_scenes_all(tmp: Path, results: dict, data: Path, sources: list[str]) -> None:
+def _seven_scenes_all(tmp: Path, results: dict, data: Path, sources: list[str], overrides: list[str]) -> None:
     if not data.exists():
         print(f"7-Scenes skipped: {data} not found")
         return
     results["7scenes"] = []
     for source in sources:
         for calibrated in (True, False):
-            r = _seven_scenes(data, tmp / f"7s-{source}-{calibrated}", source, calibrated)
+            r = _seven_scenes(data, tmp / f"7s-{source}-{calibrated}", source, calibrated, overrides)
+            r["overrides"] = overrides
             results["7scenes"].append(r)
             print(f"7-Scenes {source:7s} {'calibrated' if calibrated else 'uncalibrated'}: "
                   f"ATE {r['ate_rmse_cm']:.2f} cm {r['ate_error'] or ''}, depth AbsRel {r['depth_abs_rel']:.3f}, "
@@ -169,6 +172,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--sources", nargs="+", default=["dis", "learned"], choices=["dis", "learned"])
     parser.add_argument("--parts", nargs="+", default=["demo", "7scenes", "synthetic"],
                         choices=["demo", "7scenes", "synthetic"], help="which measurements to run")
+    parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                        help="config override for the 7-Scenes runs (repeatable)")
     parser.add_argument("--skip-memory", action="store_true", help="skip the 1000-frame run (about 5 minutes)")
     args = parser.parse_args(argv)
     results: dict = {"targets": {"demo_ate_percent": 1.0, "7scenes_ate_cm": 5.0, "fps": 5.0, "peak_rss_mb": 4096,
@@ -178,7 +183,7 @@ def main(argv: list[str] | None = None) -> int:
         if "demo" in args.parts:
             _demo(tmp, results)
         if "7scenes" in args.parts:
-            _seven_scenes_all(tmp, results, args.data, args.sources)
+            _seven_scenes_all(tmp, results, args.data, args.sources, args.overrides)
         if "synthetic" in args.parts:
             _synthetic(tmp, results, args.skip_memory)
     write_results(args.json, results)
@@ -186,4 +191,5 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
+    sys.stdout.reconfigure(line_buffering=True)
     raise SystemExit(main())

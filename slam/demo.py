@@ -57,7 +57,7 @@ def run_demo(cfg: V2DConfig, out_dir: str | Path, progress: bool = True) -> dict
         extra = {
             "ate_rmse": ate["ate_rmse"],
             "path_length": ate["path_length"],
-            "ate_percent_of_path": 100 * ate["ate_rmse"] / ate["path_length"],
+            "ate_percent_of_path": 100 * ate["ate_rmse"] / ate["path_length"] if ate["path_length"] > 0 else None,
             "trajectory": ate,
             "depth": {"abs_rel": float(np.mean([s["abs_rel"] for s in scores])),
                       "rmse": float(np.mean([s["rmse"] for s in scores])),

@@ -19,8 +19,8 @@ How a video is processed:
   confidence or overlap drop below `slam.min_confidence` / `slam.min_overlap` (only once the flow
   is a quarter of the threshold, so a hard stretch does not make every frame a keyframe). Its
   initial depth is the previous keyframe's depth splatted into it; the window is optimised (below),
-  the depth module computes its depth from the window's frames and, with `slam.refine_previous`,
-  recomputes the previous keyframe's depth with the frames recorded after it.
+  the depth module computes the keyframe's depth from frames spread over the recorded ones and,
+  with `slam.depth_timing: both`, recomputes the previous keyframe's depth with the frames after it.
 - Local window: global-mode Gauss-Newton over the last `slam.window` keyframes (every ordered pair
   an edge, the oldest `slam.window_fixed` poses fixed; uncalibrated runs also optimise the focal
   length). Frames keep their pose relative to their keyframe, so they follow the window.
@@ -53,7 +53,7 @@ import torch.nn.functional as F
 
 from slam.fusion import splat_depth
 from v2d.config import V2DConfig
-from v2d.errors import ShapeError
+from v2d.errors import ShapeError, V2DError
 from v2d.geometry.camera import pixel_grid, project, reproject, scale_intrinsics, valid_reprojection
 from v2d.geometry.lie import se3_act, se3_identity, se3_inv, se3_mul
 from v2d.model import V2D, normalize_images
@@ -182,7 +182,9 @@ class SlamSystem:
         self.feat_cache: dict[int, torch.Tensor] = {}  # frame index -> depth features (C, H/4, W/4)
         self.init_poses: dict[int, torch.Tensor] = {}
         self.lost_run = 0
+        self.lost_count = 0
         self.restarts = 0
+        self.finished = False
         self.warnings: list[str] = []
         self._prev_coords: torch.Tensor | None = None
         self._grid = pixel_grid(self.H, self.W, dtype=torch.float32)
@@ -246,6 +248,8 @@ class SlamSystem:
 
         Shapes: image (H, W, 3) uint8 RGB at the configured size.
         """
+        if self.finished:
+            raise V2DError("add_frame: this run has finished; start a new SlamSystem")
         if image.shape != (self.H, self.W, 3) or image.dtype != np.uint8:
             raise ShapeError(f"frame: expected ({self.H}, {self.W}, 3) uint8, got {image.shape} {image.dtype}")
         if not self.initialised:
@@ -257,18 +261,21 @@ class SlamSystem:
 
     def finish(self) -> SlamResult:
         """Flush initialisation (short videos), finalise the window and return the result."""
+        if self.finished:
+            raise V2DError("finish: this run has already finished")
         if not self.initialised:
             if len(self.pending) < 2:
                 raise ShapeError(f"a run needs at least 2 frames, got {len(self.pending)}")
             self._initialise()
         last = self.window[-1]
-        if self.sc.refine_previous and len(self.frames) - 1 > self.keyframes[last].frame:
+        if self.sc.depth_timing == "both" and len(self.frames) - 1 > self.keyframes[last].frame:
             self._refine_depth(last)  # the last keyframe's depth with the frames recorded after it
         for k in list(self.window):
             self._finalise(k)
         self.window = []
         poses = torch.stack([self.frame_pose(f) for f in range(len(self.frames))])
         self._report_flags()
+        self.finished = True
         return SlamResult(
             poses_cw=poses, frames=self.frames,
             keyframe_frames=[k.frame for k in self.keyframes],
@@ -298,6 +305,8 @@ class SlamSystem:
                        "single-image depth")
             poses = se3_identity((len(chosen),), dtype=torch.float64)
             depth = self._depth_of(frames[0], [frames[0]], se3_identity((1,), dtype=torch.float64))
+            if not bool(torch.isfinite(depth).all()):
+                depth = torch.full_like(depth, self.cfg.model.init_depth)
         else:
             self.intr = intr
         kf = Keyframe(frame=0, pose_cw=se3_identity((), dtype=torch.float64), image=frames[0],
@@ -386,8 +395,9 @@ class SlamSystem:
 
     def _is_lost(self, q: TrackQuality) -> bool:
         s = self.sc
-        return (not math.isfinite(q.flow) or q.overlap < s.lost_overlap or q.confidence < s.lost_confidence
-                or q.residual > s.lost_residual * self.px)
+        if not all(math.isfinite(v) for v in (q.flow, q.confidence, q.overlap, q.residual)):
+            return True
+        return q.overlap < s.lost_overlap or q.confidence < s.lost_confidence or q.residual > s.lost_residual * self.px
 
     def _process(self, image: np.ndarray, may_promote: bool = True) -> FrameState:
         f = len(self.frames)
@@ -413,6 +423,7 @@ class SlamSystem:
             last = next((s for s in reversed(self.frames) if not s.lost), self.frames[0])
             state.rel_cw = se3_mul(se3_mul(last.rel_cw, self.keyframes[last.keyframe].pose_cw), se3_inv(kf_pose))
             self.lost_run += 1
+            self.lost_count += 1
             self._prev_coords = None
         else:
             self.lost_run = 0
@@ -431,8 +442,9 @@ class SlamSystem:
             self._restart(f, image)
         elif not lost and good and q.flow > kf_flow:
             self._add_keyframe(f, image)
-        elif (not lost and not good and q.flow > kf_flow / 4 and may_promote and prev is not None
-              and not prev.is_keyframe and not prev.lost and f - 1 in self.buffer):
+        elif (not lost and not good and q.flow > kf_flow * s.promote_flow and may_promote and prev is not None
+              and not prev.is_keyframe and not prev.lost and f - 1 in self.buffer
+              and f - 1 - self.keyframes[kid].frame >= s.min_keyframe_gap):
             # tracking quality dropped: the previous (well-tracked) frame becomes the keyframe and
             # this frame is tracked again against it; a poor frame itself never becomes a keyframe
             self.frames.pop()
@@ -463,7 +475,7 @@ class SlamSystem:
         self._prev_coords = None
         self._optimise_window()
         self._refine_depth(kid)
-        if self.sc.refine_previous:
+        if self.sc.depth_timing == "both":
             self._refine_depth(prev_id)
         while len(self.window) > self.sc.window:
             self._finalise(self.window.pop(0))
@@ -512,37 +524,56 @@ class SlamSystem:
 
     @torch.no_grad()
     def _optimise_window(self) -> None:
-        """Global-mode Gauss-Newton over the window's keyframes, the oldest `window_fixed` fixed."""
+        """Global-mode Gauss-Newton over the window's keyframes and recent frames.
+
+        Nodes: the window's keyframes (the oldest `window_fixed` fixed) and up to `window_frames`
+        frames recorded between the last two keyframes (free). Edges: every ordered keyframe pair,
+        and each of the last two keyframes to each frame (frames have no depth, so they are only
+        targets), except edges whose predicted flow exceeds `edge_max_flow`. Frames then keep their
+        optimised pose relative to their keyframe.
+        """
         ids = self.window
         n = len(ids)
         if n < 2:
             return
         kfs = [self.keyframes[k] for k in ids]
+        lo, hi = kfs[-2].frame, kfs[-1].frame
+        between = [f for f in self.buffer if lo < f < hi and not self.frames[f].lost]
+        extra = sorted({between[int(round(x))] for x in np.linspace(0, len(between) - 1, self.sc.window_frames)}) \
+            if between and self.sc.window_frames else []
         base = kfs[0].pose_cw
-        poses = torch.stack([se3_mul(k.pose_cw, se3_inv(base)) for k in kfs])
+        poses = torch.stack([se3_mul(k.pose_cw, se3_inv(base)) for k in kfs]
+                            + [se3_mul(self.frame_pose(f), se3_inv(base)) for f in extra])
+        images_np = [k.image for k in kfs] + [self.buffer[f] for f in extra]
         max_flow = self.sc.edge_max_flow * self.px
-        pairs = [(a, b) for a in range(n) for b in range(n)
-                 if a != b and self._induced_flow(kfs[a], se3_mul(poses[b], se3_inv(poses[a]))) <= max_flow]
+        candidates = [(a, b) for a in range(n) for b in range(n) if a != b]
+        candidates += [(a, n + e) for a in (n - 2, n - 1) for e in range(len(extra))]
+        pairs = [(a, b) for a, b in candidates
+                 if self._induced_flow(kfs[a], se3_mul(poses[b], se3_inv(poses[a]))) <= max_flow]
         if not pairs:
             return
         ii, jj = torch.tensor([p[0] for p in pairs]), torch.tensor([p[1] for p in pairs])
         inv = torch.stack([1.0 / kfs[a].depth.clamp_min(1e-3) for a, _ in pairs])[None]
-        images = _to_tensor([k.image for k in kfs])[None]
+        images = _to_tensor(images_np)[None]
         dis = feats = None
         if self.source == "dis":
             ts, ws = [], []
             for a, b in pairs:
-                key = (ids[a], ids[b])
-                if key not in self.dis_cache:
-                    self.dis_cache[key] = self._dis(kfs[a].image, kfs[b].image)
-                t, w = self.dis_cache[key]
+                if b < n:  # keyframe pairs come back in later windows: cache their flow
+                    key = (ids[a], ids[b])
+                    if key not in self.dis_cache:
+                        self.dis_cache[key] = self._dis(kfs[a].image, kfs[b].image)
+                    t, w = self.dis_cache[key]
+                else:
+                    t, w = self._dis(kfs[a].image, images_np[b])
                 ts.append(t)
                 ws.append(w * kfs[a].valid[..., None])
             t = torch.stack(ts)
             dis = (t[None], self._reweight(t, torch.stack(ws), inv[0], poses.float(), ii, jj)[None])
             outer, iters = 1, self.sc.window_iterations
         else:
-            feats = torch.stack([k.motion_feats for k in kfs])[None]
+            feats = [k.motion_feats for k in kfs] + [self._motion_feats(self.buffer[f]) for f in extra]
+            feats = torch.stack(feats)[None]
             outer, iters = self.cfg.motion.iterations, max(1, self.sc.window_iterations // self.cfg.motion.iterations)
         opts = dataclasses.replace(self.cfg.gn, iterations=iters, fixed_poses=min(self.sc.window_fixed, n - 1),
                                    optimize_focal=not self.calibrated)
@@ -556,6 +587,9 @@ class SlamSystem:
         for k, kf in enumerate(kfs):
             if k >= opts.fixed_poses:
                 kf.pose_cw = _unit(se3_mul(new[k], base))
+        for e, f in enumerate(extra):  # after the keyframes: a frame's pose is relative to its keyframe
+            st = self.frames[f]
+            st.rel_cw = _unit(se3_mul(se3_mul(new[n + e], base), se3_inv(self.keyframes[st.keyframe].pose_cw)))
         if not self.calibrated:
             self.intr = intr
 
@@ -607,6 +641,8 @@ class SlamSystem:
         depth = self._depth_of(image, [image], se3_identity((1,), dtype=torch.float64))
         ref = last.depth.median()
         depth = depth * (ref / depth.median().clamp_min(1e-6))
+        if not bool(torch.isfinite(depth).all()):
+            depth = torch.full_like(depth, float(ref) if math.isfinite(float(ref)) else self.cfg.model.init_depth)
         state = self.frames[f]
         pose = se3_mul(state.rel_cw, last.pose_cw)
         for k in list(self.window):
@@ -632,8 +668,12 @@ class SlamSystem:
         flat = sum(s.textureless for s in self.frames)
         if lost:
             self._warn(f"tracking was lost on {lost} of {n} frames (they hold the last good pose)")
-        if n > 1 and static >= max(2, (n - 1) // 2):
-            self._warn(f"the camera is static on {static} of {n} frames: little parallax, depth comes mostly "
-                       "from single-image cues")
+        run = longest = 0
+        for st in self.frames:
+            run = run + 1 if st.static else 0
+            longest = max(longest, run)
+        if static and (longest >= self.sc.static_run or static >= max(2, (n - 1) // 2)):
+            self._warn(f"the camera is static on {static} of {n} frames (longest stretch {longest}): little "
+                       "parallax there, depth comes mostly from single-image cues")
         if flat:
             self._warn(f"{flat} of {n} frames are nearly textureless: tracking there relies on the rest of the image")

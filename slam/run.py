@@ -119,20 +119,19 @@ def track_frames(frames: Iterable[np.ndarray], count: int, cfg: V2DConfig, size:
         for image in frames:
             if system is None:
                 h0, w0 = image.shape[:2]
-                if calibrated:
-                    intr = resize_intrinsics(torch.as_tensor(intrinsics, dtype=torch.float64), (h0, w0), (H, W))
-                else:
-                    intr = torch.tensor([UNCALIBRATED_FOCAL * W, UNCALIBRATED_FOCAL * W, (W - 1) / 2, (H - 1) / 2],
-                                        dtype=torch.float64)
-                    _log.warning("no camera intrinsics: running uncalibrated from fx = fy = %.1f * width, "
-                                 "optimising the focal length (give --intrinsics for better results)",
-                                 UNCALIBRATED_FOCAL)
+                if not calibrated:  # square pixels at the input's size; resizing may change the aspect
+                    f0 = UNCALIBRATED_FOCAL * w0
+                    intrinsics = np.array([f0, f0, (w0 - 1) / 2, (h0 - 1) / 2])
+                intr = resize_intrinsics(torch.as_tensor(intrinsics, dtype=torch.float64), (h0, w0), (H, W))
                 system = SlamSystem(model, cfg, intr, size, calibrated=calibrated, on_keyframe=keyframe_done)
+                if not calibrated:
+                    system._warn(f"no camera intrinsics: running uncalibrated from fx = fy = {UNCALIBRATED_FOCAL} x "
+                                 "width, optimising the focal length (give --intrinsics for better results)")
             system.add_frame(_resize(image, size))
             n += 1
             bar.update(1)
             if system.initialised:
-                bar.set_postfix(kf=len(system.keyframes), lost=sum(s.lost for s in system.frames), refresh=False)
+                bar.set_postfix(kf=len(system.keyframes), lost=system.lost_count, refresh=False)
         if system is None or n < 2:
             raise InputError(f"the input gave {n} frame(s); SLAM needs at least 2")
         result = system.finish()

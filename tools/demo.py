@@ -10,7 +10,7 @@ from v2d.config import V2DConfig
 
 def add_parser(sub: argparse._SubParsersAction, parents: list[argparse.ArgumentParser]) -> None:
     p = sub.add_parser(
-        "demo", parents=parents, help="run on the embedded synthetic sequence (no data or weights needed)",
+        "demo", parents=parents, help="run SLAM on the embedded synthetic sequence (no data needed)",
         description="Render the embedded synthetic sequence, run SLAM on it (shipped weights, flow source from "
         "the config) and write trajectory.txt, depth/, cloud.ply and summary.json with the errors against the "
         "synthetic ground truth (ate_rmse after Sim3 alignment, path_length, keyframe depth AbsRel).",

@@ -118,6 +118,29 @@ def test_run_tum_layout_uses_its_timestamps(tmp_path, seq):
     assert np.allclose(traj.timestamps, stamps, atol=1e-6)
 
 
+@needs_weights
+def test_run_marks_static_frames_in_summary(tmp_path, seq):
+    images = list(seq.images[:8]) + [seq.images[7]] * 12
+    src = _folder(tmp_path / "imgs", images, seq.intrinsics.tolist())
+    out = tmp_path / "out"
+    assert main(["run", str(src), "--out", str(out), "--resize", f"{H}x{W}", "-q"]) == 0
+    summary = json.loads((out / "summary.json").read_text())
+    assert set(range(9, 20)) <= set(summary["marked_frames"]["static"])
+    assert summary["marked_frames"]["lost"] == [] and any("static" in w for w in summary["warnings"])
+
+
+@needs_weights
+def test_uncalibrated_keeps_the_pixel_aspect_when_resizing(tmp_path):
+    wide = render_sequence(seed=4, num_frames=8, height=72, width=128)  # 16:9, resized to 96x128 (4:3)
+    src = _folder(tmp_path / "imgs", wide.images)
+    out = tmp_path / "out"
+    assert main(["run", str(src), "--out", str(out), "--resize", f"{H}x{W}", "-q"]) == 0
+    intr = json.loads((out / "summary.json").read_text())["intrinsics"]
+    assert intr["calibrated"] is False
+    assert intr["fy"] / intr["fx"] == pytest.approx(96 / 72, rel=1e-6)  # square pixels at the input size
+    assert any("uncalibrated" in w for w in json.loads((out / "summary.json").read_text())["warnings"])
+
+
 def test_missing_input(tmp_path, capsys):
     out = tmp_path / "out"
     assert main(["run", str(tmp_path / "nope"), "--out", str(out)]) == 1
@@ -161,6 +184,7 @@ def test_one_frame_is_too_few(tmp_path, seq, capsys):
     assert main(["run", str(src), "--out", str(tmp_path / "out")]) == 1
     _one_line_error(capsys, "at least 2")
     assert not (tmp_path / "out").exists()
+    _no_leftovers(tmp_path)
 
 
 @pytest.mark.parametrize("text", ["1 2 3", "0 0 10 10", "a b c d"])
@@ -170,6 +194,7 @@ def test_malformed_intrinsics_file(tmp_path, seq, capsys, text):
     assert main(["run", str(src), "--out", str(tmp_path / "out")]) == 1
     _one_line_error(capsys, "intrinsics.txt")
     assert not (tmp_path / "out").exists()
+    _no_leftovers(tmp_path)
 
 
 @pytest.mark.parametrize("args, needle", [
@@ -185,6 +210,7 @@ def test_bad_options(tmp_path, seq, capsys, args, needle):
     assert main(["run", str(src), "--out", str(tmp_path / "out"), *args]) == 1
     _one_line_error(capsys, needle)
     assert not (tmp_path / "out").exists()
+    _no_leftovers(tmp_path)
 
 
 def test_unwritable_output(tmp_path, seq, capsys):
@@ -193,3 +219,20 @@ def test_unwritable_output(tmp_path, seq, capsys):
     blocker.write_text("x")
     assert main(["run", str(src), "--out", str(blocker / "sub")]) == 1
     _one_line_error(capsys, "not a directory")
+    _no_leftovers(tmp_path)
+
+
+def test_write_error_is_one_line_and_leaves_nothing(tmp_path, seq, capsys, monkeypatch):
+    import os
+
+    import v2d.io.writers as writers
+
+    def full_disk(*args, **kwargs):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(writers.os, "fsync", full_disk)
+    src = _folder(tmp_path / "imgs", seq.images[:6], seq.intrinsics.tolist())
+    out = tmp_path / "out"
+    assert main(["run", str(src), "--out", str(out), "--resize", f"{H}x{W}", "-q"]) == 1
+    _one_line_error(capsys, "No space left on device")
+    assert not out.exists() and os.listdir(tmp_path) == ["imgs"]

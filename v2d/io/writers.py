@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import math
 import os
 import shutil
 import tempfile
@@ -46,16 +47,20 @@ def _umask() -> int:
 def atomic_write(path: str | Path, write: Callable[[Any], None], mode: str = "wb") -> Path:
     """Call `write(file_object)` on a temporary file next to `path`, then rename it to `path`."""
     path = Path(path)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    tmp = None
     try:
+        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
         with os.fdopen(fd, mode) as f:
             write(f)
             f.flush()
             os.fsync(f.fileno())
         os.chmod(tmp, 0o666 & ~_umask())  # mkstemp creates 0600; give the file the usual permissions
         os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
+    except BaseException as exc:
+        if tmp is not None:
+            Path(tmp).unlink(missing_ok=True)
+        if isinstance(exc, OSError):  # full disk, I/O error, permissions: a user-facing error
+            raise InputError(f"cannot write {path}: {exc.strerror or exc}") from None
         raise
     return path
 
@@ -69,7 +74,19 @@ def write_text(path: str | Path, text: str) -> Path:
 
 
 def write_json(path: str | Path, obj: Any) -> Path:
-    """JSON with sorted keys and indentation; numpy scalars/arrays are converted."""
+    """JSON with sorted keys and indentation; numpy scalars/arrays are converted, and NaN/Inf become
+    null (strict JSON has no NaN; e.g. a metric with no valid pixel)."""
+
+    def clean(o: Any) -> Any:
+        if isinstance(o, float | np.floating):
+            return float(o) if math.isfinite(o) else None
+        if isinstance(o, dict):
+            return {k: clean(v) for k, v in o.items()}
+        if isinstance(o, list | tuple):
+            return [clean(v) for v in o]
+        if isinstance(o, np.ndarray):
+            return clean(o.tolist())
+        return o
 
     def default(o: Any) -> Any:
         if isinstance(o, np.generic):
@@ -78,7 +95,8 @@ def write_json(path: str | Path, obj: Any) -> Path:
             return o.tolist()
         raise TypeError(f"not JSON serialisable: {type(o).__name__}")
 
-    return write_text(path, json.dumps(obj, indent=2, sort_keys=True, default=default) + "\n")
+    text = json.dumps(clean(obj), indent=2, sort_keys=True, default=default, allow_nan=False)
+    return write_text(path, text + "\n")
 
 
 def write_npy(path: str | Path, array: np.ndarray) -> Path:
@@ -187,22 +205,29 @@ def _stage_parent(out_dir: Path) -> Path:
 
 def _commit(stage: Path, out_dir: Path) -> None:
     if not out_dir.exists():
-        os.rename(stage, out_dir)
+        try:
+            os.rename(stage, out_dir)
+        except OSError as exc:
+            raise InputError(f"cannot move the outputs into {out_dir}: {exc.strerror or exc}") from None
         return
     entries = sorted(stage.iterdir())
     old = Path(tempfile.mkdtemp(dir=stage, prefix=".old-"))
     moved = []  # (old entry now in `old`, its place in out_dir)
+    placed = []  # new entries now in out_dir
     try:
         for k, entry in enumerate(entries):
             target = out_dir / entry.name
-            if os.path.lexists(target) and (entry.is_dir() or target.is_dir()):
-                # os.replace cannot put a directory over an existing one: move the old one aside first.
+            if os.path.lexists(target):  # move every old entry aside first, so a failure can undo all
                 os.rename(target, old / str(k))
                 moved.append((old / str(k), target))
-            os.replace(entry, target)
-    except BaseException:
-        for aside, target in moved:  # restore the old directories whose replacement did not arrive
-            if not os.path.lexists(target):
-                os.rename(aside, target)
+            os.rename(entry, target)
+            placed.append(target)
+    except BaseException as exc:
+        for target in placed:  # undo: take the new entries out, put every old one back
+            shutil.rmtree(target) if target.is_dir() and not target.is_symlink() else target.unlink()
+        for aside, target in moved:
+            os.rename(aside, target)
+        if isinstance(exc, OSError):
+            raise InputError(f"cannot move the outputs into {out_dir}: {exc.strerror or exc}") from None
         raise
     shutil.rmtree(stage)

@@ -95,7 +95,9 @@ class SlamConfig:
         cloud_neighbours: keyframes on each side a point is checked against.
         cloud_tolerance: relative depth disagreement still counted as consistent.
         cloud_min_views: consistent neighbours a point needs to be kept.
-        cloud_voxel: voxel size of the cloud's downsampling (scene units; 0 = off).
+        cloud_voxel: voxel size of the cloud's downsampling (scene units); 0 = automatic, the
+            footprint of one cloud pixel at the median keyframe depth (overlapping keyframes then
+            add no duplicate points, and the cloud's memory follows the scene, not the video).
     """
 
     init_frames: int = 5

@@ -35,7 +35,7 @@ import numpy as np
 import torch
 
 from kernels import ops
-from slam.frontend import SlamResult, SlamSystem
+from slam.frontend import SlamResult, SlamSystem, release_heap
 from v2d import __version__
 from v2d.config import V2DConfig, to_dict
 from v2d.errors import InputError
@@ -142,29 +142,13 @@ def track_frames(frames: Iterable[np.ndarray], count: int, cfg: V2DConfig, size:
     return result, facts
 
 
-def _release_heap() -> None:
-    """Return the heap memory tracking freed to the OS (glibc `malloc_trim`; a no-op elsewhere).
-
-    Tracking allocates and frees many image-sized tensors; glibc keeps the freed pages, about 180 MB
-    after a 1000-frame run, which would add to the output phase's peak. Measured: RSS 569 -> 385 MB.
-    """
-    import ctypes
-    import ctypes.util
-
-    name = ctypes.util.find_library("c")
-    try:
-        ctypes.CDLL(name).malloc_trim(0)
-    except (OSError, AttributeError, TypeError):
-        pass
-
-
 def write_outputs(out: Path, result: SlamResult, timestamps: np.ndarray, cfg: V2DConfig, facts: dict[str, Any],
                   extra: dict[str, Any] | None = None) -> dict[str, Any]:
     """Write trajectory.txt, cloud.ply and summary.json (depth/ is written while tracking)."""
     from slam.fusion import fuse_keyframes, write_ply
 
     sc = cfg.slam
-    _release_heap()
+    release_heap()
     poses_wc = se3_inv(result.poses_cw)
     write_tum(out / "trajectory.txt", timestamps, poses_wc.numpy())
     s = result.cloud_stride

@@ -78,7 +78,9 @@ class SlamConfig:
         robust_scale: Cauchy scale (px) of the flow residual used to re-weight DIS targets.
         depth_views: frames besides the keyframe in a keyframe's cost volume.
         scale_lock: rescale each keyframe depth from the depth module (median ratio) to agree with
-            the other window keyframes' depth splatted into it, so the map keeps one scale.
+            the other window keyframes' depth splatted into it, so the map keeps one scale (7-Scenes
+            ATE 10.0 vs 13.6 cm calibrated, 10.9 vs 17.5 cm uncalibrated; depth AbsRel 0.203 vs
+            0.190: the network's own scale is noisier than the chained one but less biased).
         depth_timing: "immediate": the depth module computes a keyframe's depth when it is added
             (from the frames before it); "both": and again when the next keyframe is added (frames
             on both sides; more accurate, slower: measured on 7-Scenes 12.1 vs 13.6 cm ATE at 4.4
@@ -114,7 +116,7 @@ class SlamConfig:
     edge_max_flow: float = 40.0
     robust_scale: float = 2.0
     depth_views: int = 4
-    scale_lock: bool = False
+    scale_lock: bool = True
     depth_timing: Literal["immediate", "both"] = "immediate"
     buffer_frames: int = 48
     lost_confidence: float = 0.1

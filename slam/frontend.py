@@ -129,6 +129,9 @@ def _to_tensor(images: list[np.ndarray]) -> torch.Tensor:
     return torch.from_numpy(np.stack(images)).permute(0, 3, 1, 2).float() / 255.0
 
 
+_LOCK_STRIDE = 4  # pixel stride of the scale lock's splats
+
+
 def release_heap() -> None:
     """Return freed heap memory to the OS (glibc `malloc_trim`; a no-op elsewhere).
 
@@ -524,16 +527,20 @@ class SlamSystem:
         than the previous keyframe alone makes the per-keyframe error smaller (a longer lever).
         """
         kf = self.keyframes[kid]
+        s = _LOCK_STRIDE  # a median needs no full resolution: pixel (i, j) of the grid is (s i, s j)
+        fx, fy, cx, cy = self.intr.float().unbind()
+        intr = torch.stack([fx / s, fy / s, cx / s, cy / s])
+        mine = depth[::s, ::s]
         ratios = []
         for other in self.window:
             o = self.keyframes[other]
             if other == kid or o.depth is None:
                 continue
             rel = se3_mul(kf.pose_cw, se3_inv(o.pose_cw)).float()
-            ref = splat_depth(o.depth, se3_identity((), dtype=torch.float32), rel, self.intr.float())
+            ref = splat_depth(o.depth[::s, ::s], se3_identity((), dtype=torch.float32), rel, intr)
             ok = ref > 0
             if float(ok.float().mean()) > 0.1:
-                ratios.append(ref[ok] / depth[ok].clamp_min(1e-6))
+                ratios.append(ref[ok] / mine[ok].clamp_min(1e-6))
         if not ratios:
             return None
         ratio = torch.cat(ratios).median()

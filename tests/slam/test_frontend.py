@@ -200,3 +200,16 @@ def test_quality_drop_promotes_the_previous_frame(seq, model):
     for f in res.keyframe_frames[1:]:
         assert res.frames[f].quality.confidence >= 0.3  # ... of frames that were tracked well
     assert res.keyframe_frames[1] in (11, 12)  # the last well-tracked frame before the first drop
+
+
+def test_depth_fusion_averages_agreeing_estimates_in_inverse_depth(seq, model):
+    system = SlamSystem(model, _cfg("slam.fuse_tolerance=0.5"), seq.intrinsics, (H, W))
+    depth = torch.full((H, W), 2.0)
+    near = torch.zeros(H, W)
+    near[:, : W // 2] = 2.5  # agrees within 50 % on the left half, nothing landed on the right
+    far = torch.full((H, W), 4.0)  # disagrees everywhere (an occluder or a wrong estimate)
+    fused = system._fuse(depth, [near, far])
+    assert torch.allclose(fused[:, : W // 2], torch.tensor(2 / (1 / 2.0 + 1 / 2.5)))
+    assert torch.allclose(fused[:, W // 2 :], depth[:, W // 2 :])
+    assert system._scale_to([near], depth) == pytest.approx(1.25)
+    assert system._scale_to([], depth) == 1.0

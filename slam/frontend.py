@@ -20,7 +20,8 @@ How a video is processed:
   is a quarter of the threshold, so a hard stretch does not make every frame a keyframe). Its
   initial depth is the previous keyframe's depth splatted into it; the window is optimised (below),
   the depth module computes the keyframe's depth from frames spread over the recorded ones (with
-  `slam.scale_lock`, rescaled to agree with the window's splatted depth) and, with
+  `slam.scale_lock`, rescaled to agree with the window's splatted depth; with
+  `slam.fuse_tolerance`, averaged with it where they agree) and, with
   `slam.depth_timing: both`, recomputes the previous keyframe's depth with the frames after it.
 - Local window: global-mode Gauss-Newton over the last `slam.window` keyframes (every ordered pair
   an edge, the oldest `slam.window_fixed` poses fixed; uncalibrated runs also optimise the focal

@@ -56,7 +56,7 @@ import torch.nn.functional as F
 from slam.fusion import splat_depth
 from v2d.config import V2DConfig
 from v2d.errors import ShapeError, V2DError
-from v2d.geometry.camera import pixel_grid, project, reproject, scale_intrinsics, valid_reprojection
+from v2d.geometry.camera import backproject, pixel_grid, project, reproject, scale_intrinsics, valid_reprojection
 from v2d.geometry.lie import se3_act, se3_identity, se3_inv, se3_mul
 from v2d.model import V2D, normalize_images
 
@@ -643,19 +643,16 @@ class SlamSystem:
 
     def _induced_flow(self, kf: Keyframe, rel: torch.Tensor) -> float:
         """Mean flow (px) keyframe kf's depth induces under rel = T_other * T_kf^-1 (strided estimate)."""
-        inv = 1.0 / kf.depth[::4, ::4].clamp_min(1e-3)
-        grid = self._grid[::4, ::4]
-        intr = self.intr.float()
-        rays_x = (grid[..., 0] - intr[2]) / intr[0]
-        rays_y = (grid[..., 1] - intr[3]) / intr[1]
-        depth = 1.0 / inv
-        pts = torch.stack([rays_x * depth, rays_y * depth, depth], dim=-1)
-        q = se3_act(rel.float(), pts)
+        s = 4  # every 4th pixel: pixel (i, j) of the strided grid is (s i, s j), so fx/s, cx/s
+        fx, fy, cx, cy = self.intr.float().unbind()
+        intr = torch.stack([fx / s, fy / s, cx / s, cy / s])
+        depth = kf.depth[::s, ::s].clamp_min(1e-3)
+        q = se3_act(rel.float(), backproject(depth, intr))
         ok = q[..., 2] > self.cfg.motion.min_depth
         if not bool(ok.any()):
             return math.inf
-        uv = project(q[ok], intr)
-        return float((uv - grid[ok]).norm(dim=-1).mean())
+        grid = pixel_grid(*depth.shape, dtype=depth.dtype)
+        return float((project(q[ok], intr) - grid[ok]).norm(dim=-1).mean()) * s
 
     def _finalise(self, kid: int) -> None:
         """The keyframe leaves the window: hand its depth out, keep a strided copy for the cloud."""

@@ -179,12 +179,13 @@ class SlamSystem:
         intrinsics: (4,) fx, fy, cx, cy at the frame size (the initial guess when uncalibrated).
         size: (H, W) of the frames given to `add_frame`.
         calibrated: False optimises the focal length (init and window) from `intrinsics`.
-        on_keyframe: called as on_keyframe(frame_index, depth (H, W) float32 ndarray, pose_cw (7,))
-            when a keyframe's depth is final (it left the window, or at `finish`).
+        on_keyframe: called as on_keyframe(frame_index, depth (H, W) float32 ndarray, pose_cw (7,),
+            image (H, W, 3) uint8) when a keyframe's depth is final (it left the window, or at `finish`).
     """
 
     def __init__(self, model: V2D, cfg: V2DConfig, intrinsics: torch.Tensor, size: tuple[int, int],
-                 calibrated: bool = True, on_keyframe: Callable[[int, np.ndarray, torch.Tensor], None] | None = None
+                 calibrated: bool = True,
+                 on_keyframe: Callable[[int, np.ndarray, torch.Tensor, np.ndarray], None] | None = None
                  ) -> None:
         intr = torch.as_tensor(intrinsics, dtype=torch.float64)
         if intr.shape != (4,) or not bool(torch.isfinite(intr).all()) or bool((intr[:2] <= 0).any()):
@@ -662,7 +663,7 @@ class SlamSystem:
         depth = kf.depth.numpy().astype(np.float32)
         depth = np.where(kf.valid.numpy(), depth, 0.0).astype(np.float32)
         if self.on_keyframe is not None:
-            self.on_keyframe(kf.frame, depth, kf.pose_cw.clone())
+            self.on_keyframe(kf.frame, depth, kf.pose_cw.clone(), kf.image)
         s = self.sc.cloud_stride
         kf.small_depth, kf.small_image = depth[::s, ::s].copy(), kf.image[::s, ::s].copy()
         kf.image = kf.depth = kf.valid = kf.motion_feats = None

@@ -26,7 +26,7 @@ from v2d.errors import InputError, NumericalError, ShapeError
 from v2d.geometry.camera import backproject, project, relative_pose
 from v2d.geometry.lie import se3_act, se3_inv
 
-__all__ = ["consistency_mask", "fuse_keyframes", "splat_depth", "write_ply"]
+__all__ = ["consistency_mask", "fuse_keyframes", "relative_disagreement", "splat_depth", "write_ply"]
 
 _log = logging.getLogger(__name__)
 
@@ -160,6 +160,27 @@ def _consistency(depths: list[Tensor], poses_cw: Tensor, intrinsics: Tensor, k: 
         d_n = depths[n].reshape(-1)[index]
         count += ok & _valid(d_n) & ((z - d_n).abs() <= rel_tol * d_n)
     return count
+
+
+def relative_disagreement(depth_i: Tensor, depth_j: Tensor, pose_cw_i: Tensor, pose_cw_j: Tensor,
+                          intrinsics: Tensor) -> tuple[Tensor, int]:
+    """How far keyframe i's depth, moved into camera j, is from j's own depth.
+
+    Every valid pixel of i is back-projected, moved into camera j and compared, at its nearest
+    pixel there, with j's depth: |z - d_j| / d_j. Pixels that leave j's image, land behind it or on
+    an unknown depth are skipped; a pixel occluded in j counts as a disagreement (the measure does
+    not know which surface is right).
+
+    Shapes:
+        depth_i, depth_j: (H, W) float (0 or non-finite = unknown), pose_cw_i, pose_cw_j: (7,),
+        intrinsics: (4,) -> ((M,) relative differences of the M compared pixels, valid pixels of i)
+    """
+    deps, poses, intr = _check_depth_stack([depth_i, depth_j], torch.stack([_as_tensor(pose_cw_i),
+                                                                           _as_tensor(pose_cw_j)]), intrinsics)
+    index, z, ok = _warp(deps[0], relative_pose(poses[0], poses[1]), intr)
+    d_j = deps[1].reshape(-1)[index]
+    hit = ok & _valid(d_j)
+    return ((z[hit] - d_j[hit]).abs() / d_j[hit]), int(_valid(deps[0]).sum())
 
 
 def consistency_mask(depths: Sequence[Tensor], poses_cw: Tensor, intrinsics: Tensor, k: int,

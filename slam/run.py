@@ -42,7 +42,8 @@ from v2d.errors import InputError
 from v2d.geometry.camera import resize_intrinsics
 from v2d.geometry.lie import se3_inv
 from v2d.io.datasets import iter_frames, open_sequence, select_frames
-from v2d.io.writers import ensure_dir, staged_output, write_depth_png, write_json, write_npy, write_tum
+from v2d.io.results import keyframe_name
+from v2d.io.writers import ensure_dir, staged_output, write_depth_png, write_image_jpg, write_json, write_npy, write_tum
 from v2d.model import load_model
 
 __all__ = ["RunOptions", "run_slam", "track_frames", "write_outputs", "UNCALIBRATED_FOCAL", "slam_config"]
@@ -87,10 +88,11 @@ def _resize(image: np.ndarray, size: tuple[int, int]) -> np.ndarray:
 
 
 def track_frames(frames: Iterable[np.ndarray], count: int, cfg: V2DConfig, size: tuple[int, int],
-                 intrinsics: np.ndarray | None, depth_dir: Path | None, names: list[int] | None = None,
+                 intrinsics: np.ndarray | None, out: Path | None, names: list[int] | None = None,
                  progress: bool = True, on_keyframe: Callable[[int, np.ndarray], None] | None = None
                  ) -> tuple[SlamResult, dict[str, Any]]:
-    """Run the front end over `frames` (any size, resized to `size`); write keyframe depth to depth_dir.
+    """Run the front end over `frames` (any size, resized to `size`); write each keyframe's depth to
+    out/depth/NAME.png (16-bit mm) and .npy (float32), and its colour image to out/images/NAME.jpg.
 
     Shapes: frames: (H0, W0, 3) uint8 RGB each; intrinsics (4,) at (H0, W0), or None (uncalibrated).
     `names[f]` is frame f's input index (depth file names; default f). `on_keyframe(f, depth)` sees
@@ -105,11 +107,16 @@ def track_frames(frames: Iterable[np.ndarray], count: int, cfg: V2DConfig, size:
     calibrated = intrinsics is not None
     t0 = time.perf_counter()
 
-    def keyframe_done(f: int, depth: np.ndarray, pose_cw: torch.Tensor) -> None:
-        name = f"{(names[f] if names else f):06d}"
+    depth_dir = image_dir = None
+    if out is not None:
+        depth_dir, image_dir = ensure_dir(out / "depth"), ensure_dir(out / "images")
+
+    def keyframe_done(f: int, depth: np.ndarray, pose_cw: torch.Tensor, image: np.ndarray) -> None:
+        name = keyframe_name(names[f] if names else f)
         if depth_dir is not None:
             write_depth_png(depth_dir / f"{name}.png", depth)
             write_npy(depth_dir / f"{name}.npy", depth)
+            write_image_jpg(image_dir / f"{name}.jpg", image)
         if on_keyframe is not None:
             on_keyframe(f, depth)
 
@@ -143,8 +150,11 @@ def track_frames(frames: Iterable[np.ndarray], count: int, cfg: V2DConfig, size:
 
 
 def write_outputs(out: Path, result: SlamResult, timestamps: np.ndarray, cfg: V2DConfig, facts: dict[str, Any],
-                  extra: dict[str, Any] | None = None) -> dict[str, Any]:
-    """Write trajectory.txt, cloud.ply and summary.json (depth/ is written while tracking)."""
+                  extra: dict[str, Any] | None = None, names: list[int] | None = None) -> dict[str, Any]:
+    """Write trajectory.txt, cloud.ply and summary.json (depth/ and images/ are written while tracking).
+
+    `names[f]` is frame f's input index, as given to `track_frames` (default f).
+    """
     from slam.fusion import fuse_keyframes, write_ply
 
     sc = cfg.slam
@@ -171,7 +181,8 @@ def write_outputs(out: Path, result: SlamResult, timestamps: np.ndarray, cfg: V2
         "kernels": "extension" if ops.extension_available() else "reference",
         "frames": facts["frames"],
         "keyframes": len(result.keyframe_frames),
-        "keyframe_frames": result.keyframe_frames,
+        "keyframe_frames": result.keyframe_frames,  # rows of trajectory.txt
+        "keyframe_files": [keyframe_name(names[f] if names else f) for f in result.keyframe_frames],
         "lost_frames": len(marked["lost"]),
         "marked_frames": marked,
         "restarts": result.restarts,
@@ -214,16 +225,15 @@ def run_slam(source: str | Path, out_dir: str | Path, cfg: V2DConfig, opts: RunO
             raise InputError(f"{source}: {len(indices)} frame(s) selected (of {len(seq)}, stride {opts.stride}); "
                              "SLAM needs at least 2")
         intr = None if opts.uncalibrated else seq.intrinsics
-        depth_dir = ensure_dir(stage / "depth")
         frames = (rgb for _, rgb in iter_frames(seq, indices))
-        result, facts = track_frames(frames, len(indices), cfg, size, intr, depth_dir, names=indices,
+        result, facts = track_frames(frames, len(indices), cfg, size, intr, stage, names=indices,
                                      progress=opts.progress)
         n = facts["frames"]
         timestamps = np.asarray(seq.timestamps, dtype=np.float64)[indices[:n]]
         extra = {"input": {"path": str(source), "layout": seq.layout, "input_frames": len(seq),
                            "stride": opts.stride, "max_frames": opts.max_frames}}
         facts["seconds_total"] = time.perf_counter() - t0
-        summary = write_outputs(stage, result, timestamps, cfg, facts, extra)
+        summary = write_outputs(stage, result, timestamps, cfg, facts, extra, names=indices)
     _log.info("%d frames, %d keyframes, %d lost, %.1f frames/s -> %s", n, summary["keyframes"],
               summary["lost_frames"], facts["fps"], out_dir)
     return summary

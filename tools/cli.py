@@ -32,9 +32,9 @@ class _Parser(argparse.ArgumentParser):
 
 def _subcommands() -> dict:
     # Imported here, not at module level: `v2d --help` must not import torch-heavy code twice.
-    from tools import config_cmd, demo, run, train
+    from tools import config_cmd, demo, eval_cmd, run, train, vis
 
-    return {"run": run, "demo": demo, "train": train, "config": config_cmd}
+    return {"run": run, "demo": demo, "eval": eval_cmd, "vis": vis, "train": train, "config": config_cmd}
 
 
 def build_parser() -> argparse.ArgumentParser:

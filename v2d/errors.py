@@ -8,7 +8,7 @@ anything else is a bug and keeps its traceback. `V2DError`, `ShapeError` and `Nu
 
 from kernels.errors import NumericalError, ShapeError, V2DError
 
-__all__ = ["ConfigError", "InputError", "NumericalError", "ShapeError", "V2DError"]
+__all__ = ["ConfigError", "InputError", "NumericalError", "RenderError", "ShapeError", "V2DError"]
 
 
 class ConfigError(V2DError):
@@ -17,3 +17,7 @@ class ConfigError(V2DError):
 
 class InputError(V2DError):
     """Input data (files, videos, intrinsics) is missing, unreadable or inconsistent."""
+
+
+class RenderError(V2DError):
+    """Open3D could not open a window or an offscreen rendering context (no display and no EGL, say)."""

@@ -49,7 +49,7 @@ def _run(model, cfg, frames, intrinsics, calibrated=True, on_keyframe=None):
 def test_tracks_a_rendered_sequence_with_keyframes(seq, model):
     frames = np.asarray(seq.images)[::2]
     finals = []
-    system, res = _run(model, _cfg(), frames, seq.intrinsics, on_keyframe=lambda f, d, p: finals.append((f, d)))
+    system, res = _run(model, _cfg(), frames, seq.intrinsics, on_keyframe=lambda f, d, p, im: finals.append((f, d)))
     n = len(frames)
     assert res.poses_cw.shape == (n, 7) and torch.isfinite(res.poses_cw).all()
     assert len(res.keyframe_frames) >= 3  # the camera moves: new keyframes by induced flow

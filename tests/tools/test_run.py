@@ -56,6 +56,10 @@ def test_run_image_folder_writes_every_output(tmp_path, seq, capsys):
     for key in ("keyframes", "seconds", "fps", "config", "version", "marked_frames", "intrinsics", "warnings"):
         assert key in summary
     assert summary["intrinsics"]["calibrated"] is True
+    files = summary["keyframe_files"]
+    assert len(files) == summary["keyframes"] and all(int(f) % 2 == 0 for f in files)  # input indices, stride 2
+    assert sorted(p.stem for p in (out / "depth").glob("*.npy")) == files
+    assert sorted(p.stem for p in (out / "images").glob("*.jpg")) == files
     traj = file_interface.read_tum_trajectory_file(str(out / "trajectory.txt"))
     assert traj.num_poses == n
     assert np.allclose(traj.timestamps, np.arange(0, 24, 2))  # input frame indices (image folders have no times)

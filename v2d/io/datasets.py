@@ -42,8 +42,8 @@ from v2d.errors import InputError
 from v2d.geometry.camera import resize_intrinsics
 from v2d.geometry.lie import matrix_to_quat, quat_to_matrix
 
-__all__ = ["Sequence", "SequenceClips", "open_sequence", "read_intrinsics", "IMAGE_SUFFIXES", "iter_frames",
-           "select_frames", "parse_size", "parse_intrinsics"]
+__all__ = ["Sequence", "SequenceClips", "open_sequence", "read_intrinsics", "read_depth_map", "read_pose_matrix",
+           "IMAGE_SUFFIXES", "iter_frames", "select_frames", "parse_size", "parse_intrinsics"]
 
 _log = logging.getLogger(__name__)
 
@@ -89,15 +89,38 @@ class Sequence:
         """Depth of frame k as (H, W) float32 metres (0 = unknown), or None without depth."""
         if self.depths is None:
             return None
-        import cv2
+        return read_depth_map(self.depths[k], 1.0 / self.depth_scale)
 
-        path = self.depths[k]
-        d = cv2.imread(str(path), cv2.IMREAD_UNCHANGED)
-        if d is None or d.ndim != 2:
-            raise InputError(f"cannot read depth map {path} (expected a single-channel 16-bit image)")
+
+PNG_NO_READING = 65535  # 7-Scenes marks pixels without a depth reading with the largest 16-bit value
+
+
+def read_depth_map(path: str | Path, png_scale: float = 1000.0) -> np.ndarray:
+    """A depth map as (H, W) float32 with 0 where unknown: `.npy` (real numbers, used as is) or a
+    single-channel 16-bit PNG divided by `png_scale` (1000: millimetres; 5000: TUM), where 0 and
+    65535 (7-Scenes' "no reading") are unknown. InputError for anything else."""
+    import cv2
+
+    path = Path(path)
+    if path.suffix.lower() == ".npy":
+        try:
+            d = np.load(path, allow_pickle=False)
+        except (ValueError, OSError, EOFError) as exc:
+            raise InputError(f"{path}: not a readable .npy file ({exc.__class__.__name__})") from None
+        if d.ndim != 2 or not (np.issubdtype(d.dtype, np.floating) or np.issubdtype(d.dtype, np.integer)):
+            raise InputError(f"{path}: expected a 2-D real-valued depth map, got shape {d.shape} and dtype {d.dtype}")
         d = d.astype(np.float32)
-        d[d >= 65535] = 0  # 7-Scenes marks invalid depth with 65535
-        return d * self.depth_scale
+    elif path.suffix.lower() == ".png":
+        raw = cv2.imread(str(path), cv2.IMREAD_UNCHANGED)
+        if raw is None:
+            raise InputError(f"{path}: cannot read depth map (not a readable PNG)")
+        if raw.dtype != np.uint16 or raw.ndim != 2:
+            raise InputError(f"{path}: cannot read depth map: expected a single-channel 16-bit PNG, got dtype "
+                             f"{raw.dtype} and shape {raw.shape}")
+        d = np.where(raw == PNG_NO_READING, 0, raw).astype(np.float32) / np.float32(png_scale)
+    else:
+        raise InputError(f"{path}: expected a .npy or 16-bit .png depth map")
+    return np.where(np.isfinite(d) & (d > 0), d, 0.0).astype(np.float32)
 
 
 def read_image(path: Path) -> np.ndarray:
@@ -206,10 +229,19 @@ def read_intrinsics(path: str | Path) -> np.ndarray:
     return k
 
 
-def _pose_file(path: Path) -> np.ndarray:
+def read_pose_matrix(path: str | Path) -> np.ndarray:
+    """A 4x4 rigid transform (16 numbers, row-major) from a text file, as 7-Scenes and ScanNet store
+    poses; InputError unless the last row is 0 0 0 1 and the rotation is orthonormal with det +1.
+
+    Shapes: returns (4, 4) float64.
+    """
+    path = Path(path)
     T = _numbers(path, 16).reshape(4, 4)
     if np.abs(T[3] - [0, 0, 0, 1]).max() > 1e-6:
         raise InputError(f"{path}: expected a 4x4 rigid transform with last row 0 0 0 1")
+    R = T[:3, :3]
+    if np.abs(R @ R.T - np.eye(3)).max() > 1e-3 or np.linalg.det(R) < 0:
+        raise InputError(f"{path}: the rotation part is not a rotation (not orthonormal, or a reflection)")
     return T
 
 
@@ -228,7 +260,7 @@ def _open_7scenes(root: Path) -> Sequence:
         raise InputError(f"{root}: no frame-NNNNNN.color images")
     stems = [p.name.split(".color")[0] for p in colors]
     depths = [_need(root / f"{s}.depth.png", "depth map") for s in stems]
-    poses = np.stack([_pose_file(_need(root / f"{s}.pose.txt", "pose file")) for s in stems])
+    poses = np.stack([read_pose_matrix(_need(root / f"{s}.pose.txt", "pose file")) for s in stems])
     intr_file = root / "camera-intrinsics.txt"
     if not intr_file.exists():
         intr_file = root.parent / "camera-intrinsics.txt"
@@ -314,7 +346,7 @@ def _open_scannet(root: Path) -> Sequence:
         else None
     poses = None
     if (root / "pose").is_dir():
-        poses = np.stack([_pose_file(_need(root / "pose" / f"{p.stem}.txt", "pose file")) for p in colors])
+        poses = np.stack([read_pose_matrix(_need(root / "pose" / f"{p.stem}.txt", "pose file")) for p in colors])
         if not np.isfinite(poses).all():
             raise InputError(f"{root / 'pose'}: invalid (inf) poses")
     intr = read_intrinsics(_need(root / "intrinsic" / "intrinsic_color.txt", "intrinsics file"))

@@ -23,7 +23,7 @@ import numpy as np
 from v2d.errors import InputError
 
 __all__ = ["atomic_write", "write_bytes", "write_text", "write_json", "write_npy", "write_depth_png",
-           "write_image_png", "write_tum", "ensure_dir", "staged_output"]
+           "write_image_png", "write_image_jpg", "write_tum", "ensure_dir", "staged_output", "check_output_path"]
 
 
 def ensure_dir(path: str | Path) -> Path:
@@ -42,6 +42,23 @@ def _umask() -> int:
     umask = os.umask(0)
     os.umask(umask)
     return umask
+
+
+def check_output_path(path: str | Path, suffix: str, option: str) -> Path:
+    """An output file path ending in `suffix` whose directory exists and is writable; InputError otherwise."""
+    path = Path(path)
+    if path.suffix.lower() != suffix:
+        raise InputError(f"{option} {path}: expected a file name ending in {suffix}")
+    if path.is_dir():
+        raise InputError(f"{option} {path}: is a directory")
+    parent = path.parent
+    if parent.exists() and not parent.is_dir():
+        raise InputError(f"{option} {path}: {parent} is not a directory")
+    if not parent.is_dir():
+        raise InputError(f"{option} {path}: directory {parent} does not exist")
+    if not os.access(parent, os.W_OK | os.X_OK):
+        raise InputError(f"{option} {path}: directory {parent} is not writable")
+    return path
 
 
 def atomic_write(path: str | Path, write: Callable[[Any], None], mode: str = "wb") -> Path:
@@ -127,6 +144,16 @@ def write_image_png(path: str | Path, rgb: np.ndarray) -> Path:
     """RGB uint8 image (H, W, 3) as PNG."""
     rgb = np.ascontiguousarray(rgb)
     return write_bytes(path, _encode_png(rgb[..., ::-1] if rgb.ndim == 3 else rgb))
+
+
+def write_image_jpg(path: str | Path, rgb: np.ndarray, quality: int = 95) -> Path:
+    """RGB uint8 image (H, W, 3) as JPEG."""
+    import cv2
+
+    ok, buf = cv2.imencode(".jpg", np.ascontiguousarray(rgb[..., ::-1]), [cv2.IMWRITE_JPEG_QUALITY, quality])
+    if not ok:
+        raise InputError(f"cannot encode an image of shape {rgb.shape} and dtype {rgb.dtype} as JPEG")
+    return write_bytes(path, buf.tobytes())
 
 
 def write_tum(path: str | Path, timestamps: np.ndarray, poses_wc: np.ndarray) -> Path:

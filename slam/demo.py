@@ -4,8 +4,9 @@ The project renders its own sequence (`v2d.data.synthetic`: a textured room, a h
 trajectory), runs the SLAM front end on it with the shipped weights and the rendered intrinsics,
 and scores the result against the synthetic ground truth: ATE RMSE after Sim3 alignment (evo),
 the ground-truth path length, and the keyframes' depth AbsRel after per-frame median scaling.
-The outputs are those of `v2d run` (trajectory.txt, depth/, cloud.ply, summary.json) plus
-trajectory_gt.txt.
+The outputs are those of `v2d run` (trajectory.txt, depth/, images/, cloud.ply, summary.json)
+plus trajectory_gt.txt and demo.png (`slam.vis.render_headless`: cloud, keyframe cameras, both
+trajectories).
 """
 
 from __future__ import annotations
@@ -22,7 +23,7 @@ from slam.run import track_frames, write_outputs
 from v2d.config import V2DConfig
 from v2d.data.synthetic import render_sequence
 from v2d.geometry.lie import se3_inv
-from v2d.io.writers import ensure_dir, staged_output, write_tum
+from v2d.io.writers import staged_output, write_tum
 from v2d.metrics import depth_metrics, trajectory_ate
 
 __all__ = ["run_demo"]
@@ -49,7 +50,7 @@ def run_demo(cfg: V2DConfig, out_dir: str | Path, progress: bool = True) -> dict
             scores.append(depth_metrics(depth, gt_depths[idx[f]]) | {"frame": idx[f]})
 
         result, facts = track_frames((images[i] for i in idx), len(idx), cfg, size, seq.intrinsics.numpy(),
-                                     ensure_dir(stage / "depth"), names=idx, progress=progress, on_keyframe=score)
+                                     stage, names=idx, progress=progress, on_keyframe=score)
         timestamps = np.asarray(seq.timestamps, dtype=np.float64)[idx]
         gt_wc = se3_inv(seq.poses_cw[idx]).numpy()
         write_tum(stage / "trajectory_gt.txt", timestamps, gt_wc)
@@ -66,7 +67,17 @@ def run_demo(cfg: V2DConfig, out_dir: str | Path, progress: bool = True) -> dict
             "input": {"synthetic_seed": dc.seed, "rendered_frames": len(seq.timestamps), "stride": dc.stride,
                       "render_seconds": t_render},
         }
-        summary = write_outputs(stage, result, timestamps, cfg, facts, extra)
+        summary = write_outputs(stage, result, timestamps, cfg, facts, extra, names=idx)
+        # A picture of the result (`v2d vis --headless`). The scores do not depend on it, so a machine
+        # where Open3D cannot render (no EGL, no libusb) still gets the demo's outputs.
+        from slam.vis import render_headless
+        from v2d.errors import V2DError
+        from v2d.io.results import load_run
+
+        try:
+            render_headless(load_run(stage), stage / "demo.png", 640, 480, gt=stage / "trajectory_gt.txt")
+        except (V2DError, ImportError, RuntimeError) as exc:
+            _log.warning("demo.png not written: rendering with Open3D failed (%s: %s)", type(exc).__name__, exc)
     _log.info("ATE %.4f (%.2f%% of the %.2f path), keyframe depth AbsRel %.3f, %.1f frames/s",
               summary["ate_rmse"], summary["ate_percent_of_path"], summary["path_length"],
               summary["depth"]["abs_rel"], summary["fps"])

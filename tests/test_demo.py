@@ -36,6 +36,9 @@ def test_demo_tracks_the_sequence_and_writes_outputs(tmp_path, capsys):
     assert png.dtype == np.uint16 and png.shape == (240, 320)
     assert np.allclose(np.load(pngs[0].with_suffix(".npy")) * 1000, png, atol=0.51)
     assert (out / "cloud.ply").stat().st_size > 10000
+    view = cv2.imread(str(out / "demo.png"), cv2.IMREAD_COLOR)  # the `v2d vis --headless` picture
+    assert view is not None and view.shape == (480, 640, 3)
+    assert view.std() > 20 and (np.abs(view.astype(int) - 255).max(-1) > 8).mean() > 0.1  # not blank
     assert not list(out.rglob(".*.tmp"))  # atomic writes leave no temporaries
     assert not list(tmp_path.glob(".*partial-*"))
 

@@ -13,7 +13,9 @@ def add_parser(sub: argparse._SubParsersAction, parents: list[argparse.ArgumentP
         "demo", parents=parents, help="run SLAM on the embedded synthetic sequence (no data needed)",
         description="Render the embedded synthetic sequence, run SLAM on it (shipped weights, flow source from "
         "the config) and write trajectory.txt, depth/, cloud.ply and summary.json with the errors against the "
-        "synthetic ground truth (ate_rmse after Sim3 alignment, path_length, keyframe depth AbsRel).",
+        "synthetic ground truth (ate_rmse after Sim3 alignment, path_length, keyframe depth AbsRel), and demo.png, an "
+        "offscreen Open3D view of the cloud, keyframe cameras and both trajectories (skipped with a warning where "
+        "Open3D cannot render).",
     )
     p.add_argument("--out", default="demo_out", metavar="DIR", help="output directory (default: demo_out)")
     p.set_defaults(handler=run)

@@ -13,8 +13,6 @@ from __future__ import annotations
 
 import logging
 import math
-import os
-import tempfile
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -25,6 +23,7 @@ from torch import Tensor
 from v2d.errors import InputError, NumericalError, ShapeError
 from v2d.geometry.camera import backproject, project, relative_pose
 from v2d.geometry.lie import se3_act, se3_inv
+from v2d.io.writers import atomic_write_named
 
 __all__ = ["consistency_mask", "fuse_keyframes", "relative_disagreement", "splat_depth", "write_ply"]
 
@@ -357,24 +356,10 @@ def write_ply(path: str | Path, points: np.ndarray | Tensor, colors: np.ndarray 
     if len(cols) and not (cols.min() >= 0 and cols.max() <= 1):
         raise ShapeError(f"write_ply: expected colors in [0, 1], got [{cols.min()}, {cols.max()}]")
 
-    tmp = None
-    try:
-        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".ply")
-        with os.fdopen(fd, "wb") as f:
-            if len(pts) == 0:
-                f.write(_EMPTY_PLY)
-        if len(pts) and not o3d.io.write_point_cloud(tmp, _open3d_cloud(pts, cols), write_ascii=False):
+    def write(name: str) -> None:
+        if len(pts) == 0:
+            Path(name).write_bytes(_EMPTY_PLY)
+        elif not o3d.io.write_point_cloud(name, _open3d_cloud(pts, cols), write_ascii=False):
             raise OSError("Open3D could not write it")
-        with open(tmp, "rb+") as f:
-            os.fsync(f.fileno())
-        umask = os.umask(0)
-        os.umask(umask)
-        os.chmod(tmp, 0o666 & ~umask)  # mkstemp creates 0600; give the file the usual permissions
-        os.replace(tmp, path)
-    except BaseException as exc:
-        if tmp is not None:
-            Path(tmp).unlink(missing_ok=True)
-        if not isinstance(exc, Exception):
-            raise  # KeyboardInterrupt and the like propagate unchanged
-        raise InputError(f"cannot write point cloud {path}: {exc}") from exc
-    return path
+
+    return atomic_write_named(path, write, suffix=".ply", what="point cloud ")

@@ -23,7 +23,6 @@ import contextlib
 import logging
 import math
 import os
-import tempfile
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -34,7 +33,7 @@ import numpy as np
 
 from v2d.errors import InputError, RenderError
 from v2d.io.results import RunOutputs
-from v2d.io.writers import check_output_path
+from v2d.io.writers import atomic_write_named, check_output_path
 
 if TYPE_CHECKING:
     import open3d as o3d
@@ -708,24 +707,10 @@ def write_mesh(mesh: o3d.geometry.TriangleMesh, path: str | Path) -> Path:
     import open3d as o3d
 
     path = check_output_path(path, ".ply", "--mesh")
-    tmp = None
-    try:
-        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".ply")
-        os.close(fd)
+
+    def write(name: str) -> None:
         with _quiet_open3d():
-            ok = o3d.io.write_triangle_mesh(tmp, mesh, write_ascii=False, compressed=False)
-        if not ok:
-            raise OSError("Open3D could not write it")
-        with open(tmp, "rb+") as f:
-            os.fsync(f.fileno())
-        umask = os.umask(0)
-        os.umask(umask)
-        os.chmod(tmp, 0o666 & ~umask)  # mkstemp creates 0600; give the file the usual permissions
-        os.replace(tmp, path)
-    except BaseException as exc:
-        if tmp is not None:
-            Path(tmp).unlink(missing_ok=True)
-        if isinstance(exc, OSError):
-            raise InputError(f"cannot write {path}: {exc.strerror or exc}") from None
-        raise
-    return path
+            if not o3d.io.write_triangle_mesh(name, mesh, write_ascii=False, compressed=False):
+                raise OSError("Open3D could not write it")
+
+    return atomic_write_named(path, write)

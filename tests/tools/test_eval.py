@@ -9,18 +9,10 @@ import pytest
 
 from tests.fake_run import write_fake_run
 from tests.test_evaluation import _trajectory
+from tests.tools.cli_errors import one_line_error
 from tools.cli import main
 from v2d.data.synthetic import render_sequence
 from v2d.io.writers import write_tum
-
-
-def _one_error_line(capsys, *needles: str) -> str:
-    err = [ln for ln in capsys.readouterr().err.strip().splitlines() if not ln.startswith(("INFO", "WARNING"))]
-    assert len(err) == 1, err
-    assert err[0].startswith("v2d eval: error: ") or err[0].startswith("error: "), err[0]
-    for n in needles:
-        assert n in err[0], err[0]
-    return err[0]
 
 
 @pytest.fixture
@@ -78,7 +70,7 @@ def test_traj_bad_inputs(tmp_path, trajs, capsys, case):
         p[3, 3:] *= 3
         write_tum(est, t, p)
     assert main(args) == 1
-    _one_error_line(capsys, needle)
+    one_line_error(capsys, needle)
     assert not list(tmp_path.glob("plot.*")), "a failed evaluation left a plot behind"
 
 
@@ -111,16 +103,16 @@ def test_depth_cli_bad_inputs_leave_nothing(tmp_path, capsys):
     np.save(gt / "000001.npy", np.ones((8, 8)))
     out = tmp_path / "out"
     assert main(["eval", "depth", str(pred), str(gt), "--out", str(out), "-q"]) == 1
-    _one_error_line(capsys, "--resize-pred")
+    one_line_error(capsys, "--resize-pred")
     assert not out.exists() and not list(tmp_path.glob(".*partial*"))
     (tmp_path / "afile").write_text("")
     assert main(["eval", "depth", str(pred), str(gt), "--resize-pred", "--out", str(tmp_path / "afile" / "o"),
                  "-q"]) == 1
-    _one_error_line(capsys, "afile")
+    one_line_error(capsys, "afile")
     assert main(["eval", "depth", str(pred), str(tmp_path / "none"), "-q"]) == 1
-    _one_error_line(capsys, "no such file")
+    one_line_error(capsys, "no such file")
     assert main(["eval", "depth", str(pred), str(gt), "--min-depth", "5", "--max-depth", "1", "-q"]) == 1
-    _one_error_line(capsys, "depth range")
+    one_line_error(capsys, "depth range")
 
 
 def test_consistency_cli(tmp_path, capsys):
@@ -133,7 +125,7 @@ def test_consistency_cli(tmp_path, capsys):
     assert f"{100 * res['within_tolerance']:.1f} %" in table and "median relative difference" in table
     (tmp_path / "empty").mkdir()
     assert main(["eval", "consistency", str(tmp_path / "empty"), "-q"]) == 1
-    _one_error_line(capsys, "no summary.json")
+    one_line_error(capsys, "no summary.json")
     (run / "summary.json").write_text("{not json")
     assert main(["eval", "consistency", str(run), "-q"]) == 1
-    _one_error_line(capsys, "malformed")
+    one_line_error(capsys, "malformed")

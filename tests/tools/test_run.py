@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 from evo.tools import file_interface
 
+from tests.tools.cli_errors import one_line_error
 from tools.cli import main
 from v2d.data.synthetic import render_sequence
 from v2d.model import SHIPPED_WEIGHTS
@@ -35,14 +36,6 @@ def _folder(path: Path, images, intrinsics=None) -> Path:
 
 def _no_leftovers(parent: Path) -> None:
     assert not list(parent.glob(".*partial-*")), "a staging directory was left behind"
-
-
-def _one_line_error(capsys, *needles: str) -> str:
-    err = [line for line in capsys.readouterr().err.strip().splitlines() if not line.startswith(("INFO", "WARNING"))]
-    assert len(err) == 1, err
-    for n in needles:
-        assert n in err[0], err[0]
-    return err[0]
 
 
 @needs_weights
@@ -148,7 +141,7 @@ def test_uncalibrated_keeps_the_pixel_aspect_when_resizing(tmp_path):
 def test_missing_input(tmp_path, capsys):
     out = tmp_path / "out"
     assert main(["run", str(tmp_path / "nope"), "--out", str(out)]) == 1
-    _one_line_error(capsys, "input not found")
+    one_line_error(capsys, "input not found")
     assert not out.exists()
     _no_leftovers(tmp_path)
 
@@ -157,7 +150,7 @@ def test_folder_without_images(tmp_path, capsys):
     (tmp_path / "empty").mkdir()
     out = tmp_path / "out"
     assert main(["run", str(tmp_path / "empty"), "--out", str(out)]) == 1
-    _one_line_error(capsys, "no images")
+    one_line_error(capsys, "no images")
     assert not out.exists()
 
 
@@ -167,7 +160,7 @@ def test_unreadable_or_empty_video(tmp_path, capsys, content):
     video.write_bytes(content)
     out = tmp_path / "out"
     assert main(["run", str(video), "--out", str(out)]) == 1
-    _one_line_error(capsys, "cannot read any frame")
+    one_line_error(capsys, "cannot read any frame")
     assert not out.exists()
     _no_leftovers(tmp_path)
 
@@ -178,7 +171,7 @@ def test_mixed_sizes_leave_no_partial_output(tmp_path, seq, capsys):
     cv2.imwrite(str(src / "0010.png"), np.zeros((H + 8, W, 3), np.uint8))  # found mid-run
     out = tmp_path / "out"
     assert main(["run", str(src), "--out", str(out), "--resize", f"{H}x{W}", "-q"]) == 1
-    _one_line_error(capsys, "mixed sizes")
+    one_line_error(capsys, "mixed sizes")
     assert not out.exists()
     _no_leftovers(tmp_path)
 
@@ -186,7 +179,7 @@ def test_mixed_sizes_leave_no_partial_output(tmp_path, seq, capsys):
 def test_one_frame_is_too_few(tmp_path, seq, capsys):
     src = _folder(tmp_path / "imgs", seq.images[:1], seq.intrinsics.tolist())
     assert main(["run", str(src), "--out", str(tmp_path / "out")]) == 1
-    _one_line_error(capsys, "at least 2")
+    one_line_error(capsys, "at least 2")
     assert not (tmp_path / "out").exists()
     _no_leftovers(tmp_path)
 
@@ -196,7 +189,7 @@ def test_malformed_intrinsics_file(tmp_path, seq, capsys, text):
     src = _folder(tmp_path / "imgs", seq.images[:3])
     (src / "intrinsics.txt").write_text(text)
     assert main(["run", str(src), "--out", str(tmp_path / "out")]) == 1
-    _one_line_error(capsys, "intrinsics.txt")
+    one_line_error(capsys, "intrinsics.txt")
     assert not (tmp_path / "out").exists()
     _no_leftovers(tmp_path)
 
@@ -212,7 +205,7 @@ def test_malformed_intrinsics_file(tmp_path, seq, capsys, text):
 def test_bad_options(tmp_path, seq, capsys, args, needle):
     src = _folder(tmp_path / "imgs", seq.images[:3], seq.intrinsics.tolist())
     assert main(["run", str(src), "--out", str(tmp_path / "out"), *args]) == 1
-    _one_line_error(capsys, needle)
+    one_line_error(capsys, needle)
     assert not (tmp_path / "out").exists()
     _no_leftovers(tmp_path)
 
@@ -222,7 +215,7 @@ def test_unwritable_output(tmp_path, seq, capsys):
     blocker = tmp_path / "file"
     blocker.write_text("x")
     assert main(["run", str(src), "--out", str(blocker / "sub")]) == 1
-    _one_line_error(capsys, "not a directory")
+    one_line_error(capsys, "not a directory")
     _no_leftovers(tmp_path)
 
 
@@ -238,5 +231,5 @@ def test_write_error_is_one_line_and_leaves_nothing(tmp_path, seq, capsys, monke
     src = _folder(tmp_path / "imgs", seq.images[:6], seq.intrinsics.tolist())
     out = tmp_path / "out"
     assert main(["run", str(src), "--out", str(out), "--resize", f"{H}x{W}", "-q"]) == 1
-    _one_line_error(capsys, "No space left on device")
+    one_line_error(capsys, "No space left on device")
     assert not out.exists() and os.listdir(tmp_path) == ["imgs"]

@@ -11,20 +11,13 @@ import numpy as np
 import pytest
 
 from tests.slam.test_vis import FRAMES, make_fake_run, sequence
+from tests.tools.cli_errors import one_line_error
 from tools.cli import main
 
 
 @pytest.fixture(scope="module")
 def run_dir(tmp_path_factory) -> Path:
     return make_fake_run(tmp_path_factory.mktemp("cli_vis") / "run", sequence(), gt_bump=0.15)
-
-
-def _one_line_error(capsys, *needles: str) -> str:
-    err = [line for line in capsys.readouterr().err.strip().splitlines() if not line.startswith(("INFO", "WARNING"))]
-    assert len(err) == 1, err
-    for n in needles:
-        assert n in err[0], err[0]
-    return err[0]
 
 
 def test_vis_headless_and_mesh_write_both_files(run_dir, tmp_path, capsys):
@@ -57,7 +50,7 @@ def test_vis_without_display_asks_for_headless(run_dir, monkeypatch, capsys):
     monkeypatch.delenv("DISPLAY", raising=False)
     monkeypatch.delenv("WAYLAND_DISPLAY", raising=False)
     assert main(["vis", str(run_dir)]) == 1
-    _one_line_error(capsys, "no display", "--headless FILE.png")
+    one_line_error(capsys, "no display", "--headless FILE.png")
 
 
 def _bad_inputs(root: Path, run_dir: Path) -> dict[str, tuple[list[str], str]]:
@@ -103,5 +96,5 @@ def _bad_inputs(root: Path, run_dir: Path) -> dict[str, tuple[list[str], str]]:
 def test_vis_bad_inputs_are_one_line_errors(run_dir, tmp_path, capsys):
     for name, (args, needle) in _bad_inputs(tmp_path, run_dir).items():
         assert main(["vis", *args]) == 1, name
-        _one_line_error(capsys, needle)
+        one_line_error(capsys, needle)
     assert not (tmp_path / "out.png").exists() and not (tmp_path / "m.ply").exists()

@@ -23,7 +23,8 @@ import numpy as np
 from v2d.errors import InputError
 
 __all__ = ["atomic_write", "write_bytes", "write_text", "write_json", "write_npy", "write_depth_png",
-           "write_image_png", "write_image_jpg", "write_tum", "ensure_dir", "staged_output", "check_output_path"]
+           "write_image_png", "write_image_jpg", "write_tum", "ensure_dir", "staged_output", "check_output_path",
+           "atomic_write_named"]
 
 
 def ensure_dir(path: str | Path) -> Path:
@@ -78,6 +79,32 @@ def atomic_write(path: str | Path, write: Callable[[Any], None], mode: str = "wb
             Path(tmp).unlink(missing_ok=True)
         if isinstance(exc, OSError):  # full disk, I/O error, permissions: a user-facing error
             raise InputError(f"cannot write {path}: {exc.strerror or exc}") from None
+        raise
+    return path
+
+
+def atomic_write_named(path: str | Path, write: Callable[[str], None], suffix: str | None = None,
+                       what: str = "") -> Path:
+    """`atomic_write` for writers that take a file name rather than a file object (Open3D, which also
+    picks the format from the name's suffix): `write(name)` fills a temporary file next to `path`
+    whose name ends in `suffix` (default: path's), which is then renamed to `path`. An OSError
+    from any step becomes InputError("cannot write {what}{path}: ...")."""
+    path = Path(path)
+    tmp = None
+    try:
+        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=path.suffix if suffix is None
+                                   else suffix)
+        os.close(fd)
+        write(tmp)
+        with open(tmp, "rb+") as f:
+            os.fsync(f.fileno())
+        os.chmod(tmp, 0o666 & ~_umask())  # mkstemp creates 0600; give the file the usual permissions
+        os.replace(tmp, path)
+    except BaseException as exc:
+        if tmp is not None:
+            Path(tmp).unlink(missing_ok=True)
+        if isinstance(exc, OSError):
+            raise InputError(f"cannot write {what}{path}: {exc.strerror or exc}") from None
         raise
     return path
 

@@ -64,23 +64,12 @@ def check_output_path(path: str | Path, suffix: str, option: str) -> Path:
 
 def atomic_write(path: str | Path, write: Callable[[Any], None], mode: str = "wb") -> Path:
     """Call `write(file_object)` on a temporary file next to `path`, then rename it to `path`."""
-    path = Path(path)
-    tmp = None
-    try:
-        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-        with os.fdopen(fd, mode) as f:
+
+    def by_name(name: str) -> None:
+        with open(name, mode) as f:
             write(f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.chmod(tmp, 0o666 & ~_umask())  # mkstemp creates 0600; give the file the usual permissions
-        os.replace(tmp, path)
-    except BaseException as exc:
-        if tmp is not None:
-            Path(tmp).unlink(missing_ok=True)
-        if isinstance(exc, OSError):  # full disk, I/O error, permissions: a user-facing error
-            raise InputError(f"cannot write {path}: {exc.strerror or exc}") from None
-        raise
-    return path
+
+    return atomic_write_named(path, by_name, suffix=".tmp")
 
 
 def atomic_write_named(path: str | Path, write: Callable[[str], None], suffix: str | None = None,

@@ -23,6 +23,8 @@ import contextlib
 import logging
 import math
 import os
+import sys
+import tempfile
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -489,7 +491,10 @@ def require_display() -> None:
 
 @contextlib.contextmanager
 def _quiet_open3d() -> Iterator[None]:
-    """Open3D's own warnings (e.g. "GLFW Error ... falling back to EGL") only in debug logging."""
+    """Open3D's own chatter only in debug logging: its warnings (e.g. "GLFW Error ... falling back to
+    EGL") and what its windowing libraries print straight to file descriptor 2 (e.g. "error:
+    XDG_RUNTIME_DIR is invalid or not set", harmless without a display but alarming to read), which is
+    caught in a temporary file and logged at debug level. Failures still raise (RenderError)."""
     import open3d as o3d
 
     if _log.isEnabledFor(logging.DEBUG):
@@ -497,10 +502,20 @@ def _quiet_open3d() -> Iterator[None]:
         return
     old = o3d.utility.get_verbosity_level()
     o3d.utility.set_verbosity_level(o3d.utility.VerbosityLevel.Error)
-    try:
-        yield
-    finally:
-        o3d.utility.set_verbosity_level(old)
+    sys.stderr.flush()
+    saved = os.dup(2)
+    with tempfile.TemporaryFile() as sink:
+        os.dup2(sink.fileno(), 2)
+        try:
+            yield
+        finally:
+            os.dup2(saved, 2)
+            os.close(saved)
+            o3d.utility.set_verbosity_level(old)
+            sink.seek(0)
+            text = sink.read().decode(errors="replace").strip()
+            if text:
+                _log.debug("Open3D printed: %s", text)
 
 
 def _point_size(scene: Scene, extrinsic: np.ndarray, width: int, height: int) -> float:

@@ -3,7 +3,10 @@
 from __future__ import annotations
 
 import json
+import os
 import shutil
+import subprocess
+import sys
 from pathlib import Path
 
 import cv2
@@ -34,6 +37,18 @@ def test_vis_headless_and_mesh_write_both_files(run_dir, tmp_path, capsys):
     mesh = o3d.io.read_triangle_mesh(str(ply))
     assert len(mesh.triangles) == report["mesh"]["triangles"] > 500
     assert sorted(p.name for p in tmp_path.iterdir()) == ["mesh.ply", "view.png"]  # no temporaries left
+
+
+def test_vis_headless_in_a_fresh_process_prints_nothing_on_stderr(run_dir, tmp_path):
+    # Open3D's windowing libraries print "error: XDG_RUNTIME_DIR is invalid ..." straight to fd 2 the
+    # first time a process opens a context without a display; users must not see that on success.
+    env = {k: v for k, v in os.environ.items() if k not in ("XDG_RUNTIME_DIR", "DISPLAY", "WAYLAND_DISPLAY")}
+    png = tmp_path / "view.png"
+    proc = subprocess.run([sys.executable, "-m", "tools.cli", "vis", str(run_dir), "--headless", str(png), "-q",
+                           "--width", "160", "--height", "120"], capture_output=True, text=True, env=env,
+                          cwd=Path(__file__).resolve().parents[2])
+    assert proc.returncode == 0 and png.is_file()
+    assert proc.stderr == ""
 
 
 def test_vis_no_gt_and_keyframe_view(run_dir, tmp_path, capsys):

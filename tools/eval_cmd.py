@@ -92,7 +92,7 @@ def run_traj(args: argparse.Namespace, cfg: V2DConfig) -> int:
     if args.plot:
         check_output_path(args.plot, ".png", "--plot")
     if args.json:
-        check_output_path(args.json, ".json", "--json")
+        check_output_path(args.json, None, "--json")
     res, arrays = trajectory_report(args.est, args.gt, args.est_format, args.gt_format, args.align, args.max_diff)
     if args.plot:
         plot_trajectory(arrays, res, args.plot)
@@ -128,7 +128,7 @@ def run_depth(args: argparse.Namespace, cfg: V2DConfig) -> int:
                             resize_pred=args.resize_pred, pred_png_scale=args.pred_png_scale,
                             gt_png_scale=args.gt_png_scale)
     if args.json:
-        check_output_path(args.json, ".json", "--json")
+        check_output_path(args.json, None, "--json")
     keep = args.error_images if args.out else 0
     # The staging directory exists from the start: an unwritable --out fails before the evaluation.
     with staged_output(args.out) if args.out else contextlib.nullcontext() as stage:
@@ -140,8 +140,8 @@ def run_depth(args: argparse.Namespace, cfg: V2DConfig) -> int:
     scaling = f"global {summary['global_scale']:.4f}" if args.scaling == "global" else args.scaling
     print(f"{summary['frames']} frames ({summary['frames_without_pixels']} without valid pixels), scaling: "
           f"{scaling}, crop: {args.crop}")
-    print("  ".join(f"{k:>8}" for k in DEPTH_METRICS))
-    print("  ".join(f"{summary[k]:8.4f}" for k in DEPTH_METRICS))
+    print("  ".join(f"{k:>8}" for k in (*DEPTH_METRICS, "coverage")))
+    print("  ".join(f"{summary[k]:8.4f}" for k in (*DEPTH_METRICS, "coverage")))
     return 0
 
 
@@ -151,7 +151,7 @@ def run_consistency(args: argparse.Namespace, cfg: V2DConfig) -> int:
     from v2d.io.writers import check_output_path, write_json
 
     if args.json:
-        check_output_path(args.json, ".json", "--json")
+        check_output_path(args.json, None, "--json")
     summary, rows = depth_consistency(load_run(args.run_dir), args.neighbours, args.tolerance,
                                       progress=not args.quiet)
     if args.json:

@@ -45,10 +45,11 @@ def _umask() -> int:
     return umask
 
 
-def check_output_path(path: str | Path, suffix: str, option: str) -> Path:
-    """An output file path ending in `suffix` whose directory exists and is writable; InputError otherwise."""
+def check_output_path(path: str | Path, suffix: str | None, option: str) -> Path:
+    """An output file path (ending in `suffix` unless it is None) whose directory exists and is
+    writable; InputError, naming `option`, otherwise."""
     path = Path(path)
-    if path.suffix.lower() != suffix:
+    if suffix is not None and path.suffix.lower() != suffix:
         raise InputError(f"{option} {path}: expected a file name ending in {suffix}")
     if path.is_dir():
         raise InputError(f"{option} {path}: is a directory")

@@ -151,13 +151,24 @@ def splat_depth(depth: Tensor, pose_cw_src: Tensor, pose_cw_dst: Tensor, intrins
     return torch.where(torch.isinf(out), 0.0, out).view(depth.shape)
 
 
+def _compare(depth_src: Tensor, depth_dst: Tensor, T_src_dst: Tensor, intrinsics: Tensor) -> tuple[Tensor, Tensor]:
+    """Per source pixel: |z - d_dst| / d_dst at its nearest destination pixel, and whether it was
+    compared (valid, in front, inside, on a known destination depth).
+
+    Shapes: depth_src, depth_dst (H, W), T_src_dst (7,), intrinsics (4,) -> rel (H, W), hit (H, W) bool
+    """
+    index, z, ok = _warp(depth_src, T_src_dst, intrinsics)
+    d_dst = depth_dst.reshape(-1)[index].view(depth_src.shape)
+    hit = ok & _valid(d_dst)
+    return (z - d_dst).abs() / torch.where(hit, d_dst, 1.0), hit
+
+
 def _consistency(depths: list[Tensor], poses_cw: Tensor, intrinsics: Tensor, k: int, neighbours: Sequence[int],
                  rel_tol: float) -> Tensor:
     count = torch.zeros(depths[k].shape, dtype=torch.int64, device=depths[k].device)
     for n in neighbours:
-        index, z, ok = _warp(depths[k], relative_pose(poses_cw[k], poses_cw[n]), intrinsics)
-        d_n = depths[n].reshape(-1)[index]
-        count += ok & _valid(d_n) & ((z - d_n).abs() <= rel_tol * d_n)
+        rel, hit = _compare(depths[k], depths[n], relative_pose(poses_cw[k], poses_cw[n]), intrinsics)
+        count += hit & (rel <= rel_tol)
     return count
 
 
@@ -176,10 +187,8 @@ def relative_disagreement(depth_i: Tensor, depth_j: Tensor, pose_cw_i: Tensor, p
     """
     deps, poses, intr = _check_depth_stack([depth_i, depth_j], torch.stack([_as_tensor(pose_cw_i),
                                                                            _as_tensor(pose_cw_j)]), intrinsics)
-    index, z, ok = _warp(deps[0], relative_pose(poses[0], poses[1]), intr)
-    d_j = deps[1].reshape(-1)[index]
-    hit = ok & _valid(d_j)
-    return ((z[hit] - d_j[hit]).abs() / d_j[hit]), int(_valid(deps[0]).sum())
+    rel, hit = _compare(deps[0], deps[1], relative_pose(poses[0], poses[1]), intr)
+    return rel[hit], int(_valid(deps[0]).sum())
 
 
 def consistency_mask(depths: Sequence[Tensor], poses_cw: Tensor, intrinsics: Tensor, k: int,

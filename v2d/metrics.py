@@ -38,7 +38,10 @@ CROPS = {
 
 
 def crop_mask(name: str, height: int, width: int) -> np.ndarray | None:
-    """Boolean (H, W) mask of the named crop ("none" gives None); ShapeError for unknown names."""
+    """Boolean mask of the named crop ("none" gives None); ShapeError for unknown names.
+
+    Shapes: -> (H, W) bool, H = height, W = width
+    """
     if name == "none":
         return None
     if name not in CROPS:

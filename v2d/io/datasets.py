@@ -98,7 +98,10 @@ PNG_NO_READING = 65535  # 7-Scenes marks pixels without a depth reading with the
 def read_depth_map(path: str | Path, png_scale: float = 1000.0) -> np.ndarray:
     """A depth map as (H, W) float32 with 0 where unknown: `.npy` (real numbers, used as is) or a
     single-channel 16-bit PNG divided by `png_scale` (1000: millimetres; 5000: TUM), where 0 and
-    65535 (7-Scenes' "no reading") are unknown. InputError for anything else."""
+    65535 (7-Scenes' "no reading") are unknown. InputError for anything else.
+
+    Shapes: -> (H, W) float32
+    """
     import cv2
 
     path = Path(path)

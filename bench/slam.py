@@ -111,7 +111,7 @@ def _seven_scenes(data: Path, out: Path, source: str, calibrated: bool, override
     from v2d.metrics import depth_metrics
 
     args = ["run", str(data), "--out", str(out), "--stride", "2", "--max-frames", "250", "--resize", "240x320",
-            "--set", f"motion.flow_source={source}"] + [a for o in overrides for a in ("--set", o)]
+            "--set", f"motion.flow_source={source}", *_sets(overrides)]
     if not calibrated:
         args.append("--uncalibrated")
     wall, rss = _v2d(args)
@@ -138,8 +138,12 @@ def _seven_scenes(data: Path, out: Path, source: str, calibrated: bool, override
             "restarts": summary["restarts"], "warnings": summary["warnings"]}
 
 
-def _demo(tmp: Path, results: dict) -> None:
-    wall, rss = _v2d(["demo", "--out", str(tmp / "demo")])
+def _sets(overrides: list[str]) -> list[str]:
+    return [a for o in overrides for a in ("--set", o)]
+
+
+def _demo(tmp: Path, results: dict, overrides: list[str]) -> None:
+    wall, rss = _v2d(["demo", "--out", str(tmp / "demo"), *_sets(overrides)])
     demo = json.loads((tmp / "demo" / "summary.json").read_text())
     results["demo"] = {"ate_rmse": demo["ate_rmse"], "path_length": demo["path_length"],
                        "ate_percent_of_path": demo["ate_percent_of_path"], "depth_abs_rel": demo["depth"]["abs_rel"],
@@ -165,14 +169,14 @@ def _seven_scenes_all(tmp: Path, results: dict, data: Path, sources: list[str], 
                   f"{r['lost_frames']} lost")
 
 
-def _synthetic(tmp: Path, results: dict, skip_memory: bool) -> None:
+def _synthetic(tmp: Path, results: dict, skip_memory: bool, overrides: list[str]) -> None:
     frames = 300 if skip_memory else 1000
     gt_wc = _render_folder(tmp / "synthetic", frames, seed=7)
     t_gt = np.arange(frames, dtype=np.float64)
     runs = {}
     for n in [300] if skip_memory else [300, 1000]:
         out = tmp / f"syn{n}"
-        wall, rss = _v2d(["run", str(tmp / "synthetic"), "--out", str(out), "--max-frames", str(n)])
+        wall, rss = _v2d(["run", str(tmp / "synthetic"), "--out", str(out), "--max-frames", str(n), *_sets(overrides)])
         summary = json.loads((out / "summary.json").read_text())
         ate = _ate(out, t_gt[:n], gt_wc[:n])
         runs[n] = {"frames": n, "wall_s": wall, "fps_end_to_end": n / wall, "fps_tracking": summary["fps"],
@@ -194,7 +198,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--parts", nargs="+", default=["demo", "7scenes", "synthetic"],
                         choices=["demo", "7scenes", "synthetic"], help="which measurements to run")
     parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
-                        help="config override for the 7-Scenes runs (repeatable)")
+                        help="config override for every run (repeatable)")
     parser.add_argument("--skip-memory", action="store_true", help="skip the 1000-frame run (about 5 minutes)")
     args = parser.parse_args(argv)
     results: dict = {"targets": {"demo_ate_percent": 1.0, "7scenes_ate_cm": 5.0, "fps": 5.0, "peak_rss_mb": 4096,
@@ -202,11 +206,12 @@ def main(argv: list[str] | None = None) -> int:
     with tempfile.TemporaryDirectory(prefix="v2d-bench-") as tmp:
         tmp = Path(tmp)
         if "demo" in args.parts:
-            _demo(tmp, results)
+            _demo(tmp, results, args.overrides)
         if "7scenes" in args.parts:
             _seven_scenes_all(tmp, results, args.data, args.sources, args.overrides)
         if "synthetic" in args.parts:
-            _synthetic(tmp, results, args.skip_memory)
+            _synthetic(tmp, results, args.skip_memory, args.overrides)
+    results["overrides"] = args.overrides
     write_results(args.json, results)
     return 0
 

@@ -26,6 +26,13 @@ How a video is processed:
 - Local window: global-mode Gauss-Newton over the last `slam.window` keyframes (every ordered pair
   an edge, the oldest `slam.window_fixed` poses fixed; uncalibrated runs also optimise the focal
   length). Frames keep their pose relative to their keyframe, so they follow the window.
+- Depth refinement (`slam.depth_ba_iterations`, DIS flow only): after the depth module, every window
+  keyframe's inverse depth is refined per pixel from its DIS flow to the other window keyframes
+  with the poses fixed (`v2d.geometry.depth_refine`; the depth module's depth is the prior), then
+  the window's poses are optimised again (`slam.depth_ba_poses`). Alternating with the pose
+  optimisation at every keyframe, this is a dense bundle adjustment over the window by block
+  coordinate descent: the network's depth only has to be right where the flow carries no
+  parallax, and the map's scale is carried by the triangulated structure of many keyframes.
 - Lost tracking: below `slam.lost_confidence` / `slam.lost_overlap`, above `slam.lost_residual`
   or non-finite, the frame is tracked again from the keyframe's pose (re-initialised against the
   last good keyframe); if that fails too it is marked lost and holds the last good pose. After
@@ -56,6 +63,7 @@ import torch.nn.functional as F
 from slam.fusion import splat_depth
 from v2d.config import V2DConfig
 from v2d.errors import ShapeError, V2DError
+from v2d.geometry.depth_refine import DepthRefineOptions, refine_inverse_depth
 from v2d.geometry.camera import backproject, pixel_grid, project, reproject, scale_intrinsics, valid_reprojection
 from v2d.geometry.lie import se3_act, se3_identity, se3_inv, se3_mul
 from v2d.model import V2D, normalize_images
@@ -103,6 +111,7 @@ class Keyframe:
     small_depth: np.ndarray | None = None  # (H/s, W/s) float32 after leaving the window
     small_image: np.ndarray | None = None  # (H/s, W/s, 3) uint8
     motion_feats: torch.Tensor | None = None  # (F, H/4, W/4), learned flow only
+    prior: torch.Tensor | None = None  # (H, W) float32: the depth module's depth (the refinement's prior)
 
 
 @dataclass
@@ -333,7 +342,7 @@ class SlamSystem:
         else:
             self.intr = intr
         kf = Keyframe(frame=0, pose_cw=se3_identity((), dtype=torch.float64), image=frames[0],
-                      depth=depth.float(), valid=torch.ones_like(depth, dtype=torch.bool))
+                      depth=depth.float(), valid=torch.ones_like(depth, dtype=torch.bool), prior=depth.float())
         if self.source == "learned":
             kf.motion_feats = self._motion_feats(frames[0])
         self.keyframes.append(kf)
@@ -500,6 +509,10 @@ class SlamSystem:
         self._refine_depth(kid)
         if self.sc.depth_timing == "both":
             self._refine_depth(prev_id)
+        if self.sc.depth_ba_iterations > 0 and self.source == "dis":  # the refinement's targets are DIS flow
+            self._depth_ba()
+            if self.sc.depth_ba_poses:
+                self._optimise_window()
         while len(self.window) > self.sc.window:
             self._finalise(self.window.pop(0))
 
@@ -519,7 +532,7 @@ class SlamSystem:
                     depth = depth * self._scale_to(refs, depth)
                 if self.sc.fuse_tolerance > 0:
                     depth = self._fuse(depth, refs)
-            kf.depth, kf.valid = depth.float(), torch.ones_like(depth, dtype=torch.bool)
+            kf.depth, kf.valid, kf.prior = depth.float(), torch.ones_like(depth, dtype=torch.bool), depth.float()
         else:
             self._warn(f"the depth module gave non-finite depth for keyframe at frame {kf.frame}; kept the previous")
 
@@ -597,8 +610,12 @@ class SlamSystem:
         max_flow = self.sc.edge_max_flow * self.px
         candidates = [(a, b) for a in range(n) for b in range(n) if a != b]
         candidates += [(a, n + e) for a in (n - 2, n - 1) for e in range(len(extra))]
-        pairs = [(a, b) for a, b in candidates
-                 if self._induced_flow(kfs[a], se3_mul(poses[b], se3_inv(poses[a]))) <= max_flow]
+        pairs = []
+        for a in range(n):
+            mine = [b for a2, b in candidates if a2 == a]
+            if mine:
+                flows = self._induced_flow(kfs[a], se3_mul(poses[mine], se3_inv(poses[a])[None]))
+                pairs += [(a, b) for b, fl in zip(mine, flows.tolist(), strict=True) if fl <= max_flow]
         if not pairs:
             return
         ii, jj = torch.tensor([p[0] for p in pairs]), torch.tensor([p[1] for p in pairs])
@@ -613,8 +630,11 @@ class SlamSystem:
                     if key not in self.dis_cache:
                         self.dis_cache[key] = self._dis(kfs[a].image, kfs[b].image)
                     t, w = self.dis_cache[key]
-                else:
-                    t, w = self._dis(kfs[a].image, images_np[b])
+                else:  # the same frames serve the window again after the depth refinement: cache them too
+                    key = (ids[a], -1 - extra[b - n])
+                    if key not in self.dis_cache:
+                        self.dis_cache[key] = self._dis(kfs[a].image, images_np[b])
+                    t, w = self.dis_cache[key]
                 ts.append(t)
                 ws.append(w * kfs[a].valid[..., None])
             t = torch.stack(ts)
@@ -641,19 +661,64 @@ class SlamSystem:
             st.rel_cw = _unit(se3_mul(se3_mul(new[n + e], base), se3_inv(self.keyframes[st.keyframe].pose_cw)))
         if not self.calibrated:
             self.intr = intr
+            _log.debug("window ending at frame %d: focal length %.1f px", kfs[-1].frame, float(intr[0]))
 
-    def _induced_flow(self, kf: Keyframe, rel: torch.Tensor) -> float:
-        """Mean flow (px) keyframe kf's depth induces under rel = T_other * T_kf^-1 (strided estimate)."""
+    @torch.no_grad()
+    def _depth_ba(self) -> None:
+        """Refine every window keyframe's inverse depth from its flow to the other window keyframes.
+
+        The poses are held fixed (`v2d.geometry.depth_refine`); the depth module's depth is the
+        prior, with a relative standard deviation of `slam.depth_ba_prior`. Pairs with more
+        predicted flow than `slam.edge_max_flow` are left out, as in the window optimisation, and
+        their DIS flow is shared with it through the cache.
+        """
+        max_flow = self.sc.edge_max_flow * self.px
+        opts = DepthRefineOptions(iterations=self.sc.depth_ba_iterations, robust_scale=self.sc.robust_scale * self.px,
+                                  min_depth=self.cfg.motion.min_depth, stride=self.sc.depth_ba_stride)
+        for a in self.window:
+            kf = self.keyframes[a]
+            if kf.prior is None:
+                continue
+            rels, ts, ws = [], [], []
+            for b in self.window:
+                other = self.keyframes[b]
+                if b == a or other.image is None:
+                    continue
+                rel = se3_mul(other.pose_cw, se3_inv(kf.pose_cw))
+                if float(self._induced_flow(kf, rel)) > max_flow:
+                    continue
+                if (a, b) not in self.dis_cache:
+                    self.dis_cache[(a, b)] = self._dis(kf.image, other.image)
+                t, w = self.dis_cache[(a, b)]
+                rels.append(rel)
+                ts.append(t)
+                ws.append(w[..., 0])
+            if not rels:
+                continue
+            prior = 1.0 / kf.prior.clamp_min(1e-3)
+            rho = refine_inverse_depth(1.0 / kf.depth.clamp_min(1e-3), torch.stack(rels).float(), self.intr.float(),
+                                       torch.stack(ts), torch.stack(ws), prior,
+                                       1.0 / (self.sc.depth_ba_prior * prior) ** 2, opts)
+            if bool(torch.isfinite(rho).all()):
+                kf.depth, kf.valid = 1.0 / rho, torch.ones_like(kf.valid)
+
+    def _induced_flow(self, kf: Keyframe, rel: torch.Tensor) -> torch.Tensor:
+        """Mean flow (px) keyframe kf's depth induces under rel = T_other * T_kf^-1 (strided estimate).
+
+        Shapes: rel (7,) or (M, 7) -> () or (M,) float32; inf where no point stays in front.
+        """
         s = 4  # every 4th pixel: pixel (i, j) of the strided grid is (s i, s j), so fx/s, cx/s
         fx, fy, cx, cy = self.intr.float().unbind()
         intr = torch.stack([fx / s, fy / s, cx / s, cy / s])
         depth = kf.depth[::s, ::s].clamp_min(1e-3)
-        q = se3_act(rel.float(), backproject(depth, intr))
+        rel = rel.float()
+        q = se3_act(rel[..., None, None, :], backproject(depth, intr))  # (..., h, w, 3)
         ok = q[..., 2] > self.cfg.motion.min_depth
-        if not bool(ok.any()):
-            return math.inf
         grid = pixel_grid(*depth.shape, dtype=depth.dtype)
-        return float((project(q[ok], intr) - grid[ok]).norm(dim=-1).mean()) * s
+        dist = (project(q, intr) - grid).norm(dim=-1)
+        n = ok.sum((-2, -1))
+        mean = torch.where(ok, dist, torch.zeros_like(dist)).sum((-2, -1)) / n.clamp_min(1)
+        return torch.where(n > 0, mean * s, torch.full_like(mean, math.inf))
 
     def _finalise(self, kid: int) -> None:
         """The keyframe leaves the window: hand its depth out, keep a strided copy for the cloud."""
@@ -666,7 +731,7 @@ class SlamSystem:
             self.on_keyframe(kf.frame, depth, kf.pose_cw.clone(), kf.image)
         s = self.sc.cloud_stride
         kf.small_depth, kf.small_image = depth[::s, ::s].copy(), kf.image[::s, ::s].copy()
-        kf.image = kf.depth = kf.valid = kf.motion_feats = None
+        kf.image = kf.depth = kf.valid = kf.motion_feats = kf.prior = None
         for key in [k for k in self.dis_cache if kid in k]:
             del self.dis_cache[key]
         release_heap()
@@ -695,7 +760,7 @@ class SlamSystem:
         for k in list(self.window):
             self._finalise(k)
         kf = Keyframe(frame=f, pose_cw=pose, image=image, depth=depth.float(),
-                      valid=torch.ones_like(depth, dtype=torch.bool))
+                      valid=torch.ones_like(depth, dtype=torch.bool), prior=depth.float())
         if self.source == "learned":
             kf.motion_feats = self._motion_feats(image)
         kid = len(self.keyframes)

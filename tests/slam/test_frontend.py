@@ -17,7 +17,7 @@ from slam.run import slam_config
 from v2d.config import load_config
 from v2d.data.synthetic import render_sequence
 from v2d.errors import ShapeError, V2DError
-from v2d.geometry.lie import se3_inv
+from v2d.geometry.lie import se3_inv, se3_mul
 from v2d.metrics import trajectory_ate
 from v2d.model import SHIPPED_WEIGHTS, load_model
 
@@ -82,7 +82,9 @@ def test_window_and_buffer_stay_bounded(seq, model):
         if system.initialised:
             full_images.append(sum(k.image is not None for k in system.keyframes))
             assert len(system.window) <= 2 and len(system.buffer) <= 4
-            assert all(a in system.window and b in system.window for a, b in system.dis_cache)
+            # keyframe pairs of the window, and window keyframes to recent frames (keys -1 - frame)
+            assert all(a in system.window and (b in system.window or b < 0) for a, b in system.dis_cache)
+            assert sum(b < 0 for _, b in system.dis_cache) <= 2 * 2 * system.sc.window_frames
     assert max(full_images) <= 2
     assert len(system.keyframes) > 4
 
@@ -213,3 +215,32 @@ def test_depth_fusion_averages_agreeing_estimates_in_inverse_depth(seq, model):
     assert torch.allclose(fused[:, W // 2 :], depth[:, W // 2 :])
     assert system._scale_to([near], depth) == pytest.approx(1.25)
     assert system._scale_to([], depth) == 1.0
+
+
+def test_depth_refinement_moves_window_depths_towards_the_truth(seq, model):
+    """With true poses, each window keyframe's wrong depth is pulled to what the flow triangulates."""
+    cfg = _cfg("slam.depth_ba_iterations=5", "slam.depth_ba_prior=0.5", "slam.window=4", "slam.keyframe_flow=6")
+    frames = np.asarray(seq.images)[::2]
+    system = SlamSystem(model, cfg, seq.intrinsics, (H, W))
+    for f in frames[:14]:
+        system.add_frame(np.ascontiguousarray(f))
+    assert len(system.window) >= 3
+    gt_cw = torch.as_tensor(np.asarray(seq.poses_cw), dtype=torch.float64)[::2]
+    gt_depth = torch.as_tensor(np.asarray(seq.depths), dtype=torch.float32)[::2]
+    v, u = torch.meshgrid(torch.arange(H, dtype=torch.float32), torch.arange(W, dtype=torch.float32), indexing="ij")
+    wrong = 1.0 + 0.25 * torch.sin(u / 9.0) * torch.cos(v / 7.0)  # a smooth shape error of up to 25 %
+    before, after = [], []
+    for k in system.window:
+        kf = system.keyframes[k]
+        kf.pose_cw = se3_mul(gt_cw[kf.frame], se3_inv(gt_cw[0]))
+        kf.depth = kf.prior = gt_depth[kf.frame] * wrong
+        kf.valid = torch.ones(H, W, dtype=torch.bool)
+    system.dis_cache.clear()
+    system._depth_ba()
+    for k in system.window:
+        kf = system.keyframes[k]
+        g = gt_depth[kf.frame]
+        assert torch.isfinite(kf.depth).all() and kf.depth.shape == (H, W)
+        before.append(float(((g * wrong - g).abs() / g).median()))
+        after.append(float(((kf.depth - g).abs() / g).median()))
+    assert np.mean(after) < 0.6 * np.mean(before), (before, after)

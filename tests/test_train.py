@@ -182,3 +182,26 @@ def test_init_from_weights_fine_tunes(tmp_path):
                       tmp_path / "b")
     ref = torch.load(tmp_path / "a" / "model.pt", weights_only=True)["model"]
     assert trainer.step == 0 and all(torch.equal(v, trainer.model.state_dict()[k]) for k, v in ref.items())
+
+
+def test_plot_metrics_writes_a_png_without_warnings(tmp_path):
+    """A stage-1-only log (no depth L1 yet) plots without legend warnings or touching pyplot's state."""
+    import warnings
+
+    import cv2
+
+    from v2d.train import plot_metrics
+
+    csv_path = tmp_path / "metrics.csv"
+    rows = ["step,stage,loss,depth_l1,flow_epe"] + [f"{i},motion,{1.0 / (i + 1):.4f},,{5 - i / 100:.3f}"
+                                                    for i in range(1, 120)]
+    csv_path.write_text("\n".join(rows) + "\n")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        out = plot_metrics(csv_path, tmp_path / "loss.png")
+    image = cv2.imread(str(out))
+    assert image is not None and image.shape[0] > 200 and image.std() > 5
+    (tmp_path / "empty.csv").write_text("step,stage,loss\n")
+    with pytest.raises(InputError, match="no rows"):
+        plot_metrics(tmp_path / "empty.csv", tmp_path / "x.png")
+    assert not (tmp_path / "x.png").exists()

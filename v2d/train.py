@@ -337,15 +337,16 @@ def _relative_to_key(poses: torch.Tensor) -> torch.Tensor:
 
 def plot_metrics(csv_path: str | Path, png_path: str | Path, window: int = 50) -> Path:
     """Loss curves of a run (metrics.csv) as a PNG: per-stage loss, depth L1 and flow EPE (moving means)."""
-    import matplotlib
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    rows = list(csv.DictReader(Path(csv_path).open()))
+    with Path(csv_path).open(newline="") as f:
+        rows = list(csv.DictReader(f))
     if not rows:
         raise InputError(f"{csv_path}: no rows to plot")
-    fig, axes = plt.subplots(1, 3, figsize=(13, 3.6))
+    fig = Figure(figsize=(13, 3.6))  # no pyplot: the global backend and figure registry stay untouched
+    FigureCanvasAgg(fig)
+    axes = fig.subplots(1, 3)
     for ax, key, label in zip(axes, ("loss", "depth_l1", "flow_epe"),
                               ("loss", "depth L1 (m)", "induced-flow EPE (px)"), strict=True):
         for stage in ("motion", "depth", "joint"):
@@ -359,9 +360,9 @@ def plot_metrics(csv_path: str | Path, png_path: str | Path, window: int = 50) -
             ax.plot(x, y, alpha=0.2, lw=0.5, color=line.get_color())
         ax.set_xlabel("step")
         ax.set_title(label)
-        ax.legend()
+        if ax.lines:
+            ax.legend()
     fig.tight_layout()
     png_path = Path(png_path)
     atomic_write(png_path, lambda f: fig.savefig(f, format="png", dpi=90))
-    plt.close(fig)
     return png_path

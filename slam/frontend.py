@@ -28,7 +28,7 @@ How a video is processed:
   length). Frames keep their pose relative to their keyframe, so they follow the window.
 - Depth refinement (`slam.depth_ba_iterations`, DIS flow only): after the depth module, every window
   keyframe's inverse depth is refined per pixel from its DIS flow to the other window keyframes
-  with the poses fixed (`v2d.geometry.depth_refine`; the depth module's depth is the prior), then
+  with the poses fixed (`v2d.geometry.depth_refine`; the depth module's, locked and fused, is the prior), then
   the window's poses are optimised again (`slam.depth_ba_poses`). Alternating with the pose
   optimisation at every keyframe, this is a dense bundle adjustment over the window by block
   coordinate descent: the network's depth only has to be right where the flow carries no
@@ -63,8 +63,8 @@ import torch.nn.functional as F
 from slam.fusion import splat_depth
 from v2d.config import V2DConfig
 from v2d.errors import ShapeError, V2DError
-from v2d.geometry.depth_refine import DepthRefineOptions, refine_inverse_depth
 from v2d.geometry.camera import backproject, pixel_grid, project, reproject, scale_intrinsics, valid_reprojection
+from v2d.geometry.depth_refine import DepthRefineOptions, refine_inverse_depth
 from v2d.geometry.lie import se3_act, se3_identity, se3_inv, se3_mul
 from v2d.model import V2D, normalize_images
 
@@ -302,6 +302,8 @@ class SlamSystem:
         last = self.window[-1]
         if self.sc.depth_timing == "both" and len(self.frames) - 1 > self.keyframes[last].frame:
             self._refine_depth(last)  # the last keyframe's depth with the frames recorded after it
+            if self.sc.depth_ba_iterations > 0 and self.source == "dis":
+                self._depth_ba()  # the recomputed depth is refined like every other
         for k in list(self.window):
             self._finalise(k)
         self.window = []
@@ -513,6 +515,8 @@ class SlamSystem:
             self._depth_ba()
             if self.sc.depth_ba_poses:
                 self._optimise_window()
+        for key in [k for k in self.dis_cache if k[1] < 0]:  # frame flows serve this keyframe's two optimisations only
+            del self.dis_cache[key]
         while len(self.window) > self.sc.window:
             self._finalise(self.window.pop(0))
 
@@ -667,8 +671,9 @@ class SlamSystem:
     def _depth_ba(self) -> None:
         """Refine every window keyframe's inverse depth from its flow to the other window keyframes.
 
-        The poses are held fixed (`v2d.geometry.depth_refine`); the depth module's depth is the
-        prior, with a relative standard deviation of `slam.depth_ba_prior`. Pairs with more
+        The poses are held fixed (`v2d.geometry.depth_refine`); the keyframe's depth as the depth
+        module gave it (after the scale lock and fusion) is the prior, with a relative standard
+        deviation of `slam.depth_ba_prior`. Pairs with more
         predicted flow than `slam.edge_max_flow` are left out, as in the window optimisation, and
         their DIS flow is shared with it through the cache.
         """
@@ -685,7 +690,7 @@ class SlamSystem:
                 if b == a or other.image is None:
                     continue
                 rel = se3_mul(other.pose_cw, se3_inv(kf.pose_cw))
-                if float(self._induced_flow(kf, rel)) > max_flow:
+                if not float(self._induced_flow(kf, rel)) <= max_flow:  # NaN is left out too
                     continue
                 if (a, b) not in self.dis_cache:
                     self.dis_cache[(a, b)] = self._dis(kf.image, other.image)

@@ -99,8 +99,9 @@ def refine_inverse_depth(inv_depth: Tensor, rel_poses: Tensor, intrinsics: Tenso
     s = opts.stride
     rays = _rays(K, H, W, dtype, inv_depth.device)[::s, ::s]  # (h, w, 3): the refined pixels
     start = inv_depth.detach().clamp_min(opts.min_inv_depth)
-    rho = _solve(start[::s, ::s], rel, K, rays, targets[:, ::s, ::s], weights[:, ::s, ::s], prior[::s, ::s].to(dtype),
-                 prior_weight[::s, ::s].to(dtype), opts)
+    rho = _solve(start[::s, ::s], rel.detach(), K.detach(), rays.detach(), targets[:, ::s, ::s].detach(),
+                 weights[:, ::s, ::s].detach(), prior[::s, ::s].detach().to(dtype),
+                 prior_weight[::s, ::s].detach().to(dtype), opts)
     if s == 1:
         return rho
     return start * _upsample(rho / start[::s, ::s], s, H, W)

@@ -111,7 +111,7 @@ class Keyframe:
     small_depth: np.ndarray | None = None  # (H/s, W/s) float32 after leaving the window
     small_image: np.ndarray | None = None  # (H/s, W/s, 3) uint8
     motion_feats: torch.Tensor | None = None  # (F, H/4, W/4), learned flow only
-    prior: torch.Tensor | None = None  # (H, W) float32: the depth module's depth (the refinement's prior)
+    prior: torch.Tensor | None = None  # (H, W) float32: the depth module's depth, locked and fused (refinement prior)
 
 
 @dataclass
@@ -673,9 +673,9 @@ class SlamSystem:
 
         The poses are held fixed (`v2d.geometry.depth_refine`); the keyframe's depth as the depth
         module gave it (after the scale lock and fusion) is the prior, with a relative standard
-        deviation of `slam.depth_ba_prior`. Pairs with more
-        predicted flow than `slam.edge_max_flow` are left out, as in the window optimisation, and
-        their DIS flow is shared with it through the cache.
+        deviation of `slam.depth_ba_prior`. Pairs with more predicted flow than
+        `slam.edge_max_flow` are left out, as in the window optimisation, and their DIS flow is
+        shared with it through the cache.
         """
         max_flow = self.sc.edge_max_flow * self.px
         opts = DepthRefineOptions(iterations=self.sc.depth_ba_iterations, robust_scale=self.sc.robust_scale * self.px,
@@ -684,22 +684,23 @@ class SlamSystem:
             kf = self.keyframes[a]
             if kf.prior is None:
                 continue
+            others = [b for b in self.window if b != a and self.keyframes[b].image is not None]
+            if not others:
+                continue
+            rel_all = se3_mul(torch.stack([self.keyframes[b].pose_cw for b in others]), se3_inv(kf.pose_cw)[None])
+            flows = self._induced_flow(kf, rel_all).tolist()
+            keep = [k for k, fl in enumerate(flows) if fl <= max_flow]  # NaN is left out too
+            if not keep:
+                continue
             rels, ts, ws = [], [], []
-            for b in self.window:
-                other = self.keyframes[b]
-                if b == a or other.image is None:
-                    continue
-                rel = se3_mul(other.pose_cw, se3_inv(kf.pose_cw))
-                if not float(self._induced_flow(kf, rel)) <= max_flow:  # NaN is left out too
-                    continue
+            for k in keep:
+                b = others[k]
                 if (a, b) not in self.dis_cache:
-                    self.dis_cache[(a, b)] = self._dis(kf.image, other.image)
+                    self.dis_cache[(a, b)] = self._dis(kf.image, self.keyframes[b].image)
                 t, w = self.dis_cache[(a, b)]
-                rels.append(rel)
+                rels.append(rel_all[k])
                 ts.append(t)
                 ws.append(w[..., 0])
-            if not rels:
-                continue
             prior = 1.0 / kf.prior.clamp_min(1e-3)
             rho = refine_inverse_depth(1.0 / kf.depth.clamp_min(1e-3), torch.stack(rels).float(), self.intr.float(),
                                        torch.stack(ts), torch.stack(ws), prior,

@@ -18,6 +18,7 @@ from v2d.geometry.camera import (
     scale_intrinsics,
     valid_reprojection,
 )
+from v2d.geometry.depth_refine import DepthRefineOptions, refine_inverse_depth
 from v2d.geometry.gauss_newton import (
     GNBlocks,
     GNOptions,
@@ -61,6 +62,8 @@ from v2d.geometry.lie import (
 )
 
 __all__ = [
+    "DepthRefineOptions",
+    "refine_inverse_depth",
     "GNBlocks",
     "GNOptions",
     "assemble_system",

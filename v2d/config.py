@@ -91,17 +91,15 @@ class SlamConfig:
             on both sides; more accurate, slower: measured on 7-Scenes 12.1 vs 13.6 cm ATE at 4.4
             vs 5.7 frames/s). Tracking against the splatted depth alone until the next keyframe
             ("delayed") was measured too and drifts badly (53 cm), so it is not offered.
-        depth_ba_iterations: Gauss-Newton steps refining every window keyframe's inverse depth per
-            pixel from the DIS flow to the other window keyframes with the poses fixed (the depth
-            half of a dense bundle adjustment, `v2d.geometry.depth_refine`); 0 = off. Only with
-            `motion.flow_source: dis` (its targets are DIS flow). 7-Scenes, dataset K: 8.2 -> 6.83 cm
-            ATE, keyframe AbsRel 0.171 -> 0.119 (with window 10); demo 0.34 -> 0.23 % of the path.
-        depth_ba_prior: relative standard deviation of the depth module's inverse depth, the prior
-            the refinement is pulled towards (against one pixel of flow residual; 1.0 was too weak:
-            9.8 vs 5.8 cm at window 8).
-        depth_ba_stride: refine every n-th pixel and carry the relative change to the others
+        ba_iterations: joint Gauss-Newton steps over the window keyframes' poses and per-pixel
+            inverse depths after the depth module (a dense bundle adjustment, the pixels eliminated
+            by the Schur complement, `v2d.geometry.window_ba`); 0 = off. Only with
+            `motion.flow_source: dis` (its targets are DIS flow). 7-Scenes, dataset K: 8.2 -> 3.9 cm
+            ATE; 1 / 2 / 3 steps 3.97 / 3.86 / 3.89 cm.
+        ba_prior: relative standard deviation of the depth module's inverse depth, the prior the
+            adjustment is pulled towards (against one pixel of flow residual).
+        ba_stride: adjust every n-th pixel's depth and carry the relative change to the others
             (bilinear); 2 costs a quarter.
-        depth_ba_poses: optimise the window's poses again after the depth refinement.
         buffer_frames: most recent frames whose images are kept for cost volumes (memory bound).
         lost_confidence, lost_overlap: tracking is lost below this mean confidence or overlap.
         lost_residual: tracking is lost above this confidence-weighted RMS flow residual (px).
@@ -135,10 +133,9 @@ class SlamConfig:
     scale_lock: bool = True
     fuse_tolerance: float = 0.5
     depth_timing: Literal["immediate", "both"] = "immediate"
-    depth_ba_iterations: int = 3
-    depth_ba_prior: float = 0.3
-    depth_ba_stride: int = 2
-    depth_ba_poses: bool = True
+    ba_iterations: int = 2
+    ba_prior: float = 0.3
+    ba_stride: int = 2
     buffer_frames: int = 48
     lost_confidence: float = 0.1
     lost_overlap: float = 0.15
@@ -274,9 +271,9 @@ _RANGES: dict[tuple[type, str], _Check] = {
     (SlamConfig, "robust_scale"): _POSITIVE,
     (SlamConfig, "depth_views"): _at_least(1),
     (SlamConfig, "fuse_tolerance"): _NON_NEGATIVE,
-    (SlamConfig, "depth_ba_iterations"): _NON_NEGATIVE,
-    (SlamConfig, "depth_ba_prior"): _POSITIVE,
-    (SlamConfig, "depth_ba_stride"): _at_least(1),
+    (SlamConfig, "ba_iterations"): _NON_NEGATIVE,
+    (SlamConfig, "ba_prior"): _POSITIVE,
+    (SlamConfig, "ba_stride"): _at_least(1),
     (SlamConfig, "buffer_frames"): _at_least(2),
     (SlamConfig, "lost_confidence"): _NON_NEGATIVE,
     (SlamConfig, "lost_overlap"): _NON_NEGATIVE,

@@ -60,6 +60,7 @@ from v2d.geometry.lie import (
     so3_exp,
     so3_log,
 )
+from v2d.geometry.window_ba import WindowBAOptions, window_bundle_adjust
 
 __all__ = [
     "DepthRefineOptions",
@@ -117,4 +118,6 @@ __all__ = [
     "so3_exp",
     "so3_log",
     "valid_reprojection",
+    "WindowBAOptions",
+    "window_bundle_adjust",
 ]

@@ -1,6 +1,8 @@
 """Multi-view refinement of a keyframe's inverse depth from flow targets, poses held fixed.
 
-The depth half of a dense bundle adjustment (the pose half is `v2d.geometry.gauss_newton`): with
+The depth half of a dense bundle adjustment (the pose half is `v2d.geometry.gauss_newton`; the
+SLAM front end adjusts both jointly with `v2d.geometry.window_ba`, because alternating the two
+halves creeps along the window's scale): with
 the poses fixed, every pixel's inverse depth rho is an independent one-parameter least-squares
 problem over the edges (keyframe i -> frame j) that observe it,
 

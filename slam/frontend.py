@@ -515,8 +515,6 @@ class SlamSystem:
             self._refine_depth(prev_id)
         if self.sc.ba_iterations > 0 and self.source == "dis":  # the adjustment's targets are DIS flow
             self._bundle_adjust()
-        for key in [k for k in self.dis_cache if k[1] < 0]:  # frame flows serve this keyframe's optimisation only
-            del self.dis_cache[key]
         while len(self.window) > self.sc.window:
             self._finalise(self.window.pop(0))
 
@@ -629,16 +627,13 @@ class SlamSystem:
         if self.source == "dis":
             ts, ws = [], []
             for a, b in pairs:
-                if b < n:  # keyframe pairs come back in later windows: cache their flow
+                if b < n:  # keyframe pairs come back in later windows and in the bundle adjustment: cache them
                     key = (ids[a], ids[b])
                     if key not in self.dis_cache:
                         self.dis_cache[key] = self._dis(kfs[a].image, kfs[b].image)
                     t, w = self.dis_cache[key]
-                else:  # the same frames serve the window again after the depth refinement: cache them too
-                    key = (ids[a], -1 - extra[b - n])
-                    if key not in self.dis_cache:
-                        self.dis_cache[key] = self._dis(kfs[a].image, images_np[b])
-                    t, w = self.dis_cache[key]
+                else:  # a frame serves this one optimisation
+                    t, w = self._dis(kfs[a].image, images_np[b])
                 ts.append(t)
                 ws.append(w * kfs[a].valid[..., None])
             t = torch.stack(ts)
@@ -674,10 +669,11 @@ class SlamSystem:
         Edges: every ordered pair of window keyframes whose predicted flow is within
         `slam.edge_max_flow` (as in the window optimisation, whose DIS flow they share through the
         cache). The prior is each keyframe's depth as the depth module gave it (after the scale lock
-        and fusion), with a relative standard deviation of `slam.ba_prior`; the oldest
-        `slam.window_fixed` poses are held (gauge). Frames keep their pose relative to their keyframe.
+        and fusion; the current depth where the depth module failed), with a relative standard
+        deviation of `slam.ba_prior`; the oldest `slam.window_fixed` poses are held (gauge). Frames
+        keep their pose relative to their keyframe.
         """
-        ids = [k for k in self.window if self.keyframes[k].prior is not None]
+        ids = list(self.window)
         n = len(ids)
         if n < 2:
             return
@@ -701,7 +697,7 @@ class SlamSystem:
             ts.append(t)
             ws.append(w[..., 0])
         inv = torch.stack([1.0 / k.depth.clamp_min(1e-3) for k in kfs])
-        prior = torch.stack([1.0 / k.prior.clamp_min(1e-3) for k in kfs])
+        prior = torch.stack([1.0 / (k.depth if k.prior is None else k.prior).clamp_min(1e-3) for k in kfs])
         fixed = min(self.sc.window_fixed, n - 1)
         gn = self.cfg.gn
         opts = WindowBAOptions(iterations=self.sc.ba_iterations, robust_scale=self.sc.robust_scale * self.px,

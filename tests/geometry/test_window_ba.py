@@ -205,6 +205,24 @@ def test_zero_weights_change_nothing_and_stay_finite():
     assert bool(torch.isfinite(out_i).all())
 
 
+def test_non_finite_depths_priors_and_prior_weights_give_finite_results():
+    """A NaN starting depth starts at the prior; a NaN or inf prior (or weight) is no prior; nothing raises."""
+    poses, inv, ii, jj, targets, weights = _scene(seed=6)
+    p0, i0 = _scaled_start(poses, inv, scale=1.0, noise=0.05)
+    prior, pw = inv.clone(), torch.full_like(inv, 1e-2)
+    i0[0, 2, 3] = float("nan")
+    prior[1, 4, 5] = float("nan")
+    pw[2, 6, 7] = float("inf")
+    out_p, out_i = window_bundle_adjust(p0, i0, KI, ii, jj, targets, weights, prior, pw, PLAIN)
+    assert bool(torch.isfinite(out_p).all()) and bool(torch.isfinite(out_i).all())
+    assert _pose_error(out_p, poses) < 1e-3  # the rest of the problem is solved as usual
+    # a system that is not finite (here: NaN intrinsics) is not solved: the poses stay, nothing raises
+    nan_k = KI.clone()
+    nan_k[0] = float("nan")
+    out_p, _ = window_bundle_adjust(p0, inv, nan_k, ii, jj, targets, weights, prior, pw, PLAIN)
+    torch.testing.assert_close(out_p, p0, rtol=0, atol=1e-12)
+
+
 def test_cauchy_resists_outlier_targets():
     poses, inv, ii, jj, targets, weights = _scene(seed=5)
     g = torch.Generator().manual_seed(9)

@@ -209,7 +209,15 @@ def window_bundle_adjust(poses_cw: Tensor, inv_depth: Tensor, intrinsics: Tensor
     s = opts.stride
     intr = intrinsics.detach().to(f64)
     rays = _rays(intr, H, W, f64, inv_depth.device)[::s, ::s].reshape(-1, 3)  # (P, 3)
-    start = inv_depth.detach().to(f64).clamp_min(opts.min_inv_depth)
+    # non-finite inputs: a prior or prior weight that is not finite is no prior; a starting inverse
+    # depth that is not finite starts at the prior (or the floor)
+    pri_full = prior.detach().to(f64)
+    pw_full = prior_weight.detach().to(f64)
+    no_prior = ~(torch.isfinite(pri_full) & torch.isfinite(pw_full))
+    pri_full = torch.where(no_prior, torch.zeros_like(pri_full), pri_full)
+    pw_full = torch.where(no_prior, torch.zeros_like(pw_full), pw_full)
+    start = inv_depth.detach().to(f64)
+    start = torch.where(torch.isfinite(start), start, pri_full).clamp_min(opts.min_inv_depth)
     rho = start[:, ::s, ::s].reshape(Kf, -1).clone()  # (K, P)
     P = rho.shape[1]
     tgt = targets.detach()[:, ::s, ::s].reshape(-1, P, 2).to(f64)
@@ -217,8 +225,8 @@ def window_bundle_adjust(poses_cw: Tensor, inv_depth: Tensor, intrinsics: Tensor
     obs = (wts > 0) & torch.isfinite(tgt).all(-1) & torch.isfinite(wts)
     tgt = torch.where(obs[..., None], tgt, torch.zeros_like(tgt))
     w0 = torch.where(obs, wts, torch.zeros_like(wts))
-    pri = prior.detach()[:, ::s, ::s].reshape(Kf, P).to(f64)
-    pw = prior_weight.detach()[:, ::s, ::s].reshape(Kf, P).to(f64)
+    pri = pri_full[:, ::s, ::s].reshape(Kf, P)
+    pw = pw_full[:, ::s, ::s].reshape(Kf, P)
     poses = poses_cw.detach().to(f64).clone()
     for _ in range(opts.iterations):
         poses, rho = _step(poses, rho, intr, rays, ii, jj, tgt, w0, obs, pri, pw, opts)
@@ -320,6 +328,8 @@ def _step_scale(dx: Tensor, opts: WindowBAOptions) -> Tensor:
 
 def _damped_solve(S: Tensor, b: Tensor, diag: Tensor, damping: float) -> Tensor:
     """(S + lambda I + mu diag(H_cc)) x = b by Cholesky, boosting the damping if needed, else lstsq."""
+    if not (bool(torch.isfinite(S).all()) and bool(torch.isfinite(b).all())):
+        return torch.zeros_like(b)  # nothing sound to solve (lstsq would raise): the poses stay
     base = torch.diag_embed(damping + _LM_SCALE * diag.clamp_min(0.0))
     for boost in _FALLBACK_BOOSTS:
         A = S + boost * base

@@ -96,8 +96,9 @@ class WindowBAOptions:
             the pixels between by bilinear interpolation (as `depth_refine`).
         fixed_poses: the first `fixed_poses` nodes keep their pose (gauge).
         max_translation_step, max_rotation_step: largest translation (scene units) and rotation
-            (radians) update of one pose in one step; a longer pose step is scaled down (the
-            pixels' back-substitution uses the scaled step), as in `GNOptions`.
+            (radians) update of one pose in one step. A longer pose step is scaled down as a whole,
+            not clipped part by part as `GNOptions` does, so that it stays a multiple of the solved
+            step and the pixels' back-substitution (which uses the scaled step) stays consistent.
     """
 
     iterations: int = 3

@@ -609,15 +609,9 @@ class SlamSystem:
         poses = torch.stack([se3_mul(k.pose_cw, se3_inv(base)) for k in kfs]
                             + [se3_mul(self.frame_pose(f), se3_inv(base)) for f in extra])
         images_np = [k.image for k in kfs] + [self.buffer[f] for f in extra]
-        max_flow = self.sc.edge_max_flow * self.px
         candidates = [(a, b) for a in range(n) for b in range(n) if a != b]
         candidates += [(a, n + e) for a in (n - 2, n - 1) for e in range(len(extra))]
-        pairs = []
-        for a in range(n):
-            mine = [b for a2, b in candidates if a2 == a]
-            if mine:
-                flows = self._induced_flow(kfs[a], se3_mul(poses[mine], se3_inv(poses[a])[None]))
-                pairs += [(a, b) for b, fl in zip(mine, flows.tolist(), strict=True) if fl <= max_flow]
+        pairs = self._gate_pairs(kfs, poses, candidates)
         if not pairs:
             return
         ii, jj = torch.tensor([p[0] for p in pairs]), torch.tensor([p[1] for p in pairs])
@@ -627,11 +621,8 @@ class SlamSystem:
         if self.source == "dis":
             ts, ws = [], []
             for a, b in pairs:
-                if b < n:  # keyframe pairs come back in later windows and in the bundle adjustment: cache them
-                    key = (ids[a], ids[b])
-                    if key not in self.dis_cache:
-                        self.dis_cache[key] = self._dis(kfs[a].image, kfs[b].image)
-                    t, w = self.dis_cache[key]
+                if b < n:
+                    t, w = self._keyframe_dis(ids[a], ids[b])
                 else:  # a frame serves this one optimisation
                     t, w = self._dis(kfs[a].image, images_np[b])
                 ts.append(t)
@@ -680,20 +671,12 @@ class SlamSystem:
         kfs = [self.keyframes[k] for k in ids]
         base = kfs[0].pose_cw
         poses = torch.stack([se3_mul(k.pose_cw, se3_inv(base)) for k in kfs])  # small numbers near the window
-        max_flow = self.sc.edge_max_flow * self.px
-        pairs = []
-        for a in range(n):
-            others = [b for b in range(n) if b != a]
-            flows = self._induced_flow(kfs[a], se3_mul(poses[others], se3_inv(poses[a])[None])).tolist()
-            pairs += [(a, b) for b, fl in zip(others, flows, strict=True) if fl <= max_flow]  # NaN is left out too
+        pairs = self._gate_pairs(kfs, poses, [(a, b) for a in range(n) for b in range(n) if a != b])
         if not pairs:
             return
         ts, ws = [], []
         for a, b in pairs:
-            key = (ids[a], ids[b])
-            if key not in self.dis_cache:
-                self.dis_cache[key] = self._dis(kfs[a].image, kfs[b].image)
-            t, w = self.dis_cache[key]
+            t, w = self._keyframe_dis(ids[a], ids[b])
             ts.append(t)
             ws.append(w[..., 0])
         inv = torch.stack([1.0 / k.depth.clamp_min(1e-3) for k in kfs])
@@ -713,6 +696,26 @@ class SlamSystem:
             if k >= fixed:
                 kf.pose_cw = _unit(se3_mul(new[k], base))
             kf.depth, kf.valid = (1.0 / rho[k]).float(), torch.ones_like(kf.valid)
+
+    def _gate_pairs(self, kfs: list[Keyframe], poses: torch.Tensor, candidates: list[tuple[int, int]]
+                    ) -> list[tuple[int, int]]:
+        """The candidate edges (a, b) whose flow, predicted from keyframe a's depth, is within
+        `slam.edge_max_flow` (NaN is left out too). Shapes: poses (N, 7), kfs[a] for a < len(kfs)."""
+        max_flow = self.sc.edge_max_flow * self.px
+        pairs = []
+        for a in range(len(kfs)):
+            mine = [b for a2, b in candidates if a2 == a]
+            if mine:
+                flows = self._induced_flow(kfs[a], se3_mul(poses[mine], se3_inv(poses[a])[None]))
+                pairs += [(a, b) for b, fl in zip(mine, flows.tolist(), strict=True) if fl <= max_flow]
+        return pairs
+
+    def _keyframe_dis(self, a: int, b: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """DIS targets and weights from keyframe a to keyframe b (ids), cached: a pair serves the window
+        optimisation and the bundle adjustment of every window that holds both (dropped in `_finalise`)."""
+        if (a, b) not in self.dis_cache:
+            self.dis_cache[(a, b)] = self._dis(self.keyframes[a].image, self.keyframes[b].image)
+        return self.dis_cache[(a, b)]
 
     def _induced_flow(self, kf: Keyframe, rel: torch.Tensor) -> torch.Tensor:
         """Mean flow (px) keyframe kf's depth induces under rel = T_other * T_kf^-1 (strided estimate).

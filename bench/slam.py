@@ -14,6 +14,11 @@ median-scaled AbsRel against the dataset's depth).
    uncalibrated, for each flow source: ATE RMSE (Sim3), keyframe depth AbsRel, frames/s.
 3. speed: a 300-frame synthetic run (rendered to PNGs first, 240x320, default config): frames/s.
 4. memory: the same renderer's 1000-frame run vs the 300-frame run: peak RSS and their ratio.
+5. speed (`--parts speed`): the engine issue's targets, 7-Scenes frames 0-499 at stride 2 and
+   0-299 at stride 1, 240x320, default config: frames/s end to end, ATE, keyframe AbsRel, peak RSS,
+   each the median of `--repeats` runs; with `--baseline DIR` (a checkout of an earlier commit,
+   with its extension built) the same runs of that code alternate with these, and the table gives
+   the ratios measured side by side.
 """
 
 from __future__ import annotations
@@ -41,14 +46,14 @@ class ChildUsage(NamedTuple):
     cpu_s: float  # the child's user + system time (all threads): steadier than wall time on a busy machine
 
 
-def _timed(module: str, args: list[str], what: str) -> ChildUsage:
+def _timed(module: str, args: list[str], what: str, root: Path = ROOT) -> ChildUsage:
     """Run `python -m MODULE ARGS` in a subprocess and measure it.
 
     Raises RuntimeError("WHAT failed (exit code C):\n<stderr>") when the child exits with a non-zero code.
     """
     t = time.perf_counter()
     with tempfile.TemporaryFile(mode="w+") as log:  # a file, not a pipe: a full pipe would block the child
-        proc = subprocess.Popen([sys.executable, "-m", module, *args], cwd=ROOT,
+        proc = subprocess.Popen([sys.executable, "-m", module, *args], cwd=root,
                                 stdout=subprocess.DEVNULL, stderr=log, text=True)
         _, status, usage = os.wait4(proc.pid, 0)
         proc.returncode = os.waitstatus_to_exitcode(status)
@@ -60,9 +65,9 @@ def _timed(module: str, args: list[str], what: str) -> ChildUsage:
     return ChildUsage(wall, usage.ru_maxrss / 1024.0, usage.ru_utime + usage.ru_stime)  # KiB -> MiB
 
 
-def _v2d_usage(args: list[str]) -> ChildUsage:
-    """Run `v2d ARGS` in a subprocess and measure it. Raises RuntimeError on failure."""
-    return _timed("tools.cli", [*args, "-q"], f"v2d {' '.join(args)}")
+def _v2d_usage(args: list[str], root: Path = ROOT) -> ChildUsage:
+    """Run `v2d ARGS` in a subprocess (the code of checkout `root`) and measure it. Raises RuntimeError on failure."""
+    return _timed("tools.cli", [*args, "-q"], f"v2d {' '.join(args)}", root)
 
 
 def _v2d(args: list[str]) -> tuple[float, float]:
@@ -190,13 +195,83 @@ def _synthetic(tmp: Path, results: dict, skip_memory: bool, overrides: list[str]
         print(f"peak RSS 1000 / 300 frames: {results['rss_1000_over_300']:.3f}")
 
 
+def _seven_scenes_depth(data: Path, out: Path) -> float:
+    import cv2
+
+    from v2d.io.datasets import open_sequence
+    from v2d.metrics import depth_metrics
+
+    seq = open_sequence(data)
+    rels = []
+    for f in sorted((out / "depth").glob("*.npy")):
+        g = cv2.resize(seq.depth(int(f.stem)), (320, 240), interpolation=cv2.INTER_NEAREST)
+        rels.append(depth_metrics(np.load(f), g)["abs_rel"])
+    return float(np.mean(rels))
+
+
+def _speed(tmp: Path, results: dict, data: Path, overrides: list[str], repeats: int, baseline: Path | None
+           ) -> None:
+    """The engine's speed targets on 7-Scenes; this code and (optionally) a baseline checkout, alternating."""
+    import statistics
+
+    import torch
+
+    from v2d.geometry.lie import matrix_to_quat
+    from v2d.io.datasets import open_sequence
+
+    if not data.exists():
+        print(f"speed skipped: {data} not found")
+        return
+    seq = open_sequence(data)
+    roots = {"this": ROOT} | ({"baseline": baseline} if baseline else {})
+    table = []
+    for stride, frames in ((2, 250), (1, 300)):
+        idx = np.arange(0, stride * frames, stride)
+        gt = seq.poses_wc[idx]
+        gt_wc = np.concatenate([gt[:, :3, 3], matrix_to_quat(torch.from_numpy(gt[:, :3, :3])).numpy()], axis=1)
+        runs: dict[str, list[dict]] = {name: [] for name in roots}
+        for r in range(repeats):
+            for name, root in roots.items():
+                out = tmp / f"speed-{name}-{stride}-{r}"
+                usage = _v2d_usage(["run", str(data), "--out", str(out), "--stride", str(stride), "--max-frames",
+                                    str(frames), "--resize", "240x320", *_sets(overrides if name == "this" else [])],
+                                   root)
+                ate = _ate(out, idx.astype(np.float64), gt_wc)
+                summary = json.loads((out / "summary.json").read_text())
+                runs[name].append({"fps_end_to_end": frames / usage.wall_s, "ate_cm": 100 * ate["ate_rmse"],
+                                   "abs_rel": _seven_scenes_depth(data, out), "peak_rss_mb": usage.peak_rss_mb,
+                                   "keyframes": summary["keyframes"], "lost": summary["lost_frames"]})
+                print(f"  {name:8s} stride {stride}, {frames} frames, run {r + 1}: "
+                      f"{runs[name][-1]['fps_end_to_end']:.2f} frames/s, ATE {runs[name][-1]['ate_cm']:.2f} cm, "
+                      f"AbsRel {runs[name][-1]['abs_rel']:.3f}, {usage.peak_rss_mb:.0f} MB")
+        for name, rs in runs.items():
+            row = {"code": name, "stride": stride, "frames": frames, "runs": rs}
+            for key in ("fps_end_to_end", "ate_cm", "abs_rel", "peak_rss_mb"):
+                row[key] = statistics.median(r[key] for r in rs)
+            table.append(row)
+    results["speed"] = table
+    print(f"{'code':9s} {'run':>16s} {'frames/s':>9s} {'ATE cm':>7s} {'AbsRel':>7s} {'RSS MB':>7s}"
+          f"  (medians of {repeats})")
+    for row in table:
+        run = f"stride {row['stride']}, {row['frames']} fr"
+        print(f"{row['code']:9s} {run:>16s} {row['fps_end_to_end']:9.2f} {row['ate_cm']:7.2f} {row['abs_rel']:7.3f} "
+              f"{row['peak_rss_mb']:7.0f}")
+    if baseline:
+        for this, base in zip(table[::2], table[1::2], strict=True):
+            print(f"stride {this['stride']}: frames/s ratio this / baseline = "
+                  f"{this['fps_end_to_end'] / base['fps_end_to_end']:.2f}")
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--json", metavar="FILE", help="write the results here")
     parser.add_argument("--data", type=Path, default=DEFAULT_DATA, help="7-Scenes redkitchen folder")
     parser.add_argument("--sources", nargs="+", default=["dis", "learned"], choices=["dis", "learned"])
     parser.add_argument("--parts", nargs="+", default=["demo", "7scenes", "synthetic"],
-                        choices=["demo", "7scenes", "synthetic"], help="which measurements to run")
+                        choices=["demo", "7scenes", "synthetic", "speed"], help="which measurements to run")
+    parser.add_argument("--repeats", type=int, default=3, help="runs per configuration of the speed part (median)")
+    parser.add_argument("--baseline", type=Path, default=None,
+                        help="speed part: a checkout of an earlier commit to measure side by side")
     parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                         help="config override for every run (repeatable)")
     parser.add_argument("--skip-memory", action="store_true", help="skip the 1000-frame run (about 5 minutes)")
@@ -211,6 +286,8 @@ def main(argv: list[str] | None = None) -> int:
             _seven_scenes_all(tmp, results, args.data, args.sources, args.overrides)
         if "synthetic" in args.parts:
             _synthetic(tmp, results, args.skip_memory, args.overrides)
+        if "speed" in args.parts:
+            _speed(tmp, results, args.data, args.overrides, args.repeats, args.baseline)
     results["overrides"] = args.overrides
     write_results(args.json, results)
     return 0

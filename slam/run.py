@@ -4,7 +4,7 @@
 
 `run_slam` opens the input (video, image folder, 7-Scenes, TUM, ScanNet; `v2d.io.datasets`),
 streams the selected frames (resized to the network size, intrinsics scaled with them) through
-`slam.frontend.SlamSystem` and writes, into `out_dir`:
+`slam.system.SlamSystem` and writes, into `out_dir`:
 
 - `trajectory.txt`: every processed frame's camera->world pose, TUM format, dataset timestamps
   (or the frame index);
@@ -35,7 +35,8 @@ import numpy as np
 import torch
 
 from kernels import ops
-from slam.frontend import SlamResult, SlamSystem, release_heap
+from slam.map import release_heap
+from slam.system import SlamResult, SlamSystem
 from v2d import __version__
 from v2d.config import V2DConfig, to_dict
 from v2d.errors import InputError
@@ -46,7 +47,7 @@ from v2d.io.results import keyframe_name
 from v2d.io.writers import ensure_dir, staged_output, write_depth_png, write_image_jpg, write_json, write_npy, write_tum
 from v2d.model import load_model
 
-__all__ = ["RunOptions", "run_slam", "track_frames", "write_outputs", "UNCALIBRATED_FOCAL", "slam_config"]
+__all__ = ["RunOptions", "run_slam", "track_frames", "write_outputs", "UNCALIBRATED_FOCAL"]
 
 _log = logging.getLogger(__name__)
 
@@ -64,6 +65,7 @@ class RunOptions:
         intrinsics: fx, fy, cx, cy at the input's size, overriding the dataset's (None = the dataset's).
         uncalibrated: ignore any intrinsics and optimise the focal length.
         progress: show a tqdm bar.
+        device: where the networks and the map run ("cpu", "cuda", "cuda:1", ...).
     """
 
     stride: int = 1
@@ -72,11 +74,7 @@ class RunOptions:
     intrinsics: np.ndarray | None = None
     uncalibrated: bool = False
     progress: bool = True
-
-
-def slam_config(cfg: V2DConfig) -> V2DConfig:
-    """The configuration the front end runs the model with (keyframe-mode motion updates)."""
-    return dataclasses.replace(cfg, motion=dataclasses.replace(cfg.motion, mode="keyframe"))
+    device: str = "cpu"
 
 
 def _resize(image: np.ndarray, size: tuple[int, int]) -> np.ndarray:
@@ -89,19 +87,20 @@ def _resize(image: np.ndarray, size: tuple[int, int]) -> np.ndarray:
 
 def track_frames(frames: Iterable[np.ndarray], count: int, cfg: V2DConfig, size: tuple[int, int],
                  intrinsics: np.ndarray | None, out: Path | None, names: list[int] | None = None,
-                 progress: bool = True, on_keyframe: Callable[[int, np.ndarray], None] | None = None
-                 ) -> tuple[SlamResult, dict[str, Any]]:
+                 progress: bool = True, on_keyframe: Callable[[int, np.ndarray], None] | None = None,
+                 device: str | torch.device = "cpu") -> tuple[SlamResult, dict[str, Any]]:
     """Run the front end over `frames` (any size, resized to `size`); write each keyframe's depth to
     out/depth/NAME.png (16-bit mm) and .npy (float32), and its colour image to out/images/NAME.jpg.
 
     Shapes: frames: (H0, W0, 3) uint8 RGB each; intrinsics (4,) at (H0, W0), or None (uncalibrated).
     `names[f]` is frame f's input index (depth file names; default f). `on_keyframe(f, depth)` sees
-    each keyframe's final depth (H, W) too (the demo evaluates it). Returns the result and run facts.
+    each keyframe's final depth (H, W) too (the demo evaluates it); it and the depth writer run in
+    the mapper's thread when `slam.concurrent`. Returns the result and run facts.
     """
     from tqdm import tqdm
 
-    cfg = slam_config(cfg)
-    model = load_model(cfg)  # first: a missing or wrong weights file fails before any frame is read
+    device = torch.device(device)
+    model = load_model(cfg).to(device)  # first: a missing or wrong weights file fails before any frame is read
     H, W = size
     system: SlamSystem | None = None
     calibrated = intrinsics is not None
@@ -130,20 +129,23 @@ def track_frames(frames: Iterable[np.ndarray], count: int, cfg: V2DConfig, size:
                     f0 = UNCALIBRATED_FOCAL * w0
                     intrinsics = np.array([f0, f0, (w0 - 1) / 2, (h0 - 1) / 2])
                 intr = resize_intrinsics(torch.as_tensor(intrinsics, dtype=torch.float64), (h0, w0), (H, W))
-                system = SlamSystem(model, cfg, intr, size, calibrated=calibrated, on_keyframe=keyframe_done)
+                system = SlamSystem(model, cfg, intr, size, calibrated=calibrated, on_keyframe=keyframe_done,
+                                    device=device)
                 if not calibrated:
-                    system._warn(f"no camera intrinsics: running uncalibrated from fx = fy = {UNCALIBRATED_FOCAL} x "
-                                 "width, optimising the focal length (give --intrinsics for better results)")
+                    system.warn(f"no camera intrinsics: running uncalibrated from fx = fy = {UNCALIBRATED_FOCAL} x "
+                                "width, optimising the focal length (give --intrinsics for better results)")
             system.add_frame(_resize(image, size))
             n += 1
             bar.update(1)
             if system.initialised:
-                bar.set_postfix(kf=len(system.keyframes), lost=system.lost_count, refresh=False)
+                bar.set_postfix(kf=system.map.num_keyframes(), lost=system.lost_count, refresh=False)
         if system is None or n < 2:
             raise InputError(f"the input gave {n} frame(s); SLAM needs at least 2")
         result = system.finish()
     finally:
         bar.close()
+        if system is not None:
+            system.close()  # after an error or Ctrl-C: stops the mapper thread
     seconds = time.perf_counter() - t0
     facts = {"seconds": seconds, "fps": n / seconds, "frames": n, "calibrated": calibrated}
     return result, facts
@@ -227,7 +229,7 @@ def run_slam(source: str | Path, out_dir: str | Path, cfg: V2DConfig, opts: RunO
         intr = None if opts.uncalibrated else seq.intrinsics
         frames = (rgb for _, rgb in iter_frames(seq, indices))
         result, facts = track_frames(frames, len(indices), cfg, size, intr, stage, names=indices,
-                                     progress=opts.progress)
+                                     progress=opts.progress, device=opts.device)
         n = facts["frames"]
         timestamps = np.asarray(seq.timestamps, dtype=np.float64)[indices[:n]]
         extra = {"input": {"path": str(source), "layout": seq.layout, "input_frames": len(seq),

@@ -28,6 +28,8 @@ def add_parser(sub: argparse._SubParsersAction, parents: list[argparse.ArgumentP
     p.add_argument("--uncalibrated", action="store_true",
                    help="ignore any intrinsics; start from fx = fy = 1.2 * width and optimise the focal length "
                    "(also the behaviour when no intrinsics are found)")
+    p.add_argument("--device", default="cpu", metavar="DEVICE",
+                   help="where the networks and the map run: cpu (default), cuda or cuda:N")
     p.set_defaults(handler=run)
 
 
@@ -36,16 +38,35 @@ def run(args: argparse.Namespace, cfg: V2DConfig) -> int:
     from v2d.errors import InputError
     from v2d.io.datasets import parse_intrinsics, parse_size
 
+    device = _device(args.device)
     if args.intrinsics is not None and args.uncalibrated:
         raise InputError("--intrinsics and --uncalibrated exclude each other")
     opts = RunOptions(
         stride=args.stride, max_frames=args.max_frames,
         size=parse_size(args.resize) if args.resize else None,
         intrinsics=parse_intrinsics(args.intrinsics) if args.intrinsics else None,
-        uncalibrated=args.uncalibrated, progress=not args.quiet,
+        uncalibrated=args.uncalibrated, progress=not args.quiet, device=device,
     )
     summary = run_slam(args.input, args.out, cfg, opts)
     brief = {k: summary[k] for k in ("frames", "keyframes", "lost_frames", "restarts", "points", "fps")}
     print(json.dumps(brief))
     print(f"outputs written to {args.out}/")
     return 0
+
+
+def _device(name: str) -> str:
+    """Validate --device: "cpu", or "cuda[:N]" on a machine with that GPU."""
+    import torch
+
+    from v2d.errors import InputError
+
+    try:
+        device = torch.device(name)
+    except RuntimeError as exc:
+        raise InputError(f"--device: expected cpu, cuda or cuda:N, got {name!r}") from exc
+    if device.type not in ("cpu", "cuda"):
+        raise InputError(f"--device: expected cpu, cuda or cuda:N, got {name!r}")
+    if device.type == "cuda" and (not torch.cuda.is_available() or (device.index or 0) >= torch.cuda.device_count()):
+        raise InputError(f"--device {name}: no such CUDA device on this machine "
+                         f"(torch.cuda.is_available() = {torch.cuda.is_available()})")
+    return name

@@ -114,6 +114,11 @@ class SlamConfig:
         cloud_voxel: voxel size of the cloud's downsampling (scene units); 0 = automatic, the
             footprint of one cloud pixel at the median keyframe depth (overlapping keyframes then
             add no duplicate points, and the cloud's memory follows the scene, not the video).
+        concurrent: map keyframes in a background thread while tracking goes on (two cores; each
+            thread gets one PyTorch/OpenCV thread); false maps each keyframe before the next frame
+            is tracked, in one thread, with results identical run to run (tests use it).
+        mapper_queue: keyframes the mapper may fall behind before tracking waits for it.
+        flow_cache_mb: memory bound (MiB) of the cached DIS flows (least recently used go first).
     """
 
     init_frames: int = 5
@@ -149,6 +154,9 @@ class SlamConfig:
     cloud_tolerance: float = 0.05
     cloud_min_views: int = 1
     cloud_voxel: float = 0.0
+    concurrent: bool = True
+    mapper_queue: int = 2
+    flow_cache_mb: int = 256
 
 
 @dataclass(frozen=True)
@@ -287,6 +295,8 @@ _RANGES: dict[tuple[type, str], _Check] = {
     (SlamConfig, "cloud_tolerance"): _POSITIVE,
     (SlamConfig, "cloud_min_views"): _NON_NEGATIVE,
     (SlamConfig, "cloud_voxel"): _NON_NEGATIVE,
+    (SlamConfig, "mapper_queue"): _at_least(1),
+    (SlamConfig, "flow_cache_mb"): _at_least(16),
     (DemoConfig, "seed"): _NON_NEGATIVE,
     (DemoConfig, "num_frames"): _at_least(2),
     (DemoConfig, "stride"): _at_least(1),

@@ -16,7 +16,7 @@ import torch
 
 from v2d.errors import ShapeError
 
-__all__ = ["DISOptions", "dis_flow", "dis_targets"]
+__all__ = ["DISOptions", "dis_flow", "dis_targets", "fb_targets"]
 
 
 @dataclass(frozen=True)
@@ -63,16 +63,29 @@ def dis_targets(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Target coordinates of the keyframe's pixels in `frame`, with forward-backward confidence.
 
-    The confidence is exp(-e^2 / (2 sigma^2)) of the forward-backward error e, zero beyond
-    `fb_max` and where the target leaves the image.
+    Computes both flows (`dis_flow`) and combines them with `fb_targets`; callers that meet the
+    same image pair in both directions cache the two flows and call `fb_targets` themselves.
 
     Shapes: keyframe, frame: (H, W, 3) uint8 -> targets (H, W, 2) float32 pixel coordinates
     (u, v) in `frame`, weights (H, W, 2) float32 in [0, 1] (the same for u and v).
     """
+    return fb_targets(dis_flow(keyframe, frame, opts.preset), dis_flow(frame, keyframe, opts.preset), opts)
+
+
+def fb_targets(fwd: np.ndarray, bwd: np.ndarray, opts: DISOptions = DISOptions()
+               ) -> tuple[torch.Tensor, torch.Tensor]:
+    """Targets and forward-backward confidences from the flow a -> b (`fwd`) and b -> a (`bwd`).
+
+    The confidence is exp(-e^2 / (2 sigma^2)) of the forward-backward error e, zero beyond
+    `fb_max` and where the target leaves the image.
+
+    Shapes: fwd, bwd (H, W, 2) float32 -> targets (H, W, 2) float32 pixel coordinates (u, v) in
+    image b, weights (H, W, 2) float32 in [0, 1] (the same for u and v).
+    """
     import cv2
 
-    fwd = dis_flow(keyframe, frame, opts.preset)
-    bwd = dis_flow(frame, keyframe, opts.preset)
+    if fwd.shape != bwd.shape or fwd.ndim != 3 or fwd.shape[2] != 2:
+        raise ShapeError(f"fwd, bwd: expected two flows (H, W, 2) of one size, got {fwd.shape} and {bwd.shape}")
     H, W = fwd.shape[:2]
     u, v = np.meshgrid(np.arange(W, dtype=np.float32), np.arange(H, dtype=np.float32))
     tu, tv = u + fwd[..., 0], v + fwd[..., 1]

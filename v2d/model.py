@@ -13,6 +13,7 @@ is the keyframe of its own cost volume against the others).
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
@@ -153,13 +154,15 @@ class V2D(nn.Module):
         return [torch.stack([o[s] for o in outs], dim=1) for s in range(len(outs[0]))]
 
     def forward(self, frames: torch.Tensor, intrinsics: torch.Tensor, poses_cw: torch.Tensor | None = None,
-                depth: torch.Tensor | None = None, iters: int | None = None) -> V2DOutput:
+                depth: torch.Tensor | None = None, iters: int | None = None, optimize_focal: bool = False
+                ) -> V2DOutput:
         """Alternate motion and depth updates.
 
         Shapes: frames (N, 3, H, W) or (B, N, 3, H, W) RGB in [0, 1], keyframe first (also a list
         of N (3, H, W) tensors); intrinsics (4,) or (B, 4) at image resolution; poses_cw (B, N, 7)
         optional initial world->camera poses; depth optional initial depth (B, K, H, W) (K = 1, or
-        N in global mode). Returns V2DOutput (batch dimension dropped for unbatched input).
+        N in global mode). optimize_focal also optimises the focal length (uncalibrated video).
+        Returns V2DOutput (batch dimension dropped for unbatched input).
         """
         unbatched, frames, intr = self._check(frames, intrinsics, poses_cw, depth)
         if unbatched and poses_cw is not None:
@@ -191,9 +194,11 @@ class V2D(nn.Module):
         out.init_depths = cur
 
         dis = self.motion.dis_targets(frames, ii, jj) if self.cfg_motion.flow_source == "dis" else None
+        gn = dataclasses.replace(self.motion.gn, fixed_poses=1 if not global_mode else self.motion.gn.fixed_poses,
+                                 optimize_focal=optimize_focal or self.motion.gn.optimize_focal)
         for _ in range(iters):
             inv = (1.0 / cur.clamp_min(1e-3))[:, ii if global_mode else torch.zeros_like(ii)]
-            steps = self.motion(frames, mfeat, poses, inv, intr, ii, jj, dis)
+            steps = self.motion(frames, mfeat, poses, inv, intr, ii, jj, dis, gn=gn)
             poses, intr = steps[-1].poses_cw, steps[-1].intrinsics
             depths = self._depth_all(dfeat, poses, intr, (H, W), K)
             cur = depths[-1]

@@ -3,6 +3,11 @@
 from __future__ import annotations
 
 import json
+import signal
+import subprocess
+import sys
+import threading
+import time
 from pathlib import Path
 
 import cv2
@@ -233,3 +238,69 @@ def test_write_error_is_one_line_and_leaves_nothing(tmp_path, seq, capsys, monke
     assert main(["run", str(src), "--out", str(out), "--resize", f"{H}x{W}", "-q"]) == 1
     one_line_error(capsys, "No space left on device")
     assert not out.exists() and os.listdir(tmp_path) == ["imgs"]
+
+
+@needs_weights
+def test_run_trajectory_matches_ground_truth(tmp_path, seq):
+    """End to end with the default (concurrent) engine: the written trajectory.txt, compared with the
+    rendered ground truth by evo after Sim3 alignment."""
+    from v2d.geometry.lie import se3_inv
+    from v2d.metrics import trajectory_ate
+
+    src = _folder(tmp_path / "imgs", seq.images, seq.intrinsics.tolist())
+    out = tmp_path / "out"
+    assert main(["run", str(src), "--out", str(out), "--resize", f"{H}x{W}", "-q"]) == 0
+    traj = file_interface.read_tum_trajectory_file(str(out / "trajectory.txt"))
+    gt_wc = se3_inv(seq.poses_cw).numpy()
+    t = np.arange(len(gt_wc), dtype=np.float64)
+    est = np.concatenate([traj.positions_xyz, traj.orientations_quat_wxyz[:, [1, 2, 3, 0]]], axis=1)
+    ate = trajectory_ate(traj.timestamps, est, t, gt_wc, align="sim3")
+    assert ate["pairs"] == 24 and ate["ate_rmse"] < 0.03 * ate["path_length"], ate
+
+
+@needs_weights
+def test_mapper_failure_is_one_line_and_leaves_nothing(tmp_path, seq, capsys, monkeypatch):
+    from slam.mapper import Mapper
+
+    def broken(self, job):
+        raise RuntimeError("cost volume exploded")
+
+    monkeypatch.setattr(Mapper, "map_keyframe", broken)
+    src = _folder(tmp_path / "imgs", seq.images, seq.intrinsics.tolist())
+    out = tmp_path / "out"
+    assert main(["run", str(src), "--out", str(out), "--resize", f"{H}x{W}", "-q"]) == 1
+    one_line_error(capsys, "mapping failed: RuntimeError: cost volume exploded")
+    assert not out.exists()
+    _no_leftovers(tmp_path)
+    assert not [t for t in threading.enumerate() if t.name == "v2d-mapper"]
+
+
+@needs_weights
+def test_ctrl_c_stops_the_run_and_leaves_no_output(tmp_path, seq):
+    """A real SIGINT to `v2d run` in the middle of a run: exit code 130, no output, no staging folder."""
+    images = list(seq.images) * 4  # long enough to be interrupted
+    src = _folder(tmp_path / "imgs", images, seq.intrinsics.tolist())
+    out = tmp_path / "out"
+    root = Path(__file__).resolve().parents[2]
+    proc = subprocess.Popen([sys.executable, "-m", "tools.cli", "run", str(src), "--out", str(out),
+                             "--resize", f"{H}x{W}"], cwd=root, stderr=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline and not list(tmp_path.glob(".*partial-*/depth/*.npy")):
+        time.sleep(0.05)  # the first keyframe left the window: tracking and mapping are both running
+    assert proc.poll() is None, proc.stderr.read()
+    proc.send_signal(signal.SIGINT)
+    _, err = proc.communicate(timeout=60)
+    assert proc.returncode == 130, err
+    assert "interrupted" in err and "Traceback" not in err
+    assert not out.exists()
+    _no_leftovers(tmp_path)
+
+
+def test_unknown_device_is_one_line(tmp_path, seq, capsys):
+    src = _folder(tmp_path / "imgs", seq.images[:3], seq.intrinsics.tolist())
+    for device, needle in (("cuda", "no such CUDA device"), ("tpu", "expected cpu, cuda or cuda:N")):
+        if device == "cuda" and __import__("torch").cuda.is_available():
+            continue
+        assert main(["run", str(src), "--out", str(tmp_path / "out"), "--device", device]) == 1
+        one_line_error(capsys, needle)
+    assert not (tmp_path / "out").exists()

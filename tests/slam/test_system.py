@@ -1,4 +1,4 @@
-"""The SLAM front end (`slam.frontend.SlamSystem`) on small rendered sequences.
+"""The SLAM system (`slam.system.SlamSystem`, its tracker and mapper) on small rendered sequences.
 
 Sizes are 96x128 (a few seconds per run); the accuracy at the shipped weights' size, 240x320, is
 covered by the demo test (tests/test_demo.py) and measured by bench/slam.py.
@@ -6,18 +6,22 @@ covered by the demo test (tests/test_demo.py) and measured by bench/slam.py.
 
 from __future__ import annotations
 
-import dataclasses
 import logging
+import threading
+import time
 
 import numpy as np
 import pytest
 import torch
 
-from slam.frontend import SlamSystem
-from slam.run import slam_config
+from slam.keyframe_depth import KeyframeDepth, fuse_depths, scale_to
+from slam.mapper import Mapper
+from slam.system import SlamSystem
+from slam.tracker import Tracker
+from slam.worker import MappingError
 from v2d.config import load_config
 from v2d.data.synthetic import render_sequence
-from v2d.errors import ShapeError, V2DError
+from v2d.errors import ConfigError, ShapeError, V2DError
 from v2d.geometry.lie import se3_inv, se3_mul
 from v2d.metrics import trajectory_ate
 from v2d.model import SHIPPED_WEIGHTS, load_model
@@ -27,7 +31,8 @@ pytestmark = pytest.mark.skipif(not SHIPPED_WEIGHTS.exists(), reason=f"shipped w
 
 
 def _cfg(*overrides: str):
-    return slam_config(load_config(None, list(overrides)))
+    """Synchronous mode unless overridden: results identical run to run."""
+    return load_config(None, ["slam.concurrent=false", *overrides])
 
 
 @pytest.fixture(scope="module")
@@ -41,10 +46,10 @@ def model():
 
 
 def _run(model, cfg, frames, intrinsics, calibrated=True, on_keyframe=None):
-    system = SlamSystem(model, cfg, intrinsics, (H, W), calibrated=calibrated, on_keyframe=on_keyframe)
-    for f in frames:
-        system.add_frame(np.ascontiguousarray(f))
-    return system, system.finish()
+    with SlamSystem(model, cfg, intrinsics, (H, W), calibrated=calibrated, on_keyframe=on_keyframe) as system:
+        for f in frames:
+            system.add_frame(np.ascontiguousarray(f))
+        return system, system.finish()
 
 
 def test_tracks_a_rendered_sequence_with_keyframes(seq, model):
@@ -63,8 +68,9 @@ def test_tracks_a_rendered_sequence_with_keyframes(seq, model):
     ate = trajectory_ate(ts, se3_inv(res.poses_cw).numpy(), ts, gt_wc)
     assert ate["ate_rmse"] < 0.03 * ate["path_length"], ate  # 96x128 is far below the training size
     # memory bound: only the window keeps full-size images; the buffer is trimmed
-    assert all(k.image is None for k in system.keyframes)
-    assert len(system.buffer) <= system.sc.buffer_frames
+    assert all(k.image is None for k in system.map.keyframes())
+    assert len(system.map.images()) <= system.sc.buffer_frames
+    assert len(system.flows) == 0  # every flow was dropped with its keyframes
 
 
 def test_keyframe_threshold_controls_keyframes(seq, model):
@@ -81,12 +87,17 @@ def test_window_and_buffer_stay_bounded(seq, model):
     for f in np.asarray(seq.images)[::2]:
         system.add_frame(np.ascontiguousarray(f))
         if system.initialised:
-            full_images.append(sum(k.image is not None for k in system.keyframes))
-            assert len(system.window) <= 2 and len(system.buffer) <= 4
-            # keyframe pairs of the window only: flows to frames serve one keyframe's optimisations
-            assert all(a in system.window and b in system.window for a, b in system.dis_cache)
+            m = system.map
+            full_images.append(sum(k.image is not None for k in m.keyframes()))
+            assert len(m.window()) <= 2 and len(m.images()) <= 4
+            # flows held: between window keyframes, or of frames tracked since the newest keyframe
+            window_frames = {m.keyframe(k).frame for k in m.window()}
+            newest = max(window_frames)
+            assert all((a in window_frames and b in window_frames) or max(a, b) > newest
+                       for a, b in system.flows.pairs())
+            assert m.edges() <= {(a, b) for a in m.window() for b in m.window()}
     assert max(full_images) <= 2
-    assert len(system.keyframes) > 4
+    assert system.map.num_keyframes() > 4
 
 
 def test_static_stretch_is_marked_and_warned(seq, model):
@@ -204,17 +215,16 @@ def test_quality_drop_promotes_the_previous_frame(seq, model):
     assert res.keyframe_frames[1] in (11, 12)  # the last well-tracked frame before the first drop
 
 
-def test_depth_fusion_averages_agreeing_estimates_in_inverse_depth(seq, model):
-    system = SlamSystem(model, _cfg("slam.fuse_tolerance=0.5"), seq.intrinsics, (H, W))
+def test_depth_fusion_averages_agreeing_estimates_in_inverse_depth():
     depth = torch.full((H, W), 2.0)
     near = torch.zeros(H, W)
     near[:, : W // 2] = 2.5  # agrees within 50 % on the left half, nothing landed on the right
     far = torch.full((H, W), 4.0)  # disagrees everywhere (an occluder or a wrong estimate)
-    fused = system._fuse(depth, [near, far])
+    fused = fuse_depths(depth, [near, far], 0.5)
     assert torch.allclose(fused[:, : W // 2], torch.tensor(2 / (1 / 2.0 + 1 / 2.5)))
     assert torch.allclose(fused[:, W // 2 :], depth[:, W // 2 :])
-    assert system._scale_to([near], depth) == pytest.approx(1.25)
-    assert system._scale_to([], depth) == 1.0
+    assert scale_to([near], depth) == pytest.approx(1.25)
+    assert scale_to([], depth) == 1.0
 
 
 def _window_at_truth(seq, model, *overrides: str) -> tuple[SlamSystem, torch.Tensor, torch.Tensor]:
@@ -225,24 +235,30 @@ def _window_at_truth(seq, model, *overrides: str) -> tuple[SlamSystem, torch.Ten
     system = SlamSystem(model, _cfg("slam.window=4", "slam.keyframe_flow=6", *overrides), seq.intrinsics, (H, W))
     for f in np.asarray(seq.images)[::2][:14]:
         system.add_frame(np.ascontiguousarray(f))
-    assert len(system.window) >= 3
+    m = system.map
+    assert len(m.window()) >= 3
     gt_cw = torch.as_tensor(np.asarray(seq.poses_cw), dtype=torch.float64)[::2]
     gt_depth = torch.as_tensor(np.asarray(seq.depths), dtype=torch.float32)[::2]
     poses, depths = [], []
-    for k in system.window:
-        kf = system.keyframes[k]
-        kf.pose_cw = se3_mul(gt_cw[kf.frame], se3_inv(gt_cw[0]))
-        kf.depth = kf.prior = gt_depth[kf.frame]
-        kf.valid = torch.ones(H, W, dtype=torch.bool)
-        poses.append(kf.pose_cw.clone())
-        depths.append(gt_depth[kf.frame])
-    system.dis_cache.clear()
+    for k in m.window():
+        frame = m.keyframe(k).frame
+        pose = se3_mul(gt_cw[frame], se3_inv(gt_cw[0]))
+        m.update_keyframe(k, pose_cw=pose, depth=gt_depth[frame], prior=gt_depth[frame],
+                          valid=torch.ones(H, W, dtype=torch.bool))
+        poses.append(pose)
+        depths.append(gt_depth[frame])
+    system.flows.drop(lambda f: False)
     return system, torch.stack(poses), torch.stack(depths)
 
 
 def _translation_errors(system: SlamSystem, truth: torch.Tensor) -> torch.Tensor:
-    got = torch.stack([system.keyframes[k].pose_cw for k in system.window])
+    got = torch.stack([k.pose_cw for k in system.map.keyframes(system.map.window())])
     return (got[:, :3] - truth[:, :3]).norm(dim=-1)
+
+
+def _set_window_depths(system: SlamSystem, depths, priors) -> None:
+    for k, d, p in zip(system.map.window(), depths, priors, strict=True):
+        system.map.update_keyframe(k, depth=d, prior=p)
 
 
 def test_bundle_adjustment_moves_window_depths_towards_the_truth(seq, model):
@@ -252,13 +268,10 @@ def test_bundle_adjustment_moves_window_depths_towards_the_truth(seq, model):
     system, truth, gt = _window_at_truth(seq, model, "slam.ba_iterations=5", "slam.ba_prior=0.5")
     v, u = torch.meshgrid(torch.arange(H, dtype=torch.float32), torch.arange(W, dtype=torch.float32), indexing="ij")
     wrong = 1.0 + 0.45 * torch.sin(u / 9.0) * torch.cos(v / 7.0)  # a smooth shape error of up to 45 %
-    for k, g in zip(system.window, gt, strict=True):
-        kf = system.keyframes[k]
-        kf.depth = kf.prior = g * wrong
-    system._bundle_adjust()
+    _set_window_depths(system, [g * wrong for g in gt], [g * wrong for g in gt])
+    system.mapper.bundle_adjust()
     before, after = [], []
-    for k, g in zip(system.window, gt, strict=True):
-        kf = system.keyframes[k]
+    for kf, g in zip(system.map.keyframes(system.map.window()), gt, strict=True):
         assert torch.isfinite(kf.depth).all() and kf.depth.shape == (H, W)
         before.append(float(((g * wrong - g).abs() / g).median()))
         scaled = kf.depth * (g / kf.depth).median()
@@ -267,14 +280,12 @@ def test_bundle_adjustment_moves_window_depths_towards_the_truth(seq, model):
     err = _translation_errors(system, truth)
     assert float(err[0]) == 0.0 and float(err.max()) < 0.03, err  # the oldest is fixed (gauge)
     # the prior is the keyframe's `prior`, not its current depth: a tight prior wins over the flow
-    system.sc = dataclasses.replace(system.sc, ba_prior=1e-3)
-    for k, g in zip(system.window, gt, strict=True):
-        kf = system.keyframes[k]
-        kf.depth, kf.prior = g * wrong, g * 1.1
-    system._bundle_adjust()
-    for k in system.window:
-        kf = system.keyframes[k]
-        s = system.sc.ba_stride  # exact on the adjusted pixels; between them the change is interpolated
+    tight_cfg = _cfg("slam.window=4", "slam.ba_iterations=5", "slam.ba_prior=1e-3")
+    tight = Mapper(model, tight_cfg, system.map, system.flows, (H, W), True, system.device)
+    _set_window_depths(system, [g * wrong for g in gt], [g * 1.1 for g in gt])
+    tight.bundle_adjust()
+    for kf in system.map.keyframes(system.map.window()):
+        s = tight.sc.ba_stride  # exact on the adjusted pixels; between them the change is interpolated
         torch.testing.assert_close(kf.depth[::s, ::s], kf.prior[::s, ::s], rtol=2e-3, atol=0)
 
 
@@ -285,24 +296,24 @@ def test_bundle_adjustment_recovers_perturbed_poses(seq, model):
     for scale in (0.0, 1.0):
         system, truth, _ = _window_at_truth(seq, model)
         kick = scale * torch.tensor([0.04, -0.03, 0.02, 0.0, 0.0, 0.0, 0.0], dtype=torch.float64)
-        for k in system.window[1:]:  # the oldest is fixed
-            system.keyframes[k].pose_cw = system.keyframes[k].pose_cw + kick
-        system._bundle_adjust()
+        for k in system.map.window()[1:]:  # the oldest is fixed
+            system.map.update_keyframe(k, pose_cw=system.map.keyframe(k).pose_cw + kick)
+        system.mapper.bundle_adjust()
         err = _translation_errors(system, truth)
         assert float(err[0]) == 0.0 and float(err.max()) < 0.03, (scale, err)
-        got.append(torch.stack([system.keyframes[k].pose_cw for k in system.window]))
+        got.append(torch.stack([k.pose_cw for k in system.map.keyframes(system.map.window())]))
     assert float((got[1][:, :3] - got[0][:, :3]).norm(dim=-1).max()) < 1e-3, got
 
 
 def test_bundle_adjustment_leaves_the_window_when_no_pair_passes_the_flow_gate(seq, model):
-    system, truth, gt = _window_at_truth(seq, model)
-    system.sc = dataclasses.replace(system.sc, edge_max_flow=1e-6)
+    system, truth, gt = _window_at_truth(seq, model, "slam.edge_max_flow=1e-6")
     kick = torch.tensor([0.04, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0], dtype=torch.float64)
-    system.keyframes[system.window[-1]].pose_cw = truth[-1] + kick
-    system._bundle_adjust()
-    assert torch.equal(system.keyframes[system.window[-1]].pose_cw, truth[-1] + kick)
-    assert all(torch.equal(system.keyframes[k].depth, g) for k, g in zip(system.window, gt, strict=True))
-    assert not system.dis_cache  # no flow computed for pairs that were left out
+    last = system.map.window()[-1]
+    system.map.update_keyframe(last, pose_cw=truth[-1] + kick)
+    system.mapper.bundle_adjust()
+    assert torch.equal(system.map.keyframe(last).pose_cw, truth[-1] + kick)
+    assert all(torch.equal(kf.depth, g) for kf, g in zip(system.map.keyframes(system.map.window()), gt, strict=True))
+    assert len(system.flows) == 0  # no flow computed for pairs that were left out
 
 
 @pytest.mark.parametrize("overrides, expected", [((), ["window", "depth", "ba"]),
@@ -313,17 +324,115 @@ def test_bundle_adjustment_runs_once_per_keyframe_after_the_depth_module(seq, mo
     """Each new keyframe: window optimisation, depth module, then the bundle adjustment (DIS flow
     only: its targets are DIS flow); `slam.ba_iterations=0` turns it off."""
     calls: list[str] = []
-    for name, label in (("_optimise_window", "window"), ("_refine_depth", "depth"), ("_bundle_adjust", "ba")):
-        orig = getattr(SlamSystem, name)
+    for cls, name, label in ((Mapper, "optimise_window", "window"), (KeyframeDepth, "compute", "depth"),
+                             (Mapper, "bundle_adjust", "ba")):
+        orig = getattr(cls, name)
 
         def wrapped(self, *args, _orig=orig, _label=label, _calls=calls):
             _calls.append(_label)
             return _orig(self, *args)
 
-        monkeypatch.setattr(SlamSystem, name, wrapped)
+        monkeypatch.setattr(cls, name, wrapped)
     system = SlamSystem(model, _cfg("slam.keyframe_flow=6", *overrides), seq.intrinsics, (H, W))
     for f in np.asarray(seq.images)[::2][:10]:
         system.add_frame(np.ascontiguousarray(f))
-    added = len(system.keyframes) - 1  # keyframes after initialisation
+    added = system.map.num_keyframes() - 1  # keyframes after initialisation
     assert added >= 2
     assert calls == expected * added, calls
+
+
+# --------------------------------------------------------------------------------------------------
+# modes, threads, failures, devices
+
+
+def _mapper_threads() -> list[threading.Thread]:
+    return [t for t in threading.enumerate() if t.name == "v2d-mapper"]
+
+
+def test_synchronous_mode_is_reproducible(seq, model):
+    frames = np.asarray(seq.images)[::2][:12]
+    runs = []
+    for _ in range(2):
+        depths: list[np.ndarray] = []
+        _, res = _run(model, _cfg("slam.keyframe_flow=6"), frames, seq.intrinsics,
+                      on_keyframe=lambda f, d, p, im, _d=depths: _d.append(d))
+        runs.append((res, depths))
+    (a, da), (b, db) = runs
+    assert len(a.keyframe_frames) >= 3
+    assert torch.equal(a.poses_cw, b.poses_cw) and a.keyframe_frames == b.keyframe_frames
+    assert all(np.array_equal(x, y) for x, y in zip(da, db, strict=True))
+
+
+def test_concurrent_mode_tracks_in_a_background_thread(seq, model, monkeypatch):
+    frames = np.asarray(seq.images)[::2]
+    threads_before = torch.get_num_threads()
+    mapped_in: set[str] = set()
+    orig = Mapper.map_keyframe
+
+    def spy(self, job):
+        mapped_in.add(threading.current_thread().name)
+        return orig(self, job)
+
+    monkeypatch.setattr(Mapper, "map_keyframe", spy)
+    system, res = _run(model, _cfg("slam.concurrent=true"), frames, seq.intrinsics)
+    assert mapped_in == {"v2d-mapper"}
+    assert len(res.keyframe_frames) >= 3 and torch.isfinite(res.poses_cw).all()
+    n = len(frames)
+    ts = np.arange(n, dtype=np.float64)
+    ate = trajectory_ate(ts, se3_inv(res.poses_cw).numpy(), ts, se3_inv(seq.poses_cw[::2]).numpy())
+    assert ate["ate_rmse"] < 0.03 * ate["path_length"], ate
+    assert not _mapper_threads() and torch.get_num_threads() == threads_before
+
+
+def test_mapper_failure_stops_the_run_with_one_error(seq, model, monkeypatch):
+    def broken(self, job):
+        raise RuntimeError("cost volume exploded")
+
+    monkeypatch.setattr(Mapper, "map_keyframe", broken)
+    threads_before = torch.get_num_threads()
+    with pytest.raises(MappingError, match="mapping failed: RuntimeError: cost volume exploded"):
+        _run(model, _cfg("slam.concurrent=true", "slam.keyframe_flow=6"), np.asarray(seq.images)[::2],
+             seq.intrinsics)
+    assert not _mapper_threads() and torch.get_num_threads() == threads_before
+
+
+def test_interrupt_stops_tracker_and_mapper(seq, model, monkeypatch):
+    """Ctrl-C arrives in the tracking thread while the mapper works: both stop, no thread is left."""
+    orig_map, orig_track = Mapper.map_keyframe, Tracker.track
+    mapping = threading.Event()
+
+    def slow_map(self, job):
+        mapping.set()
+        time.sleep(0.3)
+        return orig_map(self, job)
+
+    def track(self, f, *args):
+        if mapping.is_set() and f >= 12:
+            raise KeyboardInterrupt
+        return orig_track(self, f, *args)
+
+    monkeypatch.setattr(Mapper, "map_keyframe", slow_map)
+    monkeypatch.setattr(Tracker, "track", track)
+    with pytest.raises(KeyboardInterrupt):
+        _run(model, _cfg("slam.concurrent=true", "slam.keyframe_flow=6"), np.asarray(seq.images)[::2],
+             seq.intrinsics)
+    assert mapping.is_set() and not _mapper_threads()
+
+
+def test_global_motion_mode_is_refused(seq, model):
+    with pytest.raises(ConfigError, match="motion.mode"):
+        SlamSystem(model, _cfg("motion.mode=global"), seq.intrinsics, (H, W))
+
+
+def test_every_tensor_follows_the_configured_device(seq, model):
+    """With PyTorch's default device set to "meta", a tensor created without an explicit device
+    lands there and fails (or shows) at once; the engine must run entirely on the device it was
+    given (CPU here; the same plumbing places it on "cuda")."""
+    frames = np.asarray(seq.images)[::2][:12]
+    with torch.device("meta"):
+        system, res = _run(model, _cfg("slam.keyframe_flow=6"), frames, seq.intrinsics)
+    assert len(res.keyframe_frames) >= 3
+    cpu = torch.device("cpu")
+    assert res.poses_cw.device == cpu and res.intrinsics.device == cpu and res.keyframe_poses_cw.device == cpu
+    assert all(s.rel_cw.device == cpu for s in res.frames)
+    assert all(k.pose_cw.device == cpu for k in system.map.keyframes())

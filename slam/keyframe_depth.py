@@ -1,0 +1,162 @@
+"""A keyframe's depth from the depth module, kept at the map's scale.
+
+    depth = KeyframeDepth(model, cfg, slam_map, (H, W), device)
+    depth.compute(kid, images)     # the depth module on kid and frames spread over `images`
+
+The depth module's cost volume takes the keyframe and `slam.depth_views` frames spread over the
+recorded ones, at their current poses relative to the keyframe. Monocular scale drifts and the
+network's single-image prior pulls each keyframe's scale a little, so with `slam.scale_lock` the
+result is rescaled (median ratio) to agree with the other window keyframes' depth splatted into
+it, and with `slam.fuse_tolerance` averaged in inverse depth with those splats where they agree.
+The depth module's features of a frame serve several cost volumes, so they are cached by frame.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+
+import numpy as np
+import torch
+
+from slam.fusion import splat_depth
+from slam.map import Map
+from slam.tracker import images_to_tensor
+from v2d.config import V2DConfig
+from v2d.geometry.lie import se3_identity, se3_inv, se3_mul
+from v2d.model import V2D, normalize_images
+
+__all__ = ["KeyframeDepth", "scale_to", "fuse_depths"]
+
+_LOCK_STRIDE = 4  # pixel stride of the scale lock's median (a median needs no full resolution)
+
+
+def scale_to(refs: list[torch.Tensor], depth: torch.Tensor, stride: int = _LOCK_STRIDE) -> float:
+    """Median ratio making `depth` agree with the splatted reference depths (1 without any).
+
+    Anchoring to the whole window rather than the previous keyframe alone makes the per-keyframe
+    scale error smaller (a longer lever). Every `stride`-th pixel is used.
+
+    Shapes: refs K x (H, W) (0 = nothing landed), depth (H, W).
+    """
+    mine = depth[::stride, ::stride]
+    ratios = []
+    for r in refs:
+        rs = r[::stride, ::stride]
+        ratios.append(rs[rs > 0] / mine[rs > 0].clamp_min(1e-6))
+    if not ratios:
+        return 1.0
+    ratio = float(torch.cat(ratios).median())
+    return ratio if math.isfinite(ratio) and ratio > 0 else 1.0
+
+
+def fuse_depths(depth: torch.Tensor, refs: list[torch.Tensor], tolerance: float) -> torch.Tensor:
+    """Average `depth` with the references where they agree within `tolerance` (relative), in inverse depth.
+
+    Every pixel's estimate from the depth module is noisy (7-Scenes keyframe AbsRel ~0.2), and
+    tracking against noisy depth biases the translation; the window's keyframes saw the same
+    surfaces, so averaging the estimates that agree reduces the noise without mixing in occlusions.
+
+    Shapes: depth (H, W), refs K x (H, W) (0 = nothing landed) -> (H, W).
+    """
+    acc, count = 1.0 / depth.clamp_min(1e-6), torch.ones_like(depth)
+    for ref in refs:
+        ok = (ref > 0) & ((ref - depth).abs() < tolerance * depth)
+        acc = acc + torch.where(ok, 1.0 / ref.clamp_min(1e-6), torch.zeros_like(ref))
+        count = count + ok.to(depth.dtype)
+    return count / acc
+
+
+class KeyframeDepth:
+    """Keyframe depth from the depth module, scale-locked and fused with the window; owns the
+    depth features cache (frame index -> (C, H/4, W/4))."""
+
+    def __init__(self, model: V2D, cfg: V2DConfig, slam_map: Map, size: tuple[int, int], device: torch.device,
+                 warn: Callable[[str], None]) -> None:
+        self.model, self.cfg, self.sc, self.map = model, cfg, cfg.slam, slam_map
+        self.H, self.W = size
+        self.device, self.warn = device, warn
+        self._feats: dict[int, torch.Tensor] = {}
+
+    def compute(self, kid: int, images: dict[int, np.ndarray]) -> None:
+        """The depth module on keyframe kid with up to `depth_views` of `images` (not lost, not kid's
+        own frame) spread over them; the map's depth and prior of kid are replaced."""
+        kf = self.map.keyframe(kid)
+        cand = [f for f in images if f != kf.frame and not self.map.frame(f).lost]
+        if not cand:
+            return
+        pick = sorted({cand[int(round(i))] for i in np.linspace(0, len(cand) - 1, self.sc.depth_views)})
+        rel = torch.stack([se3_mul(self.map.frame_pose(f), se3_inv(kf.pose_cw)) for f in pick])
+        depth = self._network([kf.image] + [images[f] for f in pick], rel, frames=[kf.frame, *pick])
+        if not bool(torch.isfinite(depth).all()):
+            self.warn(f"the depth module gave non-finite depth for keyframe at frame {kf.frame}; kept the previous")
+            return
+        if self.sc.scale_lock or self.sc.fuse_tolerance > 0:
+            refs = self._window_depths(kid)
+            if self.sc.scale_lock:
+                depth = depth * scale_to(refs, depth)
+            if self.sc.fuse_tolerance > 0:
+                depth = fuse_depths(depth, refs, self.sc.fuse_tolerance)
+        depth = depth.float()
+        self.map.update_keyframe(kid, depth=depth, valid=torch.ones_like(depth, dtype=torch.bool), prior=depth)
+
+    def single_image(self, image: np.ndarray, median: float | None) -> torch.Tensor:
+        """Depth from one image (the cost volume of the image against itself: no parallax, the network
+        falls back on single-image cues), scaled to `median` when given; a constant where it fails.
+
+        Shapes: image (H, W, 3) uint8 -> (H, W) float32.
+        """
+        depth = self._network([image, image], se3_identity(1, dtype=torch.float64, device=self.device))
+        if median is not None:
+            depth = depth * (median / depth.median().clamp_min(1e-6))
+        if not bool(torch.isfinite(depth).all()):
+            fill = median if median is not None and math.isfinite(median) else self.cfg.model.init_depth
+            depth = torch.full_like(depth, fill)
+        return depth.float()
+
+    def forget(self, keep: Callable[[int], bool]) -> None:
+        """Drop cached features of frames for which `keep(frame)` is False."""
+        for f in [f for f in self._feats if not keep(f)]:
+            del self._feats[f]
+
+    @torch.no_grad()
+    def _network(self, images: list[np.ndarray], rel_poses: torch.Tensor, frames: list[int] | None = None
+                 ) -> torch.Tensor:
+        """Depth module on images[0] (the keyframe) against the others. rel_poses (V, 7): T_view * T_key^-1.
+
+        Shapes: images (V + 1) x (H, W, 3) uint8 -> (H, W). `frames` (their frame indices) lets the
+        features of frames seen before come from the cache.
+        """
+        depth_net = self.model.depth
+        if frames is None:
+            feats = depth_net.features(normalize_images(images_to_tensor(images, self.device)))
+        else:
+            new = [k for k, f in enumerate(frames) if f not in self._feats]
+            if new:
+                computed = depth_net.features(normalize_images(images_to_tensor([images[k] for k in new],
+                                                                                self.device)))
+                for k, ft in zip(new, computed, strict=True):
+                    self._feats[frames[k]] = ft
+            feats = torch.stack([self._feats[f] for f in frames])
+        poses = torch.cat([se3_identity(1, dtype=torch.float64, device=self.device), rel_poses]).float()[None]
+        intr = self.map.intrinsics.float()[None]
+        return depth_net(feats[None], poses, intr, (self.H, self.W))[-1][0]
+
+    def _window_depths(self, kid: int) -> list[torch.Tensor]:
+        """The other window keyframes' depth splatted into keyframe kid (those covering > 10 %).
+
+        Shapes: each (H, W), 0 where nothing landed.
+        """
+        kf = self.map.keyframe(kid)
+        intr = self.map.intrinsics.float()
+        identity = se3_identity(dtype=torch.float32, device=self.device)
+        refs = []
+        for other in self.map.window():
+            o = self.map.keyframe(other)
+            if other == kid or o.depth is None:
+                continue
+            rel = se3_mul(kf.pose_cw, se3_inv(o.pose_cw)).float()
+            ref = splat_depth(o.depth, identity, rel, intr)
+            if float((ref > 0).float().mean()) > 0.1:
+                refs.append(ref)
+        return refs

@@ -1,0 +1,311 @@
+"""The map: every frame's pose and status, the keyframes with their depth and images, the local
+window, the graph of keyframe edges and the recent image buffer.
+
+One `Map` is shared by the tracker (which appends frames and reads the current keyframe) and the
+mapper (which adds keyframes' depth, moves their poses and retires keyframes that leave the
+window), possibly from two threads. Every public method takes the map's lock, so a reader never
+sees half an update; what a method returns is a snapshot (tensors are replaced, never written in
+place, so a returned tensor does not change under its reader).
+
+Poses are world->camera (`poses_cw`, lietorch layout `[tx, ty, tz, qx, qy, qz, qw]`), float64 on
+the map's device. A frame's pose is stored relative to its keyframe (`rel_cw = T_frame T_kf^-1`),
+so frames follow when the mapper moves their keyframe.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import threading
+from collections import OrderedDict
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+
+from v2d.geometry.lie import se3_identity, se3_inv, se3_mul
+
+__all__ = ["Map", "Keyframe", "KeyframeView", "FrameState", "TrackQuality", "normalized_pose", "release_heap"]
+
+
+def normalized_pose(T: torch.Tensor) -> torch.Tensor:
+    """The pose in float64 with its quaternion renormalised (float32 network poses drift off unit
+    length, and products of slightly non-unit quaternions compound: a constant-velocity guess cubes
+    the error).
+
+    Shapes: (..., 7) -> (..., 7) float64.
+    """
+    T = T.double()
+    return torch.cat([T[..., :3], T[..., 3:] / T[..., 3:].norm(dim=-1, keepdim=True)], dim=-1)
+
+
+def release_heap() -> None:
+    """Return freed heap memory to the OS (glibc `malloc_trim`; a no-op elsewhere).
+
+    Tracking allocates and frees many image-sized tensors; glibc keeps the freed pages, and their
+    fragmentation lets the peak creep up over a long video (measured: RSS 569 -> 385 MB after
+    trimming at the end of a 1000-frame run). Called when a keyframe leaves the window and before
+    the output phase.
+    """
+    import ctypes
+    import ctypes.util
+
+    try:
+        ctypes.CDLL(ctypes.util.find_library("c")).malloc_trim(0)
+    except (OSError, AttributeError, TypeError):
+        pass
+
+
+@dataclass
+class TrackQuality:
+    """How well a frame is aligned to its keyframe (pixel values at the network size)."""
+
+    flow: float = 0.0  # mean flow the keyframe's depth induces in the frame (pose distance)
+    confidence: float = 0.0  # mean flow confidence over the keyframe's visible pixels
+    overlap: float = 0.0  # fraction of keyframe pixels visible in the frame
+    residual: float = 0.0  # confidence-weighted RMS of (target - reprojection)
+
+    def as_dict(self) -> dict[str, float]:
+        return dataclasses.asdict(self)
+
+
+@dataclass
+class FrameState:
+    """One input frame: its keyframe, pose relative to it and flags."""
+
+    keyframe: int  # keyframe id whose pose this frame's pose is relative to
+    rel_cw: torch.Tensor  # (7,) float64: T_frame * T_keyframe^-1
+    quality: TrackQuality = field(default_factory=TrackQuality)
+    lost: bool = False
+    static: bool = False
+    textureless: bool = False
+    is_keyframe: bool = False
+
+
+@dataclass
+class Keyframe:
+    """A keyframe. `image`, `depth`, `valid`, `prior` are full size while in the window, None after.
+
+    Shapes: pose_cw (7,) float64; image (H, W, 3) uint8; depth, prior (H, W) float32; valid (H, W)
+    bool (False in splatting holes); small_depth (H/s, W/s) float32 and small_image (H/s, W/s, 3)
+    uint8 after leaving the window; motion_feats (F, H/4, W/4) with the learned flow only.
+    """
+
+    frame: int
+    pose_cw: torch.Tensor
+    image: np.ndarray | None
+    depth: torch.Tensor | None
+    valid: torch.Tensor | None = None
+    prior: torch.Tensor | None = None  # the depth module's depth, locked and fused (the BA prior)
+    small_depth: np.ndarray | None = None
+    small_image: np.ndarray | None = None
+    motion_feats: torch.Tensor | None = None
+
+
+@dataclass(frozen=True)
+class KeyframeView:
+    """A consistent snapshot of one keyframe (what tracking against it needs)."""
+
+    id: int
+    frame: int
+    pose_cw: torch.Tensor
+    image: np.ndarray
+    depth: torch.Tensor
+    valid: torch.Tensor
+    motion_feats: torch.Tensor | None
+
+
+class Map:
+    """Frames, keyframes, the local window, keyframe edges and recent images; thread-safe.
+
+    Args:
+        intrinsics: (4,) fx, fy, cx, cy at the network size (the map's current estimate; the mapper
+            refines the focal length of uncalibrated video).
+        device: where the map's tensors live.
+    """
+
+    def __init__(self, intrinsics: torch.Tensor, device: torch.device) -> None:
+        self._lock = threading.RLock()
+        self.device = device
+        self._intr = intrinsics.to(device=device, dtype=torch.float64)
+        self._frames: list[FrameState] = []
+        self._keyframes: list[Keyframe] = []
+        self._window: list[int] = []  # keyframe ids, oldest first
+        self._images: OrderedDict[int, np.ndarray] = OrderedDict()  # frame index -> image
+        self._edges: set[tuple[int, int]] = set()  # keyframe pairs (a, b) with a flow edge a -> b
+
+    # ------------------------------------------------------------------------------------ reads
+    @property
+    def intrinsics(self) -> torch.Tensor:
+        """(4,) float64, the current estimate."""
+        with self._lock:
+            return self._intr
+
+    def num_frames(self) -> int:
+        with self._lock:
+            return len(self._frames)
+
+    def num_keyframes(self) -> int:
+        with self._lock:
+            return len(self._keyframes)
+
+    def window(self) -> list[int]:
+        """Keyframe ids of the local window, oldest first."""
+        with self._lock:
+            return list(self._window)
+
+    def frame(self, f: int) -> FrameState:
+        """A copy of frame f's state."""
+        with self._lock:
+            return dataclasses.replace(self._frames[f])
+
+    def frames(self) -> list[FrameState]:
+        """Copies of every frame's state."""
+        with self._lock:
+            return [dataclasses.replace(s) for s in self._frames]
+
+    def keyframe(self, kid: int) -> Keyframe:
+        """A shallow copy of keyframe kid (its tensors are never modified in place)."""
+        with self._lock:
+            return dataclasses.replace(self._keyframes[kid])
+
+    def keyframes(self, ids: Iterable[int] | None = None) -> list[Keyframe]:
+        with self._lock:
+            ids = range(len(self._keyframes)) if ids is None else ids
+            return [dataclasses.replace(self._keyframes[k]) for k in ids]
+
+    def reference(self) -> KeyframeView:
+        """The newest window keyframe: the one frames are tracked against."""
+        with self._lock:
+            kid = self._window[-1]
+            kf = self._keyframes[kid]
+            return KeyframeView(kid, kf.frame, kf.pose_cw, kf.image, kf.depth, kf.valid, kf.motion_feats)
+
+    def frame_pose(self, f: int) -> torch.Tensor:
+        """World->camera pose of frame f (7,) float64."""
+        with self._lock:
+            st = self._frames[f]
+            return se3_mul(st.rel_cw, self._keyframes[st.keyframe].pose_cw)
+
+    def frame_poses(self) -> torch.Tensor:
+        """World->camera poses of every frame (N, 7) float64."""
+        with self._lock:
+            if not self._frames:
+                return torch.zeros(0, 7, dtype=torch.float64, device=self.device)
+            rel = torch.stack([s.rel_cw for s in self._frames])
+            kf = torch.stack([self._keyframes[s.keyframe].pose_cw for s in self._frames])
+            return se3_mul(rel, kf)
+
+    def image(self, f: int) -> np.ndarray | None:
+        """Frame f's image if it is still buffered."""
+        with self._lock:
+            return self._images.get(f)
+
+    def images(self) -> dict[int, np.ndarray]:
+        """The buffered images, oldest first (a snapshot: later trimming does not affect it)."""
+        with self._lock:
+            return dict(self._images)
+
+    def edges(self) -> set[tuple[int, int]]:
+        """Keyframe pairs (a, b) the last optimisations used as flow edges a -> b."""
+        with self._lock:
+            return set(self._edges)
+
+    # ------------------------------------------------------------------------------------ tracker writes
+    def add_frame(self, state: FrameState, image: np.ndarray) -> int:
+        """Append the next frame's state and buffer its image; returns its index."""
+        with self._lock:
+            self._frames.append(state)
+            f = len(self._frames) - 1
+            self._images[f] = image
+            return f
+
+    def drop_last_frame(self) -> None:
+        """Forget the newest frame (it is tracked again, against a new keyframe)."""
+        with self._lock:
+            f = len(self._frames) - 1
+            self._frames.pop()
+            self._images.pop(f, None)
+
+    def set_frame(self, f: int, **changes: object) -> None:
+        """Replace fields of frame f's state (e.g. keyframe and rel_cw)."""
+        with self._lock:
+            self._frames[f] = dataclasses.replace(self._frames[f], **changes)
+
+    def add_keyframe(self, kf: Keyframe, frame: int) -> int:
+        """Make frame `frame` a keyframe (its pose is kf.pose_cw) and append it to the window."""
+        with self._lock:
+            kid = len(self._keyframes)
+            self._keyframes.append(kf)
+            self._window.append(kid)
+            self._frames[frame] = dataclasses.replace(self._frames[frame], keyframe=kid, is_keyframe=True,
+                                                      rel_cw=se3_identity((), dtype=torch.float64, device=self.device))
+            return kid
+
+    def trim_images(self, max_frames: int) -> None:
+        """Drop buffered images older than the window's oldest keyframe and beyond `max_frames`."""
+        with self._lock:
+            oldest = self._keyframes[self._window[0]].frame if self._window else len(self._frames)
+            for f in [f for f in self._images if f < oldest]:
+                del self._images[f]
+            while len(self._images) > max_frames:
+                self._images.popitem(last=False)
+
+    # ------------------------------------------------------------------------------------ mapper writes
+    def set_intrinsics(self, intrinsics: torch.Tensor) -> None:
+        with self._lock:
+            self._intr = intrinsics.to(device=self.device, dtype=torch.float64)
+
+    def update_keyframe(self, kid: int, **changes: object) -> None:
+        """Replace fields of keyframe kid (pose_cw, depth, valid, prior)."""
+        with self._lock:
+            self._keyframes[kid] = dataclasses.replace(self._keyframes[kid], **changes)
+
+    def set_keyframe_poses(self, poses_cw: dict[int, torch.Tensor]) -> None:
+        """Move keyframes (id -> new world->camera pose) in one step. Window keyframes newer than all
+        of them (made by the tracker while these were optimised) move rigidly with the newest one,
+        so they keep their pose relative to it."""
+        if not poses_cw:
+            return
+        with self._lock:
+            newest = max(poses_cw)
+            delta = se3_mul(se3_inv(self._keyframes[newest].pose_cw), poses_cw[newest])  # old^-1 new
+            for kid, pose in poses_cw.items():
+                self._keyframes[kid] = dataclasses.replace(self._keyframes[kid], pose_cw=pose)
+            for kid in self._window:
+                if kid > newest:
+                    kf = self._keyframes[kid]
+                    self._keyframes[kid] = dataclasses.replace(kf, pose_cw=normalized_pose(se3_mul(kf.pose_cw, delta)))
+
+    def move_frame(self, f: int, pose_cw: torch.Tensor) -> None:
+        """Set frame f's world->camera pose (stored relative to its keyframe)."""
+        with self._lock:
+            st = self._frames[f]
+            rel = normalized_pose(se3_mul(pose_cw, se3_inv(self._keyframes[st.keyframe].pose_cw)))
+            self._frames[f] = dataclasses.replace(st, rel_cw=rel)
+
+    def set_edges(self, pairs: Iterable[tuple[int, int]]) -> None:
+        with self._lock:
+            self._edges = set(pairs)
+
+    def retire(self, kid: int, stride: int, on_retire: Callable[[int, np.ndarray, torch.Tensor, np.ndarray], None]
+               | None = None) -> bool:
+        """Keyframe kid leaves the window: hand out its final depth, keep a strided copy for the cloud.
+
+        `on_retire(frame, depth (H, W) float32 ndarray with 0 where unknown, pose_cw (7,), image)` is
+        called with the final depth. Returns False when kid was retired before.
+        """
+        with self._lock:
+            kf = self._keyframes[kid]
+            if kf.image is None:
+                return False
+            if kid in self._window:
+                self._window.remove(kid)
+            self._edges = {e for e in self._edges if kid not in e}
+            depth = np.where(kf.valid.cpu().numpy(), kf.depth.cpu().numpy(), 0.0).astype(np.float32)
+            self._keyframes[kid] = dataclasses.replace(
+                kf, image=None, depth=None, valid=None, prior=None, motion_feats=None,
+                small_depth=depth[::stride, ::stride].copy(), small_image=kf.image[::stride, ::stride].copy())
+        if on_retire is not None:
+            on_retire(kf.frame, depth, kf.pose_cw.clone(), kf.image)
+        return True

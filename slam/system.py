@@ -1,0 +1,317 @@
+"""The SLAM system: wires the map, the tracker and the mapper over a stream of frames.
+
+    system = SlamSystem(model, cfg, intrinsics, (H, W), calibrated=True)
+    with system:                           # stops the mapper thread on any exit
+        for rgb in frames:                 # (H, W, 3) uint8 at the network size
+            system.add_frame(rgb)
+        result = system.finish()           # poses of every frame, keyframes, per-frame status
+
+A frame's path, top to bottom (`add_frame` -> `_process`):
+
+1. Tracking (`slam.tracker.Tracker`): the frame is aligned to the newest keyframe from a
+   constant-velocity guess (during initialisation: the initialisation's pose); a lost result is
+   retried from the keyframe's pose, and a frame that stays lost holds the last good pose.
+2. The frame enters the map (`slam.map.Map`) with its pose relative to the keyframe and its
+   quality; the image buffer is trimmed.
+3. Keyframe decision: a new keyframe when the flow the keyframe's depth induces passes
+   `slam.keyframe_flow`; when tracking quality drops (confidence, overlap) the previous,
+   well-tracked frame becomes the keyframe and this frame is tracked again against it; after
+   `slam.relocalise_after` lost frames in a row, a restart at the current frame.
+4. A new keyframe gets the previous keyframe's depth splatted into it at once (tracking goes on
+   against it) and is handed to the mapper (`slam.mapper.Mapper`: window optimisation, depth
+   module, bundle adjustment, retiring keyframes) through `slam.worker.MapperWorker`: in a
+   background thread (`slam.concurrent: true`; tracking waits only when `slam.mapper_queue`
+   keyframes are queued), or inline (`false`: results identical run to run).
+
+Initialisation: frames are buffered until `slam.init_frames` frames spaced `slam.init_rate` apart
+exist; the V2D model gives the first keyframe's depth and the set's poses, which seed the tracking
+of the buffered frames.
+
+Threads: in concurrent mode the tracker and the mapper each get one PyTorch and OpenCV thread (two
+cores, no oversubscription); the process-wide settings are restored when the system closes.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from slam.flowcache import FlowCache
+from slam.map import FrameState, Keyframe, Map, TrackQuality, normalized_pose
+from slam.mapper import KeyframeJob, Mapper
+from slam.tracker import Tracker, motion_features, texture
+from slam.worker import MapperWorker
+from v2d.config import V2DConfig
+from v2d.errors import ConfigError, ShapeError, V2DError
+from v2d.geometry.lie import se3_identity, se3_inv, se3_mul
+from v2d.model import V2D
+
+__all__ = ["SlamSystem", "SlamResult"]
+
+_log = logging.getLogger(__name__)
+
+_STOP_TIMEOUT_S = 30.0  # longest wait for the mapper thread to finish its running job on shutdown
+
+
+@dataclass
+class SlamResult:
+    """Everything the run loop writes.
+
+    Shapes: poses_cw (N, 7) float64 for every frame; keyframe_frames (K,) frame indices;
+    keyframe_poses_cw (K, 7); cloud_depths K x (h, w) float32 and cloud_images K x (h, w, 3)
+    uint8 at stride `cloud_stride`; intrinsics (4,) float64 at the network size.
+    """
+
+    poses_cw: torch.Tensor
+    frames: list[FrameState]
+    keyframe_frames: list[int]
+    keyframe_poses_cw: torch.Tensor
+    cloud_depths: list[np.ndarray]
+    cloud_images: list[np.ndarray]
+    cloud_stride: int
+    intrinsics: torch.Tensor
+    restarts: int
+    warnings: list[str]
+
+
+class _ThreadPlan:
+    """One PyTorch and one OpenCV thread per worker while concurrent; restores the settings after."""
+
+    def __init__(self) -> None:
+        import cv2
+
+        self._torch, self._cv = torch.get_num_threads(), cv2.getNumThreads()
+        self.apply()
+
+    @staticmethod
+    def apply() -> None:
+        import cv2
+
+        torch.set_num_threads(1)
+        cv2.setNumThreads(1)
+
+    def restore(self) -> None:
+        import cv2
+
+        torch.set_num_threads(self._torch)
+        cv2.setNumThreads(self._cv)
+
+
+class SlamSystem:
+    """Keyframe tracking, local mapping and keyframe depth over a stream of frames.
+
+    Args:
+        model: the V2D model (eval mode), on `device`.
+        cfg: the full configuration (`slam`, `gn`, `motion`, `model` sections).
+        intrinsics: (4,) fx, fy, cx, cy at the frame size (the initial guess when uncalibrated).
+        size: (H, W) of the frames given to `add_frame`.
+        calibrated: False optimises the focal length (initialisation and window).
+        on_keyframe: called as on_keyframe(frame_index, depth (H, W) float32 ndarray, pose_cw (7,),
+            image (H, W, 3) uint8) when a keyframe's depth is final (it left the window, or at
+            `finish`); in concurrent mode from the mapper thread.
+        device: where the map's and the networks' tensors live (default: the model's).
+    """
+
+    def __init__(self, model: V2D, cfg: V2DConfig, intrinsics: torch.Tensor, size: tuple[int, int],
+                 calibrated: bool = True,
+                 on_keyframe: Callable[[int, np.ndarray, torch.Tensor, np.ndarray], None] | None = None,
+                 device: torch.device | str | None = None) -> None:
+        self.device = torch.device(device) if device is not None else next(model.parameters()).device
+        intr = torch.as_tensor(intrinsics, dtype=torch.float64, device=self.device)
+        if intr.shape != (4,) or not bool(torch.isfinite(intr).all()) or bool((intr[:2] <= 0).any()):
+            raise ShapeError(f"intrinsics: expected (4,) finite fx, fy > 0, cx, cy; got {intrinsics}")
+        if cfg.motion.mode != "keyframe":
+            raise ConfigError(f"motion.mode: the SLAM front end tracks in keyframe mode, got {cfg.motion.mode!r}")
+        self.cfg, self.sc = cfg, cfg.slam
+        self.size = size
+        self.warnings: list[str] = []
+        self._warn_lock = threading.Lock()
+        self.map = Map(intr, self.device)
+        self.flows = FlowCache(cfg.motion.dis, self.device, self.sc.flow_cache_mb * 2**20)
+        self.tracker = Tracker(model, cfg, self.flows, size, self.device)
+        self.mapper = Mapper(model, cfg, self.map, self.flows, size, calibrated, self.device, on_keyframe, self.warn)
+        self._model = model
+        self._threads = _ThreadPlan() if self.sc.concurrent else None
+        self.worker: MapperWorker[KeyframeJob] = MapperWorker(
+            self.mapper.map_keyframe, self.sc.concurrent, self.sc.mapper_queue,
+            on_start=_ThreadPlan.apply if self.sc.concurrent else None)
+        self._pending: list[np.ndarray] = []  # frames before initialisation
+        self._init_poses: dict[int, torch.Tensor] = {}
+        self.lost_run = 0  # frames lost in a row
+        self.lost_count = 0
+        self.restarts = 0
+        self.finished = False
+        self._closed = False
+
+    # ------------------------------------------------------------------------------------ public
+    @property
+    def initialised(self) -> bool:
+        return self.map.num_keyframes() > 0
+
+    def warn(self, message: str) -> None:
+        """Log a warning and record it for the run's summary (once per distinct message)."""
+        with self._warn_lock:
+            if message in self.warnings:
+                return
+            self.warnings.append(message)
+        _log.warning(message)
+
+    def add_frame(self, image: np.ndarray) -> FrameState | None:
+        """Process the next frame; returns its state (None while initialisation is pending).
+
+        Shapes: image (H, W, 3) uint8 RGB at the configured size.
+        """
+        if self.finished or self._closed:
+            raise V2DError("add_frame: this run has finished; start a new SlamSystem")
+        H, W = self.size
+        if image.shape != (H, W, 3) or image.dtype != np.uint8:
+            raise ShapeError(f"frame: expected ({H}, {W}, 3) uint8, got {image.shape} {image.dtype}")
+        self.worker.check()
+        if not self.initialised:
+            self._pending.append(image)
+            if len(self._pending) >= (self.sc.init_frames - 1) * self.sc.init_rate + 1:
+                self._initialise()
+            return None
+        return self._process(image)
+
+    def finish(self) -> SlamResult:
+        """Flush initialisation (short videos), wait for the mapper, finalise the window, return the result."""
+        if self.finished or self._closed:
+            raise V2DError("finish: this run has already finished")
+        if not self.initialised:
+            if len(self._pending) < 2:
+                raise ShapeError(f"a run needs at least 2 frames, got {len(self._pending)}")
+            self._initialise()
+        self.worker.wait()
+        self.mapper.finish(self.map.num_frames() - 1, self.map.images())
+        self.finished = True
+        self.close()
+        self._report_flags()
+        kfs = self.map.keyframes()
+        return SlamResult(
+            poses_cw=self.map.frame_poses(), frames=self.map.frames(),
+            keyframe_frames=[k.frame for k in kfs], keyframe_poses_cw=torch.stack([k.pose_cw for k in kfs]),
+            cloud_depths=[k.small_depth for k in kfs], cloud_images=[k.small_image for k in kfs],
+            cloud_stride=self.sc.cloud_stride, intrinsics=self.map.intrinsics.clone(), restarts=self.restarts,
+            warnings=list(self.warnings))
+
+    def close(self) -> None:
+        """Stop the mapper thread and restore thread settings. Idempotent; after an error or Ctrl-C it
+        skips the queued keyframes (the run's outputs are discarded then)."""
+        if self._closed:
+            return
+        self._closed = True
+        try:
+            self.worker.close(abort=not self.finished, timeout=_STOP_TIMEOUT_S)
+        finally:
+            if self._threads is not None:
+                self._threads.restore()
+
+    def __enter__(self) -> SlamSystem:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    # ------------------------------------------------------------------------------------ frames
+    @torch.no_grad()
+    def _initialise(self) -> None:
+        frames, self._pending = self._pending, []
+        poses, depth = self.mapper.initialise(frames)
+        ident = se3_identity(dtype=torch.float64, device=self.device)
+        self.map.add_frame(FrameState(keyframe=0, rel_cw=ident, is_keyframe=True,
+                                      quality=TrackQuality(confidence=1.0, overlap=1.0),
+                                      textureless=texture(frames[0]) < self.sc.min_texture), frames[0])
+        self.map.add_keyframe(Keyframe(frame=0, pose_cw=ident, image=frames[0], depth=depth, prior=depth,
+                                       valid=torch.ones_like(depth, dtype=torch.bool),
+                                       motion_feats=self._motion_feats(frames[0])), 0)
+        self._init_poses = poses
+        for image in frames[1:]:
+            self._process(image)
+        self._init_poses = {}
+
+    def _process(self, image: np.ndarray, may_promote: bool = True) -> FrameState:
+        f = self.map.num_frames()
+        ref = self.map.reference()
+        if f in self._init_poses:  # the initialisation's pose (keyframe 0 is the identity)
+            rel_init = se3_mul(self._init_poses[f], se3_inv(ref.pose_cw))
+        else:  # constant velocity from the last two frames
+            prev = self.map.frame_pose(f - 1)
+            before = self.map.frame_pose(f - 2) if f >= 2 else prev
+            guess = se3_mul(se3_mul(prev, se3_inv(before)), prev)
+            rel_init = normalized_pose(se3_mul(guess, se3_inv(ref.pose_cw)))
+        track = self.tracker.track(f, image, ref, rel_init, self.map.intrinsics)
+        q, lost = track.quality, track.lost
+        state = FrameState(keyframe=ref.id, rel_cw=track.rel_cw, quality=q, lost=lost,
+                           static=self.tracker.is_static(track), textureless=texture(image) < self.sc.min_texture)
+        if lost:  # hold the last good pose
+            state.rel_cw = se3_mul(self._last_good_pose(), se3_inv(ref.pose_cw))
+            self.lost_run += 1
+            self.lost_count += 1
+        else:
+            self.lost_run = 0
+        self.map.add_frame(state, image)
+        s = self.sc
+        kf_flow = s.keyframe_flow * self.tracker.px
+        good = q.confidence >= s.min_confidence and q.overlap >= s.min_overlap
+        prev_state = self.map.frame(f - 1) if f >= 1 else None
+        if lost and self.lost_run >= s.relocalise_after:
+            self._restart(f, image)
+        elif not lost and good and q.flow > kf_flow:
+            self._keyframe(f, image)
+        elif (not lost and not good and q.flow > kf_flow * s.promote_flow and may_promote and prev_state is not None
+              and not prev_state.is_keyframe and not prev_state.lost and self.map.image(f - 1) is not None
+              and f - 1 - ref.frame >= s.min_keyframe_gap):
+            # tracking quality dropped: the previous (well-tracked) frame becomes the keyframe and
+            # this frame is tracked again against it; a poor frame itself never becomes a keyframe
+            self.map.drop_last_frame()
+            self._keyframe(f - 1, self.map.image(f - 1))
+            return self._process(image, may_promote=False)
+        self.map.trim_images(s.buffer_frames)
+        return self.map.frame(f)
+
+    def _last_good_pose(self) -> torch.Tensor:
+        """World->camera pose of the newest frame that was not lost (frame 0's if none)."""
+        frames = self.map.frames()
+        last = next((f for f in range(len(frames) - 1, -1, -1) if not frames[f].lost), 0)
+        return self.map.frame_pose(last)
+
+    def _keyframe(self, f: int, image: np.ndarray) -> None:
+        kid = self.mapper.new_keyframe(f, image, self._motion_feats(image))
+        self.tracker.new_reference()
+        self.worker.submit(KeyframeJob(kid, self.map.images(), refine_previous=self.sc.depth_timing == "both"))
+
+    def _restart(self, f: int, image: np.ndarray) -> None:
+        """Re-initialise at frame f after `relocalise_after` lost frames (the mapper finishes first)."""
+        self.worker.wait()
+        self.mapper.restart(f, image, self._motion_feats(image))
+        self.restarts += 1
+        self.lost_run = 0
+        self.tracker.new_reference()
+        self.warn("tracking was lost; re-initialised with single-image depth (the trajectory's scale may jump)")
+
+    def _motion_feats(self, image: np.ndarray) -> torch.Tensor | None:
+        return motion_features(self._model, image, self.device) if self.cfg.motion.flow_source == "learned" else None
+
+    def _report_flags(self) -> None:
+        frames = self.map.frames()
+        n = len(frames)
+        lost = sum(s.lost for s in frames)
+        static = sum(s.static for s in frames)
+        flat = sum(s.textureless for s in frames)
+        if lost:
+            self.warn(f"tracking was lost on {lost} of {n} frames (they hold the last good pose)")
+        run = longest = 0
+        for st in frames:
+            run = run + 1 if st.static else 0
+            longest = max(longest, run)
+        if static and (longest >= self.sc.static_run or static >= max(2, (n - 1) // 2)):
+            self.warn(f"the camera is static on {static} of {n} frames (longest stretch {longest}): little "
+                      "parallax there, depth comes mostly from single-image cues")
+        if flat:
+            self.warn(f"{flat} of {n} frames are nearly textureless: tracking there relies on the rest of the image")

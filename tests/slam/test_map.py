@@ -1,0 +1,155 @@
+"""The shared map: snapshots, retiring keyframes, and reads while another thread writes."""
+
+from __future__ import annotations
+
+import threading
+
+import numpy as np
+import torch
+
+from slam.map import FrameState, Keyframe, Map
+from v2d.geometry.lie import se3_exp, se3_identity, se3_inv, se3_mul
+
+H, W = 8, 12
+
+
+def _pose(tx: float) -> torch.Tensor:
+    p = se3_identity(dtype=torch.float64)
+    p[0] = tx
+    return p
+
+
+def _map_with_keyframe() -> Map:
+    m = Map(torch.tensor([10.0, 10.0, 6.0, 4.0]), torch.device("cpu"))
+    ident = se3_identity(dtype=torch.float64)
+    m.add_frame(FrameState(keyframe=0, rel_cw=ident), np.zeros((H, W, 3), np.uint8))
+    m.add_keyframe(Keyframe(frame=0, pose_cw=ident, image=np.zeros((H, W, 3), np.uint8), depth=torch.ones(H, W),
+                            valid=torch.ones(H, W, dtype=torch.bool)), 0)
+    return m
+
+
+def test_frames_follow_their_keyframe():
+    m = _map_with_keyframe()
+    m.add_frame(FrameState(keyframe=0, rel_cw=_pose(0.5)), np.zeros((H, W, 3), np.uint8))
+    m.update_keyframe(0, pose_cw=_pose(2.0))
+    assert torch.allclose(m.frame_pose(1), se3_mul(_pose(0.5), _pose(2.0)))
+    assert torch.allclose(m.frame_poses()[1], m.frame_pose(1))
+    m.move_frame(1, _pose(7.0))  # a world pose, stored relative to the keyframe
+    assert torch.allclose(m.frame(1).rel_cw, se3_mul(_pose(7.0), se3_inv(_pose(2.0))))
+    assert torch.allclose(m.frame_pose(1), _pose(7.0))
+
+
+def test_keyframes_newer_than_the_optimised_ones_move_with_the_newest():
+    """In concurrent mode the tracker makes keyframe 2 while the mapper optimises 0 and 1: when 1
+    moves, 2 keeps its pose relative to 1 (and frames tracked against 2 follow it)."""
+    m = _map_with_keyframe()
+    for f, tx in ((1, 1.0), (2, 2.0)):
+        m.add_frame(FrameState(keyframe=0, rel_cw=_pose(tx)), np.zeros((H, W, 3), np.uint8))
+        m.add_keyframe(Keyframe(frame=f, pose_cw=_pose(tx), image=np.zeros((H, W, 3), np.uint8),
+                                depth=torch.ones(H, W), valid=torch.ones(H, W, dtype=torch.bool)), f)
+    turn = se3_exp(torch.tensor([0.1, 0.2, -0.3, 0.2, -0.1, 0.3], dtype=torch.float64))  # order matters
+    m.update_keyframe(2, pose_cw=se3_mul(turn, _pose(2.0)))
+    rel_2_1 = se3_mul(m.keyframe(2).pose_cw, se3_inv(m.keyframe(1).pose_cw))
+    new_1 = se3_mul(se3_inv(turn), _pose(1.0))
+    m.set_keyframe_poses({1: new_1})
+    assert torch.allclose(m.keyframe(1).pose_cw, new_1)
+    assert torch.allclose(se3_mul(m.keyframe(2).pose_cw, se3_inv(m.keyframe(1).pose_cw)), rel_2_1)
+    assert torch.allclose(m.keyframe(0).pose_cw, se3_identity(dtype=torch.float64))  # older ones stay
+
+
+def test_snapshots_do_not_change_under_their_reader():
+    m = _map_with_keyframe()
+    kf = m.keyframe(0)
+    state = m.frame(0)
+    m.update_keyframe(0, pose_cw=_pose(3.0), depth=torch.full((H, W), 5.0))
+    m.set_frame(0, lost=True)
+    assert float(kf.pose_cw[0]) == 0.0 and float(kf.depth[0, 0]) == 1.0
+    assert not state.lost and m.frame(0).lost
+
+
+def test_retire_hands_out_the_final_depth_once_and_keeps_a_strided_copy():
+    m = _map_with_keyframe()
+    valid = torch.ones(H, W, dtype=torch.bool)
+    valid[0, 0] = False
+    m.update_keyframe(0, depth=torch.full((H, W), 2.0), valid=valid)
+    m.set_edges([(0, 0)])
+    handed: list[tuple[int, np.ndarray]] = []
+    assert m.retire(0, 2, lambda f, d, p, im: handed.append((f, d)))
+    assert not m.retire(0, 2, lambda f, d, p, im: handed.append((f, d)))  # only once
+    assert [f for f, _ in handed] == [0]
+    depth = handed[0][1]
+    assert depth.dtype == np.float32 and depth[0, 0] == 0.0 and (depth[1:] == 2.0).all()
+    kf = m.keyframe(0)
+    assert kf.image is None and kf.depth is None and kf.small_depth.shape == (H // 2, W // 2)
+    assert m.window() == [] and m.edges() == set()
+
+
+def test_image_buffer_is_trimmed_to_the_window_and_its_bound():
+    m = _map_with_keyframe()
+    for _ in range(1, 10):
+        m.add_frame(FrameState(keyframe=0, rel_cw=se3_identity(dtype=torch.float64)), np.zeros((H, W, 3), np.uint8))
+    m.trim_images(4)
+    assert list(m.images()) == [6, 7, 8, 9]
+    m.add_keyframe(Keyframe(frame=8, pose_cw=se3_identity(dtype=torch.float64), image=np.zeros((H, W, 3), np.uint8),
+                            depth=torch.ones(H, W), valid=torch.ones(H, W, dtype=torch.bool)), 8)
+    m.retire(0, 2)
+    m.trim_images(4)
+    assert list(m.images()) == [8, 9]  # older than the window's oldest keyframe
+
+
+def test_reads_while_another_thread_adds_updates_and_retires_keyframes():
+    """A writer adds frames and keyframes, moves them and retires old ones (as tracker and mapper
+    do) while a reader takes snapshots: every snapshot is consistent (a keyframe's depth and pose
+    were written together) and nothing raises."""
+    m = _map_with_keyframe()
+    m.update_keyframe(0, pose_cw=_pose(1.0))  # depth 1 everywhere: consistent like every later write
+    stop = threading.Event()
+    errors: list[BaseException] = []
+    reads = [0]
+
+    def writer() -> None:
+        try:
+            for i in range(1, 300):
+                f = m.add_frame(FrameState(keyframe=m.window()[-1], rel_cw=_pose(0.01)),
+                                np.zeros((H, W, 3), np.uint8))
+                if i % 5 == 0:
+                    kid = m.add_keyframe(Keyframe(frame=f, pose_cw=_pose(float(i)), image=np.zeros((H, W, 3), np.uint8),
+                                                  depth=torch.full((H, W), float(i)),
+                                                  valid=torch.ones(H, W, dtype=torch.bool)), f)
+                    for k in m.window():  # the mapper moves the window: depth and pose together
+                        v = float(torch.rand(()))
+                        m.update_keyframe(k, pose_cw=_pose(v), depth=torch.full((H, W), v))
+                    while len(m.window()) > 3:
+                        m.retire(m.window()[0], 2)
+                    m.set_edges((a, b) for a in m.window() for b in m.window() if a != b)
+                    assert kid == m.num_keyframes() - 1
+                m.trim_images(8)
+        except BaseException as exc:  # noqa: BLE001 - reported by the test
+            errors.append(exc)
+        finally:
+            stop.set()
+
+    def reader() -> None:
+        try:
+            while not stop.is_set():
+                ref = m.reference()
+                assert float(ref.depth[0, 0]) == float(ref.pose_cw[0])
+                for kf in m.keyframes(m.window()):
+                    if kf.depth is not None:
+                        assert float(kf.depth[0, 0]) == float(kf.pose_cw[0])
+                poses = m.frame_poses()
+                assert poses.shape[0] >= 1 and torch.isfinite(poses).all()
+                reads[0] += 1
+        except BaseException as exc:  # noqa: BLE001 - reported by the test
+            errors.append(exc)
+            stop.set()
+
+    threads = [threading.Thread(target=writer), threading.Thread(target=reader)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(60)
+    assert not errors, errors
+    assert reads[0] > 10
+    assert m.num_frames() == 300 and len(m.window()) <= 3
+    assert len(m.images()) <= 8

@@ -14,6 +14,7 @@ import pytest
 import torch
 
 from tools.cli import main
+from v2d.checkpoint import load_weights
 from v2d.config import load_config
 from v2d.data.clips import ClipConfig, SyntheticClips
 from v2d.errors import InputError
@@ -22,7 +23,7 @@ from v2d.geometry.lie import se3_inv, se3_mul
 from v2d.losses import LossConfig, depth_loss, motion_loss
 from v2d.model import V2D
 from v2d.motion import MotionStep, edges
-from v2d.train import Trainer, load_weights
+from v2d.train import Trainer
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY = ["data.height=64", "data.width=96", "clips.frames=3", "train.steps=6", "train.motion_steps=2",

@@ -20,6 +20,7 @@ from typing import Literal
 import torch
 from torch import nn
 
+from v2d.checkpoint import load_weights
 from v2d.depth import DepthConfig, DepthModule
 from v2d.errors import NumericalError, ShapeError
 from v2d.geometry.camera import check_intrinsics
@@ -216,8 +217,6 @@ def load_model(cfg) -> V2D:
     Raises InputError when the weights file is missing, corrupt or does not fit the configuration
     (e.g. shipped `small` weights with the `full` preset).
     """
-    from v2d.train import load_weights
-
     model = V2D.from_config(cfg)
     source = cfg.model.weights
     if source != "none":

@@ -225,7 +225,7 @@ class SlamSystem:
         self.px = self.W / 320.0  # pixel thresholds are given for 320-wide frames
         gn = cfg.gn
         # tracking: the keyframe fixed, the focal length fixed (two frames do not determine it well)
-        self.track_gn = dataclasses.replace(gn, fixed_poses=1, optimize_focal=False)
+        self.track_gn = gn.options(fixed_poses=1, optimize_focal=False)
         self.track_outer = cfg.motion.iterations
         if self.source == "dis":  # targets do not change between outer iterations: one call, all steps
             self.track_gn = dataclasses.replace(self.track_gn, iterations=gn.iterations * cfg.motion.iterations)
@@ -329,12 +329,7 @@ class SlamSystem:
         if len(chosen) < 2:
             chosen = list(range(len(frames)))
         x = _to_tensor([frames[i] for i in chosen])
-        model_cfg = self.model.motion.gn
-        self.model.motion.gn = dataclasses.replace(model_cfg, optimize_focal=not self.calibrated)
-        try:
-            out = self.model(x, self.intr.float())
-        finally:
-            self.model.motion.gn = model_cfg
+        out = self.model(x, self.intr.float(), optimize_focal=not self.calibrated)
         poses, depth, intr = _unit(out.poses[-1]), out.depths[-1][-1][0], out.intrinsics[-1].double()
         if not (torch.isfinite(poses).all() and torch.isfinite(depth).all() and torch.isfinite(intr).all()):
             self._warn("initialisation produced non-finite values; starting from identity poses and "
@@ -397,7 +392,7 @@ class SlamSystem:
         Shapes: targets, weights (E, H, W, 2); inv (E, H, W); poses (N, 7) float32 -> (E, H, W, 2).
         """
         coords, depth_j = reproject(inv, poses[ii], poses[jj], self.intr.float())
-        valid = valid_reprojection(inv, coords, depth_j, self.cfg.motion.min_depth)
+        valid = valid_reprojection(inv, coords, depth_j, self.cfg.gn.min_depth)
         r2 = ((targets - coords) ** 2).sum(-1) / (self.sc.robust_scale * self.px) ** 2
         factor = torch.where(valid & torch.isfinite(r2), 1.0 / (1.0 + r2.nan_to_num(0.0)), torch.zeros_like(r2))
         return weights * factor[..., None]
@@ -417,7 +412,7 @@ class SlamSystem:
         inv = 1.0 / d.clamp_min(1e-3)
         identity = se3_identity((), dtype=torch.float32)
         coords, depth_j = reproject(inv, identity, rel.float(), intr)
-        valid = valid_reprojection(inv, coords, depth_j, self.cfg.motion.min_depth)
+        valid = valid_reprojection(inv, coords, depth_j, self.cfg.gn.min_depth)
         if not bool(torch.isfinite(rel).all()):
             return TrackQuality(flow=math.inf, residual=math.inf), coords
         n = valid.sum().clamp_min(1)
@@ -634,8 +629,8 @@ class SlamSystem:
             feats = [k.motion_feats for k in kfs] + [self._motion_feats(self.buffer[f]) for f in extra]
             feats = torch.stack(feats)[None]
             outer, iters = self.cfg.motion.iterations, max(1, self.sc.window_iterations // self.cfg.motion.iterations)
-        opts = dataclasses.replace(self.cfg.gn, iterations=iters, fixed_poses=min(self.sc.window_fixed, n - 1),
-                                   optimize_focal=not self.calibrated)
+        opts = dataclasses.replace(self.cfg.gn.options(fixed_poses=min(self.sc.window_fixed, n - 1),
+                                                       optimize_focal=not self.calibrated), iterations=iters)
         steps = self.model.motion(images, feats, poses.float()[None], inv, self.intr.float()[None], ii, jj,
                                   dis=dis, gn=opts, iterations=outer)
         new = _unit(steps[-1].poses_cw[0])
@@ -684,7 +679,7 @@ class SlamSystem:
         fixed = min(self.sc.window_fixed, n - 1)
         gn = self.cfg.gn
         opts = WindowBAOptions(iterations=self.sc.ba_iterations, robust_scale=self.sc.robust_scale * self.px,
-                               min_depth=self.cfg.motion.min_depth, stride=self.sc.ba_stride, fixed_poses=fixed,
+                               min_depth=self.cfg.gn.min_depth, stride=self.sc.ba_stride, fixed_poses=fixed,
                                max_translation_step=gn.max_translation_step, max_rotation_step=gn.max_rotation_step)
         new, rho = window_bundle_adjust(poses, inv, self.intr, torch.tensor([p[0] for p in pairs]),
                                         torch.tensor([p[1] for p in pairs]), torch.stack(ts), torch.stack(ws), prior,
@@ -728,7 +723,7 @@ class SlamSystem:
         depth = kf.depth[::s, ::s].clamp_min(1e-3)
         rel = rel.float()
         q = se3_act(rel[..., None, None, :], backproject(depth, intr))  # (..., h, w, 3)
-        ok = q[..., 2] > self.cfg.motion.min_depth
+        ok = q[..., 2] > self.cfg.gn.min_depth
         grid = pixel_grid(*depth.shape, dtype=depth.dtype)
         dist = (project(q, intr) - grid).norm(dim=-1)
         n = ok.sum((-2, -1))

@@ -9,6 +9,8 @@ import pytest
 
 from v2d.config import V2DConfig, load_config, to_dict
 from v2d.errors import ConfigError
+from v2d.geometry.gauss_newton import GNOptions
+from v2d.motion import GNConfig
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -20,6 +22,15 @@ def test_default_yaml_spells_out_the_code_defaults():
 def test_every_shipped_config_loads():
     for path in sorted((ROOT / "configs").glob("*.yaml")):
         load_config(path)
+
+
+def test_gn_options_are_the_section_plus_the_decisions_of_the_call():
+    assert GNConfig().options(fixed_poses=1, optimize_focal=False) == GNOptions()
+    cfg = load_config(None, ["gn.iterations=7", "gn.min_depth=0.5"])
+    opts = cfg.gn.options(fixed_poses=3, optimize_focal=True)
+    assert (opts.iterations, opts.min_depth, opts.fixed_poses, opts.optimize_focal) == (7, 0.5, 3, True)
+    with pytest.raises(TypeError):
+        cfg.gn.options(3, True)  # type: ignore[misc]  # keywords only: the call site says what it decides
 
 
 def test_yaml_then_overrides(tmp_path):
@@ -44,7 +55,10 @@ def test_int_is_accepted_for_float_fields_and_converted():
         ("nope.x=1", "unknown config key nope"),
         ("gn.iterations=2.5", "gn.iterations: expected an integer, got float 2.5"),
         ("gn.iterations=true", "gn.iterations: expected an integer, got bool True"),
-        ("gn.optimize_focal=1", "gn.optimize_focal: expected true/false, got int 1"),
+        ("train.optimize_focal=1", "train.optimize_focal: expected true/false, got int 1"),
+        ("gn.optimize_focal=true", "unknown config key gn.optimize_focal"),  # per call: GNConfig.options
+        ("gn.fixed_poses=1", "unknown config key gn.fixed_poses"),
+        ("motion.min_depth=0.1", "unknown config key motion.min_depth"),  # one min_depth: gn.min_depth
         ("gn.damping=abc", "gn.damping: expected a number, got str 'abc'"),
         ("gn=3", "gn: expected a mapping"),
         ("gn.iterations", "--set: expected key=value"),

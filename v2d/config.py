@@ -27,10 +27,9 @@ from v2d.data.clips import ClipConfig
 from v2d.depth import DepthConfig
 from v2d.errors import ConfigError
 from v2d.flow import DISOptions
-from v2d.geometry.gauss_newton import GNOptions
 from v2d.losses import LossConfig
 from v2d.model import ModelConfig
-from v2d.motion import MotionConfig
+from v2d.motion import GNConfig, MotionConfig
 from v2d.train import TrainConfig
 
 __all__ = ["V2DConfig", "DataConfig", "SlamConfig", "DemoConfig", "load_config", "merge", "to_dict", "validate"]
@@ -173,7 +172,7 @@ class DemoConfig:
 class V2DConfig:
     """Root of the configuration; each field is one section."""
 
-    gn: GNOptions = field(default_factory=GNOptions)
+    gn: GNConfig = field(default_factory=GNConfig)
     depth: DepthConfig = field(default_factory=DepthConfig)
     motion: MotionConfig = field(default_factory=MotionConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
@@ -198,14 +197,13 @@ _POSITIVE: _Check = (lambda v: v > 0), "a positive value"
 _NON_NEGATIVE: _Check = (lambda v: v >= 0), "a value >= 0"
 
 _RANGES: dict[tuple[type, str], _Check] = {
-    (GNOptions, "iterations"): _at_least(1),
-    (GNOptions, "damping"): _NON_NEGATIVE,
-    (GNOptions, "damping_scale"): _NON_NEGATIVE,
-    (GNOptions, "max_translation_step"): _POSITIVE,
-    (GNOptions, "max_rotation_step"): _POSITIVE,
-    (GNOptions, "max_focal_step"): _POSITIVE,
-    (GNOptions, "min_depth"): _POSITIVE,
-    (GNOptions, "fixed_poses"): _NON_NEGATIVE,
+    (GNConfig, "iterations"): _at_least(1),
+    (GNConfig, "damping"): _NON_NEGATIVE,
+    (GNConfig, "damping_scale"): _NON_NEGATIVE,
+    (GNConfig, "max_translation_step"): _POSITIVE,
+    (GNConfig, "max_rotation_step"): _POSITIVE,
+    (GNConfig, "max_focal_step"): _POSITIVE,
+    (GNConfig, "min_depth"): _POSITIVE,
     (DepthConfig, "stem_channels"): _at_least(1),
     (DepthConfig, "stem_out"): _at_least(1),
     (DepthConfig, "feature_channels"): _at_least(1),
@@ -226,7 +224,6 @@ _RANGES: dict[tuple[type, str], _Check] = {
     (MotionConfig, "unet_channels"): _at_least(1),
     (MotionConfig, "unet_levels"): _at_least(1),
     (MotionConfig, "iterations"): _at_least(1),
-    (MotionConfig, "min_depth"): _POSITIVE,
     (DISOptions, "fb_sigma"): _POSITIVE,
     (DISOptions, "fb_max"): _POSITIVE,
     (ModelConfig, "iters"): _at_least(1),

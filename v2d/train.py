@@ -55,6 +55,10 @@ class TrainConfig:
         motion_steps: steps of stage 1 (motion only, GT depth as input).
         gt_pose_steps: steps after stage 1 that train the depth module with GT poses as input.
         rounds: alternation rounds in joint training (inference uses model.iters).
+        optimize_focal: the motion updates also optimise a shared focal length (training for
+            uncalibrated video; the clips' intrinsics are the start). A training decision, not a
+            property of the Gauss-Newton layer (formerly `gn.optimize_focal`); the keyframe's pose
+            is always the one held fixed (keyframe mode).
         batch_size: clips per step (per process under DDP).
         optimizer: "rmsprop" (as the original) or "adamw".
         lr: learning rate; lr_decay: multiply the lr by this every lr_decay_steps steps.
@@ -74,6 +78,7 @@ class TrainConfig:
     motion_steps: int = 400
     gt_pose_steps: int = 400
     rounds: int = 2
+    optimize_focal: bool = False
     batch_size: int = 1
     optimizer: Literal["rmsprop", "adamw"] = "rmsprop"
     lr: float = 2.5e-4
@@ -266,18 +271,20 @@ def _stage_loss(model: V2D, cfg, batch: dict[str, torch.Tensor], stage: str, rou
     ii, jj = edges(N, "keyframe")
     lc = cfg.loss
     gt_rel = _relative_to_key(poses)
+    focal = cfg.train.optimize_focal
     if stage == "motion":
         x = normalize_images(images)
         feats = model.motion.features(x.flatten(0, 1)).unflatten(0, (B, N))
         init = model.motion.init_poses(x, _identity_like(gt_rel))
         inv = (1.0 / depths[:, :1].clamp_min(1e-3)).expand(B, len(ii), H, W)
-        steps = model.motion(images, feats, init, inv, intr, ii, jj, flow_source="learned")
+        steps = model.motion(images, feats, init, inv, intr, ii, jj, flow_source="learned",
+                             gn=cfg.gn.options(fixed_poses=1, optimize_focal=focal))
         return motion_loss(steps, gt_rel, depths[:, :1], intr, ii, jj, lc)
     if stage == "depth":
         feats = model.depth.features(normalize_images(images).flatten(0, 1)).unflatten(0, (B, N))
         preds = model.depth(feats, poses, intr, (H, W))
         return depth_loss(preds, depths[:, 0], images[:, 0], lc)
-    out = model(images, intr, iters=rounds)
+    out = model(images, intr, iters=rounds, optimize_focal=focal)
     total = images.new_zeros(())
     parts: dict[str, float] = {}
     learned = cfg.motion.flow_source == "learned"

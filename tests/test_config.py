@@ -24,6 +24,20 @@ def test_every_shipped_config_loads():
         load_config(path)
 
 
+def _sections(cls: type) -> list[type]:
+    """`cls` and every config class below it."""
+    nested = [f.default_factory for f in dataclasses.fields(cls) if f.default_factory is not dataclasses.MISSING]
+    return [cls] + [c for n in nested for c in _sections(n)]
+
+
+def test_every_declared_range_names_a_field():
+    classes = _sections(V2DConfig)
+    assert GNConfig in classes and len(classes) >= 11
+    for cls in classes:
+        names = {f.name for f in dataclasses.fields(cls)}
+        assert set(getattr(cls, "RANGES", {})) <= names, cls.__name__
+
+
 def test_gn_options_are_the_section_plus_the_decisions_of_the_call():
     assert GNConfig().options(fixed_poses=1, optimize_focal=False) == GNOptions()
     cfg = load_config(None, ["gn.iterations=7", "gn.min_depth=0.5"])
@@ -70,7 +84,15 @@ def test_int_is_accepted_for_float_fields_and_converted():
         ("gn.damping=.nan", r"gn.damping: expected a finite number, got nan"),
         ("gn.max_rotation_step=.inf", r"gn.max_rotation_step: expected a finite number, got inf"),
         ("demo.num_frames=1", r"demo.num_frames: expected a value >= 2, got 1"),
+        ("demo.width=322", r"demo.width: expected a multiple of 4, >= 32, got 322"),
         ("depth.min_depth=11", r"depth: min_depth must be smaller than max_depth"),
+        ("depth.reduce_kernel=2", r"depth.reduce_kernel: expected 1, 3 or 5, got 2"),
+        ("clips.keyframe=last", r"clips.keyframe: expected 'first' or 'middle', got 'last'"),
+        ("motion.dis.fb_max=0", r"motion.dis.fb_max: expected a positive value, got 0.0"),
+        ("slam.window=1", r"slam.window: expected a value >= 2, got 1"),
+        ("slam.window_fixed=10", r"slam: window_fixed must be smaller than window"),
+        ("slam.lost_overlap=0.9", r"slam: the lost_\* thresholds must not exceed"),
+        ("slam.depth_timing=later", r"slam.depth_timing: expected one of \['immediate', 'both'\], got 'later'"),
     ],
 )
 def test_bad_overrides_name_the_key(override, message):

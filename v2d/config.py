@@ -2,12 +2,13 @@
 
 Typed defaults live in code as frozen dataclasses; a YAML file (`--config FILE`) overrides some of
 them and `--set section.key=value` overrides override the file. Unknown or duplicate keys, wrong
-types, values out of range (`_RANGES`) and malformed overrides raise `ConfigError` naming the
-dotted key. The result is frozen and passed
-explicitly: nothing reads a global config.
+types, values out of range and malformed overrides raise `ConfigError` naming the dotted key. The
+result is frozen and passed explicitly: nothing reads a global config.
 
     cfg = load_config("configs/default.yaml", ["gn.iterations=3"])
     cfg.gn.iterations  # 3
+
+Each section is defined beside the code it configures, with its value ranges (`v2d.ranges`).
 """
 
 from __future__ import annotations
@@ -16,20 +17,20 @@ import dataclasses
 import math
 import types
 import typing
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, ClassVar, Literal
 
 import yaml
 
 from v2d.data.clips import ClipConfig
 from v2d.depth import DepthConfig
 from v2d.errors import ConfigError
-from v2d.flow import DISOptions
 from v2d.losses import LossConfig
 from v2d.model import ModelConfig
 from v2d.motion import GNConfig, MotionConfig
+from v2d.ranges import IMAGE_SIZE, NON_NEGATIVE, POSITIVE, Ranges, Relation, Relations, at_least
 from v2d.train import TrainConfig
 
 __all__ = ["V2DConfig", "DataConfig", "SlamConfig", "DemoConfig", "load_config", "merge", "to_dict", "validate"]
@@ -45,6 +46,8 @@ class DataConfig:
 
     height: int = 240
     width: int = 320
+
+    RANGES: ClassVar[Ranges] = {"height": IMAGE_SIZE, "width": IMAGE_SIZE}
 
 
 @dataclass(frozen=True)
@@ -149,6 +152,45 @@ class SlamConfig:
     cloud_min_views: int = 1
     cloud_voxel: float = 0.0
 
+    RANGES: ClassVar[Ranges] = {
+        "init_frames": at_least(2),
+        "init_rate": at_least(1),
+        "keyframe_flow": POSITIVE,
+        "min_confidence": NON_NEGATIVE,
+        "min_overlap": NON_NEGATIVE,
+        "promote_flow": NON_NEGATIVE,
+        "min_keyframe_gap": at_least(1),
+        "window": at_least(2),
+        "window_fixed": at_least(1),
+        "window_frames": NON_NEGATIVE,
+        "window_iterations": at_least(1),
+        "edge_max_flow": POSITIVE,
+        "robust_scale": POSITIVE,
+        "depth_views": at_least(1),
+        "fuse_tolerance": NON_NEGATIVE,
+        "ba_iterations": NON_NEGATIVE,
+        "ba_prior": POSITIVE,
+        "ba_stride": at_least(1),
+        "buffer_frames": at_least(2),
+        "lost_confidence": NON_NEGATIVE,
+        "lost_overlap": NON_NEGATIVE,
+        "lost_residual": POSITIVE,
+        "relocalise_after": at_least(1),
+        "static_flow": NON_NEGATIVE,
+        "static_run": at_least(1),
+        "min_texture": NON_NEGATIVE,
+        "cloud_stride": at_least(1),
+        "cloud_neighbours": at_least(1),
+        "cloud_tolerance": POSITIVE,
+        "cloud_min_views": NON_NEGATIVE,
+        "cloud_voxel": NON_NEGATIVE,
+    }
+    RELATIONS: ClassVar[Relations] = (
+        Relation(lambda c: c.window_fixed < c.window, "window_fixed must be smaller than window"),
+        Relation(lambda c: c.lost_confidence <= c.min_confidence and c.lost_overlap <= c.min_overlap,
+                 "the lost_* thresholds must not exceed the keyframe thresholds min_confidence / min_overlap"),
+    )
+
 
 @dataclass(frozen=True)
 class DemoConfig:
@@ -167,6 +209,14 @@ class DemoConfig:
     height: int = 240
     width: int = 320
 
+    RANGES: ClassVar[Ranges] = {
+        "seed": NON_NEGATIVE,
+        "num_frames": at_least(2),
+        "stride": at_least(1),
+        "height": IMAGE_SIZE,
+        "width": IMAGE_SIZE,
+    }
+
 
 @dataclass(frozen=True)
 class V2DConfig:
@@ -184,135 +234,21 @@ class V2DConfig:
     demo: DemoConfig = field(default_factory=DemoConfig)
 
 
-# Value ranges, by (config class, field). Types are checked from the annotations; these say which
-# values of the right type make sense. A check is a (predicate, description) pair.
-_Check = tuple[Callable[[Any], bool], str]
-
-
-def _at_least(n: float) -> _Check:
-    return (lambda v: v >= n), f"a value >= {n}"
-
-
-_POSITIVE: _Check = (lambda v: v > 0), "a positive value"
-_NON_NEGATIVE: _Check = (lambda v: v >= 0), "a value >= 0"
-
-_RANGES: dict[tuple[type, str], _Check] = {
-    (GNConfig, "iterations"): _at_least(1),
-    (GNConfig, "damping"): _NON_NEGATIVE,
-    (GNConfig, "damping_scale"): _NON_NEGATIVE,
-    (GNConfig, "max_translation_step"): _POSITIVE,
-    (GNConfig, "max_rotation_step"): _POSITIVE,
-    (GNConfig, "max_focal_step"): _POSITIVE,
-    (GNConfig, "min_depth"): _POSITIVE,
-    (DepthConfig, "stem_channels"): _at_least(1),
-    (DepthConfig, "stem_out"): _at_least(1),
-    (DepthConfig, "feature_channels"): _at_least(1),
-    (DepthConfig, "feature_hourglasses"): _NON_NEGATIVE,
-    (DepthConfig, "feature_levels"): _at_least(1),
-    (DepthConfig, "hourglass_expand"): _NON_NEGATIVE,
-    (DepthConfig, "volume_channels"): _at_least(1),
-    (DepthConfig, "reduce_kernel"): ((lambda v: v in (1, 3, 5)), "1, 3 or 5"),
-    (DepthConfig, "matching_hourglasses"): _at_least(1),
-    (DepthConfig, "matching_levels"): _at_least(1),
-    (DepthConfig, "hypotheses"): _at_least(2),
-    (DepthConfig, "min_depth"): _POSITIVE,
-    (DepthConfig, "max_depth"): _POSITIVE,
-    (DepthConfig, "views"): _at_least(1),
-    (MotionConfig, "stem_channels"): _at_least(1),
-    (MotionConfig, "stem_out"): _at_least(1),
-    (MotionConfig, "feature_channels"): _at_least(1),
-    (MotionConfig, "unet_channels"): _at_least(1),
-    (MotionConfig, "unet_levels"): _at_least(1),
-    (MotionConfig, "iterations"): _at_least(1),
-    (DISOptions, "fb_sigma"): _POSITIVE,
-    (DISOptions, "fb_max"): _POSITIVE,
-    (ModelConfig, "iters"): _at_least(1),
-    (ModelConfig, "init_depth"): _POSITIVE,
-    (DataConfig, "height"): ((lambda v: v >= 32 and v % 4 == 0), "a multiple of 4, >= 32"),
-    (DataConfig, "width"): ((lambda v: v >= 32 and v % 4 == 0), "a multiple of 4, >= 32"),
-    (ClipConfig, "frames"): _at_least(2),
-    (ClipConfig, "stride"): _at_least(1),
-    (ClipConfig, "keyframe"): ((lambda v: v in ("first", "middle")), "'first' or 'middle'"),
-    (ClipConfig, "jitter"): _NON_NEGATIVE,
-    (LossConfig, "smoothness"): _NON_NEGATIVE,
-    (LossConfig, "flow_clip"): _POSITIVE,
-    (LossConfig, "residual"): _NON_NEGATIVE,
-    (LossConfig, "confidence"): _NON_NEGATIVE,
-    (LossConfig, "motion"): _NON_NEGATIVE,
-    (LossConfig, "iteration_decay"): _POSITIVE,
-    (TrainConfig, "steps"): _at_least(1),
-    (TrainConfig, "motion_steps"): _NON_NEGATIVE,
-    (TrainConfig, "gt_pose_steps"): _NON_NEGATIVE,
-    (TrainConfig, "rounds"): _at_least(1),
-    (TrainConfig, "batch_size"): _at_least(1),
-    (TrainConfig, "lr"): _POSITIVE,
-    (TrainConfig, "lr_decay"): _POSITIVE,
-    (TrainConfig, "lr_decay_steps"): _at_least(1),
-    (TrainConfig, "weight_decay"): _NON_NEGATIVE,
-    (TrainConfig, "grad_clip"): _NON_NEGATIVE,
-    (TrainConfig, "seed"): _NON_NEGATIVE,
-    (TrainConfig, "checkpoint_every"): _at_least(1),
-    (TrainConfig, "log_every"): _at_least(1),
-    (SlamConfig, "init_frames"): _at_least(2),
-    (SlamConfig, "init_rate"): _at_least(1),
-    (SlamConfig, "keyframe_flow"): _POSITIVE,
-    (SlamConfig, "min_confidence"): _NON_NEGATIVE,
-    (SlamConfig, "min_overlap"): _NON_NEGATIVE,
-    (SlamConfig, "promote_flow"): _NON_NEGATIVE,
-    (SlamConfig, "min_keyframe_gap"): _at_least(1),
-    (SlamConfig, "window"): _at_least(2),
-    (SlamConfig, "window_fixed"): _at_least(1),
-    (SlamConfig, "window_frames"): _NON_NEGATIVE,
-    (SlamConfig, "window_iterations"): _at_least(1),
-    (SlamConfig, "edge_max_flow"): _POSITIVE,
-    (SlamConfig, "robust_scale"): _POSITIVE,
-    (SlamConfig, "depth_views"): _at_least(1),
-    (SlamConfig, "fuse_tolerance"): _NON_NEGATIVE,
-    (SlamConfig, "ba_iterations"): _NON_NEGATIVE,
-    (SlamConfig, "ba_prior"): _POSITIVE,
-    (SlamConfig, "ba_stride"): _at_least(1),
-    (SlamConfig, "buffer_frames"): _at_least(2),
-    (SlamConfig, "lost_confidence"): _NON_NEGATIVE,
-    (SlamConfig, "lost_overlap"): _NON_NEGATIVE,
-    (SlamConfig, "lost_residual"): _POSITIVE,
-    (SlamConfig, "relocalise_after"): _at_least(1),
-    (SlamConfig, "static_flow"): _NON_NEGATIVE,
-    (SlamConfig, "static_run"): _at_least(1),
-    (SlamConfig, "min_texture"): _NON_NEGATIVE,
-    (SlamConfig, "cloud_stride"): _at_least(1),
-    (SlamConfig, "cloud_neighbours"): _at_least(1),
-    (SlamConfig, "cloud_tolerance"): _POSITIVE,
-    (SlamConfig, "cloud_min_views"): _NON_NEGATIVE,
-    (SlamConfig, "cloud_voxel"): _NON_NEGATIVE,
-    (DemoConfig, "seed"): _NON_NEGATIVE,
-    (DemoConfig, "num_frames"): _at_least(2),
-    (DemoConfig, "stride"): _at_least(1),
-    (DemoConfig, "height"): ((lambda v: v >= 32 and v % 4 == 0), "a multiple of 4, >= 32"),
-    (DemoConfig, "width"): ((lambda v: v >= 32 and v % 4 == 0), "a multiple of 4, >= 32"),
-}
-
-# Relations between fields of one section: (class, predicate, message).
-_RELATIONS: list[tuple[type, Callable[[Any], bool], str]] = [
-    (DepthConfig, lambda c: c.min_depth < c.max_depth, "min_depth must be smaller than max_depth"),
-    (SlamConfig, lambda c: c.window_fixed < c.window, "window_fixed must be smaller than window"),
-    (SlamConfig, lambda c: c.lost_confidence <= c.min_confidence and c.lost_overlap <= c.min_overlap,
-     "the lost_* thresholds must not exceed the keyframe thresholds min_confidence / min_overlap"),
-]
-
-
 def validate(cfg: Any, prefix: str = "") -> None:
-    """Check the value ranges of every field of the dataclass tree `cfg`; ConfigError names the key."""
+    """Check the dataclass tree `cfg` against each class's declared `RANGES` and `RELATIONS`
+    (`v2d.ranges`); ConfigError names the key (or the section, for a relation)."""
+    ranges = getattr(type(cfg), "RANGES", {})
     for f in dataclasses.fields(cfg):
         value, key = getattr(cfg, f.name), prefix + f.name
         if dataclasses.is_dataclass(value):
             validate(value, key + ".")
             continue
-        check = _RANGES.get((type(cfg), f.name))
-        if check is not None and not check[0](value):
-            raise ConfigError(f"{key}: expected {check[1]}, got {value!r}")
-    for cls, ok, message in _RELATIONS:
-        if isinstance(cfg, cls) and not ok(cfg):
-            raise ConfigError(f"{prefix.rstrip('.') or 'config'}: {message}")
+        check = ranges.get(f.name)
+        if check is not None and not check.ok(value):
+            raise ConfigError(f"{key}: expected {check.expected}, got {value!r}")
+    for relation in getattr(type(cfg), "RELATIONS", ()):
+        if not relation.ok(cfg):
+            raise ConfigError(f"{prefix.rstrip('.') or 'config'}: {relation.message}")
 
 
 def to_dict(cfg: Any) -> dict[str, Any]:

@@ -15,7 +15,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Literal
+from typing import ClassVar, Literal
 
 import torch
 from torch import nn
@@ -25,6 +25,7 @@ from v2d.depth import DepthConfig, DepthModule
 from v2d.errors import NumericalError, ShapeError
 from v2d.geometry.camera import check_intrinsics
 from v2d.motion import GNConfig, MotionConfig, MotionModule, MotionStep, edges
+from v2d.ranges import POSITIVE, Ranges, at_least
 
 __all__ = ["ModelConfig", "V2D", "V2DOutput", "normalize_images", "load_model", "SHIPPED_WEIGHTS"]
 
@@ -50,6 +51,8 @@ class ModelConfig:
     depth_init: Literal["constant", "network"] = "network"
     init_depth: float = 2.0
     weights: str = "shipped"
+
+    RANGES: ClassVar[Ranges] = {"iters": at_least(1), "init_depth": POSITIVE}
 
 
 @dataclass

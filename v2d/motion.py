@@ -24,7 +24,7 @@ from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass, field
-from typing import Literal
+from typing import ClassVar, Literal
 
 import numpy as np
 import torch
@@ -37,6 +37,7 @@ from v2d.geometry.gauss_newton import GNOptions, gauss_newton
 from v2d.geometry.lie import se3_exp, se3_mul
 from v2d.nets.encoder import Stem
 from v2d.nets.unet import FlowUNet, PoseRegressor
+from v2d.ranges import NON_NEGATIVE, POSITIVE, Ranges, at_least
 
 __all__ = ["GNConfig", "MotionConfig", "MotionModule", "MotionStep", "edges"]
 
@@ -65,6 +66,16 @@ class GNConfig:
     max_rotation_step: float = GNOptions.max_rotation_step
     max_focal_step: float = GNOptions.max_focal_step
     min_depth: float = GNOptions.min_depth
+
+    RANGES: ClassVar[Ranges] = {
+        "iterations": at_least(1),
+        "damping": NON_NEGATIVE,
+        "damping_scale": NON_NEGATIVE,
+        "max_translation_step": POSITIVE,
+        "max_rotation_step": POSITIVE,
+        "max_focal_step": POSITIVE,
+        "min_depth": POSITIVE,
+    }
 
     def options(self, *, fixed_poses: int, optimize_focal: bool) -> GNOptions:
         """The Gauss-Newton options of one call: these settings, the first `fixed_poses` poses held
@@ -100,6 +111,15 @@ class MotionConfig:
     pose_init: Literal["identity", "given", "regress"] = "given"
     dis: DISOptions = field(default_factory=DISOptions)
     norm: Literal["group", "batch", "none"] = "group"
+
+    RANGES: ClassVar[Ranges] = {
+        "stem_channels": at_least(1),
+        "stem_out": at_least(1),
+        "feature_channels": at_least(1),
+        "unet_channels": at_least(1),
+        "unet_levels": at_least(1),
+        "iterations": at_least(1),
+    }
 
 
 @dataclass

@@ -24,7 +24,7 @@ import random
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, ClassVar, Literal
 
 import numpy as np
 import torch
@@ -39,6 +39,7 @@ from v2d.io.writers import atomic_write, ensure_dir, write_text
 from v2d.losses import depth_loss, motion_loss
 from v2d.model import V2D, normalize_images
 from v2d.motion import edges
+from v2d.ranges import NON_NEGATIVE, POSITIVE, Ranges, at_least
 
 __all__ = ["TrainConfig", "Trainer", "plot_metrics"]
 
@@ -91,6 +92,22 @@ class TrainConfig:
     data: str = "synthetic"
     checkpoint_every: int = 50
     log_every: int = 10
+
+    RANGES: ClassVar[Ranges] = {
+        "steps": at_least(1),
+        "motion_steps": NON_NEGATIVE,
+        "gt_pose_steps": NON_NEGATIVE,
+        "rounds": at_least(1),
+        "batch_size": at_least(1),
+        "lr": POSITIVE,
+        "lr_decay": POSITIVE,
+        "lr_decay_steps": at_least(1),
+        "weight_decay": NON_NEGATIVE,
+        "grad_clip": NON_NEGATIVE,
+        "seed": NON_NEGATIVE,
+        "checkpoint_every": at_least(1),
+        "log_every": at_least(1),
+    }
 
 
 def _rng_state() -> dict[str, Any]:

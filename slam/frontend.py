@@ -62,8 +62,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from slam.config import RunConfig
 from slam.fusion import splat_depth
-from v2d.config import V2DConfig
 from v2d.errors import ShapeError, V2DError
 from v2d.geometry.camera import backproject, pixel_grid, project, reproject, scale_intrinsics, valid_reprojection
 from v2d.geometry.lie import se3_act, se3_identity, se3_inv, se3_mul
@@ -194,7 +194,7 @@ class SlamSystem:
             image (H, W, 3) uint8) when a keyframe's depth is final (it left the window, or at `finish`).
     """
 
-    def __init__(self, model: V2D, cfg: V2DConfig, intrinsics: torch.Tensor, size: tuple[int, int],
+    def __init__(self, model: V2D, cfg: RunConfig, intrinsics: torch.Tensor, size: tuple[int, int],
                  calibrated: bool = True,
                  on_keyframe: Callable[[int, np.ndarray, torch.Tensor, np.ndarray], None] | None = None
                  ) -> None:

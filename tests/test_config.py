@@ -7,6 +7,7 @@ from pathlib import Path
 
 import pytest
 
+from slam.config import RunConfig
 from v2d.config import V2DConfig, load_config, to_dict
 from v2d.errors import ConfigError
 from v2d.geometry.gauss_newton import GNOptions
@@ -16,12 +17,26 @@ ROOT = Path(__file__).resolve().parents[1]
 
 
 def test_default_yaml_spells_out_the_code_defaults():
-    assert load_config(ROOT / "configs" / "default.yaml") == V2DConfig()
+    assert load_config(ROOT / "configs" / "default.yaml", root=RunConfig) == RunConfig()
 
 
 def test_every_shipped_config_loads():
     for path in sorted((ROOT / "configs").glob("*.yaml")):
-        load_config(path)
+        load_config(path, root=RunConfig)
+
+
+def test_run_config_is_the_model_config_plus_slam_and_demo():
+    names = [f.name for f in dataclasses.fields(RunConfig)]
+    assert names == [f.name for f in dataclasses.fields(V2DConfig)] + ["slam", "demo"]
+    assert isinstance(RunConfig(), V2DConfig)
+
+
+def test_the_model_root_has_no_slam_sections():
+    assert load_config(ROOT / "configs" / "small.yaml") == V2DConfig()
+    with pytest.raises(ConfigError, match=r"unknown config key slam \(valid keys in the root: clips, "):
+        load_config(None, ["slam.window=4"])
+    with pytest.raises(ConfigError, match="unknown config keys demo, slam"):
+        load_config(ROOT / "configs" / "default.yaml")
 
 
 def _sections(cls: type) -> list[type]:
@@ -31,7 +46,7 @@ def _sections(cls: type) -> list[type]:
 
 
 def test_every_declared_range_names_a_field():
-    classes = _sections(V2DConfig)
+    classes = _sections(RunConfig)
     assert GNConfig in classes and len(classes) >= 11
     for cls in classes:
         names = {f.name for f in dataclasses.fields(cls)}
@@ -50,7 +65,7 @@ def test_gn_options_are_the_section_plus_the_decisions_of_the_call():
 def test_yaml_then_overrides(tmp_path):
     f = tmp_path / "c.yaml"
     f.write_text("gn:\n  iterations: 4\n  damping: 1e-3\n")
-    cfg = load_config(f, ["gn.iterations=7", "demo.num_frames=3"])
+    cfg = load_config(f, ["gn.iterations=7", "demo.num_frames=3"], root=RunConfig)
     assert cfg.gn.iterations == 7 and cfg.gn.damping == 1e-3 and cfg.demo.num_frames == 3
     assert cfg.gn.max_rotation_step == V2DConfig().gn.max_rotation_step
     with pytest.raises(dataclasses.FrozenInstanceError):
@@ -97,7 +112,7 @@ def test_int_is_accepted_for_float_fields_and_converted():
 )
 def test_bad_overrides_name_the_key(override, message):
     with pytest.raises(ConfigError, match=message):
-        load_config(None, [override])
+        load_config(None, [override], root=RunConfig)
 
 
 def test_bad_files(tmp_path):

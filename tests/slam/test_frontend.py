@@ -13,6 +13,7 @@ import numpy as np
 import pytest
 import torch
 
+from slam.config import RunConfig
 from slam.frontend import SlamSystem
 from slam.run import slam_config
 from v2d.config import load_config
@@ -27,7 +28,7 @@ pytestmark = pytest.mark.skipif(not SHIPPED_WEIGHTS.exists(), reason=f"shipped w
 
 
 def _cfg(*overrides: str):
-    return slam_config(load_config(None, list(overrides)))
+    return slam_config(load_config(None, list(overrides), root=RunConfig))
 
 
 @pytest.fixture(scope="module")

@@ -32,6 +32,8 @@ DEFAULT_DATA = ROOT.parent / "shared" / "data" / "7scenes-redkitchen"
 
 
 def evaluate(data: Path, weights: Path | None, keyframes: int, config: list[str]) -> dict:
+    from slam.config import RunConfig
+    from v2d.checkpoint import load_weights
     from v2d.config import load_config
     from v2d.data.clips import ClipConfig
     from v2d.geometry.camera import pose_to_rt, relative_pose
@@ -39,9 +41,8 @@ def evaluate(data: Path, weights: Path | None, keyframes: int, config: list[str]
     from v2d.metrics import depth_metrics
     from v2d.model import V2D, normalize_images
     from v2d.planesweep import inverse_depth_hypotheses, plane_sweep_depth
-    from v2d.train import load_weights
 
-    cfg = load_config(config[:1] or None, config[1:])
+    cfg = load_config(config[:1] or None, config[1:], root=RunConfig)  # any file in configs/
     seq = open_sequence(data)
     keep = list(range(0, min(len(seq), 500), 2))
     seq.images = [seq.images[k] for k in keep]

@@ -19,8 +19,8 @@ from typing import Any
 
 import numpy as np
 
+from slam.config import RunConfig
 from slam.run import track_frames, write_outputs
-from v2d.config import V2DConfig
 from v2d.data.synthetic import render_sequence
 from v2d.geometry.lie import se3_inv
 from v2d.io.writers import staged_output, write_tum
@@ -31,7 +31,7 @@ __all__ = ["run_demo"]
 _log = logging.getLogger(__name__)
 
 
-def run_demo(cfg: V2DConfig, out_dir: str | Path, progress: bool = True) -> dict[str, Any]:
+def run_demo(cfg: RunConfig, out_dir: str | Path, progress: bool = True) -> dict[str, Any]:
     """Run the demo and write its outputs to `out_dir`; returns the summary written to summary.json."""
     dc = cfg.demo
     size = (dc.height, dc.width)

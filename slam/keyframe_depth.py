@@ -19,10 +19,10 @@ from collections.abc import Callable
 import numpy as np
 import torch
 
+from slam.config import RunConfig
 from slam.fusion import splat_depth
 from slam.map import Map
 from slam.tracker import images_to_tensor
-from v2d.config import V2DConfig
 from v2d.geometry.lie import se3_identity, se3_inv, se3_mul
 from v2d.model import V2D, normalize_images
 
@@ -71,7 +71,7 @@ class KeyframeDepth:
     """Keyframe depth from the depth module, scale-locked and fused with the window; owns the
     depth features cache (frame index -> (C, H/4, W/4))."""
 
-    def __init__(self, model: V2D, cfg: V2DConfig, slam_map: Map, size: tuple[int, int], device: torch.device,
+    def __init__(self, model: V2D, cfg: RunConfig, slam_map: Map, size: tuple[int, int], device: torch.device,
                  warn: Callable[[str], None]) -> None:
         self.model, self.cfg, self.sc, self.map = model, cfg, cfg.slam, slam_map
         self.H, self.W = size

@@ -37,12 +37,12 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+from slam.config import RunConfig
 from slam.flowcache import FlowCache
 from slam.fusion import splat_depth
 from slam.keyframe_depth import KeyframeDepth
 from slam.map import Keyframe, Map, normalized_pose, release_heap
 from slam.tracker import images_to_tensor, motion_features, robust_weights
-from v2d.config import V2DConfig
 from v2d.geometry.camera import backproject, pixel_grid, project
 from v2d.geometry.lie import se3_act, se3_identity, se3_inv, se3_mul
 from v2d.geometry.window_ba import WindowBAOptions, window_bundle_adjust
@@ -80,7 +80,7 @@ class Mapper:
         warn: reports a warning once (the run's warning list).
     """
 
-    def __init__(self, model: V2D, cfg: V2DConfig, slam_map: Map, flows: FlowCache, size: tuple[int, int],
+    def __init__(self, model: V2D, cfg: RunConfig, slam_map: Map, flows: FlowCache, size: tuple[int, int],
                  calibrated: bool, device: torch.device,
                  on_keyframe: Callable[[int, np.ndarray, torch.Tensor, np.ndarray], None] | None = None,
                  warn: Callable[[str], None] = _log.warning) -> None:
@@ -226,15 +226,15 @@ class Mapper:
                 ws.append(w * kfs[a].valid[..., None])
             t = torch.stack(ts)
             w = robust_weights(t, torch.stack(ws), inv[0], poses.float(), ii, jj, intr.float(),
-                               self.sc.robust_scale * self.px, self.cfg.motion.min_depth)
+                               self.sc.robust_scale * self.px, self.cfg.gn.min_depth)
             dis = (t[None], w[None])
             outer, iters = 1, self.sc.window_iterations
         else:
             feats = [k.motion_feats for k in kfs] + [motion_features(self.model, job.images[f], dev) for f in extra]
             feats = torch.stack(feats)[None]
             outer, iters = self.cfg.motion.iterations, max(1, self.sc.window_iterations // self.cfg.motion.iterations)
-        opts = dataclasses.replace(self.cfg.gn, iterations=iters, fixed_poses=min(self.sc.window_fixed, n - 1),
-                                   optimize_focal=not self.calibrated)
+        opts = dataclasses.replace(self.cfg.gn.options(fixed_poses=min(self.sc.window_fixed, n - 1),
+                                                       optimize_focal=not self.calibrated), iterations=iters)
         steps = self.model.motion(images, feats, poses.float()[None], inv, intr.float()[None], ii, jj,
                                   dis=dis, gn=opts, iterations=outer)
         new = normalized_pose(steps[-1].poses_cw[0])
@@ -282,7 +282,7 @@ class Mapper:
         fixed = min(self.sc.window_fixed, n - 1)
         gn = self.cfg.gn
         opts = WindowBAOptions(iterations=self.sc.ba_iterations, robust_scale=self.sc.robust_scale * self.px,
-                               min_depth=self.cfg.motion.min_depth, stride=self.sc.ba_stride, fixed_poses=fixed,
+                               min_depth=self.cfg.gn.min_depth, stride=self.sc.ba_stride, fixed_poses=fixed,
                                max_translation_step=gn.max_translation_step, max_rotation_step=gn.max_rotation_step)
         dev = self.device
         new, rho = window_bundle_adjust(poses, inv, intr, torch.tensor([p[0] for p in pairs], device=dev),
@@ -325,7 +325,7 @@ class Mapper:
         intr = intrinsics.float() / s
         depth = kf.depth[::s, ::s].clamp_min(1e-3)
         q = se3_act(rel.float()[..., None, None, :], backproject(depth, intr))  # (M, h, w, 3)
-        ok = q[..., 2] > self.cfg.motion.min_depth
+        ok = q[..., 2] > self.cfg.gn.min_depth
         grid = pixel_grid(*depth.shape, dtype=depth.dtype, device=depth.device)
         dist = (project(q, intr) - grid).norm(dim=-1)
         n = ok.sum((-2, -1))

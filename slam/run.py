@@ -35,10 +35,11 @@ import numpy as np
 import torch
 
 from kernels import ops
+from slam.config import RunConfig
 from slam.map import release_heap
 from slam.system import SlamResult, SlamSystem
 from v2d import __version__
-from v2d.config import V2DConfig, to_dict
+from v2d.config import to_dict
 from v2d.errors import InputError
 from v2d.geometry.camera import resize_intrinsics
 from v2d.geometry.lie import se3_inv
@@ -85,7 +86,7 @@ def _resize(image: np.ndarray, size: tuple[int, int]) -> np.ndarray:
     return cv2.resize(image, (size[1], size[0]), interpolation=cv2.INTER_AREA)
 
 
-def track_frames(frames: Iterable[np.ndarray], count: int, cfg: V2DConfig, size: tuple[int, int],
+def track_frames(frames: Iterable[np.ndarray], count: int, cfg: RunConfig, size: tuple[int, int],
                  intrinsics: np.ndarray | None, out: Path | None, names: list[int] | None = None,
                  progress: bool = True, on_keyframe: Callable[[int, np.ndarray], None] | None = None,
                  device: str | torch.device = "cpu") -> tuple[SlamResult, dict[str, Any]]:
@@ -151,7 +152,7 @@ def track_frames(frames: Iterable[np.ndarray], count: int, cfg: V2DConfig, size:
     return result, facts
 
 
-def write_outputs(out: Path, result: SlamResult, timestamps: np.ndarray, cfg: V2DConfig, facts: dict[str, Any],
+def write_outputs(out: Path, result: SlamResult, timestamps: np.ndarray, cfg: RunConfig, facts: dict[str, Any],
                   extra: dict[str, Any] | None = None, names: list[int] | None = None) -> dict[str, Any]:
     """Write trajectory.txt, cloud.ply and summary.json (depth/ and images/ are written while tracking).
 
@@ -210,7 +211,7 @@ def write_outputs(out: Path, result: SlamResult, timestamps: np.ndarray, cfg: V2
     return summary
 
 
-def run_slam(source: str | Path, out_dir: str | Path, cfg: V2DConfig, opts: RunOptions = RunOptions()
+def run_slam(source: str | Path, out_dir: str | Path, cfg: RunConfig, opts: RunOptions = RunOptions()
              ) -> dict[str, Any]:
     """Run SLAM on a video, image folder or dataset sequence and write the outputs to out_dir.
 

@@ -41,12 +41,12 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+from slam.config import RunConfig
 from slam.flowcache import FlowCache
 from slam.map import FrameState, Keyframe, Map, TrackQuality, normalized_pose
 from slam.mapper import KeyframeJob, Mapper
 from slam.tracker import Tracker, motion_features, texture
 from slam.worker import MapperWorker
-from v2d.config import V2DConfig
 from v2d.errors import ConfigError, ShapeError, V2DError
 from v2d.geometry.lie import se3_identity, se3_inv, se3_mul
 from v2d.model import V2D
@@ -117,7 +117,7 @@ class SlamSystem:
         device: where the map's and the networks' tensors live (default: the model's).
     """
 
-    def __init__(self, model: V2D, cfg: V2DConfig, intrinsics: torch.Tensor, size: tuple[int, int],
+    def __init__(self, model: V2D, cfg: RunConfig, intrinsics: torch.Tensor, size: tuple[int, int],
                  calibrated: bool = True,
                  on_keyframe: Callable[[int, np.ndarray, torch.Tensor, np.ndarray], None] | None = None,
                  device: torch.device | str | None = None) -> None:

@@ -23,9 +23,10 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from slam.config import RunConfig
 from slam.flowcache import FlowCache
 from slam.map import KeyframeView, TrackQuality, normalized_pose
-from v2d.config import V2DConfig
+from v2d.geometry import cauchy_weight
 from v2d.geometry.camera import pixel_grid, reproject, scale_intrinsics, valid_reprojection
 from v2d.geometry.lie import se3_identity
 from v2d.model import V2D, normalize_images
@@ -67,8 +68,7 @@ def robust_weights(targets: torch.Tensor, weights: torch.Tensor, inv: torch.Tens
     """
     coords, depth_j = reproject(inv, poses[ii], poses[jj], intrinsics)
     valid = valid_reprojection(inv, coords, depth_j, min_depth)
-    r2 = ((targets - coords) ** 2).sum(-1) / scale**2
-    factor = torch.where(valid & torch.isfinite(r2), 1.0 / (1.0 + r2.nan_to_num(0.0)), torch.zeros_like(r2))
+    factor = cauchy_weight(((targets - coords) ** 2).sum(-1), scale) * valid
     return weights * factor[..., None]
 
 
@@ -97,7 +97,7 @@ class Tracker:
         device: where tensors are created.
     """
 
-    def __init__(self, model: V2D, cfg: V2DConfig, flows: FlowCache, size: tuple[int, int],
+    def __init__(self, model: V2D, cfg: RunConfig, flows: FlowCache, size: tuple[int, int],
                  device: torch.device) -> None:
         self.model, self.motion, self.cfg, self.sc, self.flows = model, model.motion, cfg, cfg.slam, flows
         self.H, self.W = size
@@ -107,7 +107,7 @@ class Tracker:
         self._grid = pixel_grid(self.H, self.W, dtype=torch.float32, device=device)
         self._prev_coords: torch.Tensor | None = None
         # the keyframe fixed, the focal length fixed (two frames do not determine it well)
-        self.gn = dataclasses.replace(cfg.gn, fixed_poses=1, optimize_focal=False)
+        self.gn = cfg.gn.options(fixed_poses=1, optimize_focal=False)
         self.outer = cfg.motion.iterations
         if self.source == "dis":  # targets do not change between outer iterations: one call, all steps
             self.gn = dataclasses.replace(self.gn, iterations=cfg.gn.iterations * cfg.motion.iterations)
@@ -165,7 +165,7 @@ class Tracker:
             # two passes: the second re-weights each target by its residual after the first (Cauchy)
             steps = self.motion(images, None, poses, inv, intr, ii, jj, dis=(t, w), gn=self.gn, iterations=1)
             w = robust_weights(t[0], w[0], inv[0], steps[-1].poses_cw[0], ii, jj, intr[0],
-                               self.sc.robust_scale * self.px, self.cfg.motion.min_depth)[None]
+                               self.sc.robust_scale * self.px, self.cfg.gn.min_depth)[None]
             poses = steps[-1].poses_cw
             dis = (t, w)
         else:
@@ -190,7 +190,7 @@ class Tracker:
         inv = 1.0 / d.clamp_min(1e-3)
         identity = se3_identity(dtype=torch.float32, device=self.device)
         coords, depth_j = reproject(inv, identity, rel.float(), intr)
-        valid = valid_reprojection(inv, coords, depth_j, self.cfg.motion.min_depth)
+        valid = valid_reprojection(inv, coords, depth_j, self.cfg.gn.min_depth)
         if not bool(torch.isfinite(rel).all()):
             return TrackQuality(flow=math.inf, residual=math.inf), coords
         n = valid.sum().clamp_min(1)

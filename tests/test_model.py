@@ -129,9 +129,11 @@ def test_global_mode_uncalibrated_mode_and_concat_fusion_run(clip):
         assert out.depths[-1][-1].shape == (3, 64, 96)  # every frame has a depth map
         ii, jj = edges(3, "global")
         assert len(ii) == 6 and out.motion[0][0].targets.shape[:2] == (1, 6)
-        out = _model(_cfg("small", "gn.optimize_focal=true", "model.iters=1"))(frames, intr * 1.1)
+        model = _model(_cfg("small", "model.iters=1"))
+        out = model(frames, intr * 1.1, optimize_focal=True)
         assert not torch.allclose(out.intrinsics[-1][:2], intr[:2] * 1.1)
         assert torch.equal(out.intrinsics[-1][2:], intr[2:] * 1.1)
+        assert torch.equal(model(frames, intr * 1.1).intrinsics[-1], intr * 1.1)  # calibrated by default
         out = _model(_cfg("small", "depth.fusion=concat", "depth.views=4", "model.iters=1"))(frames, intr)
         assert out.depths[-1][-1].shape == (1, 64, 96)
 

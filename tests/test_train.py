@@ -14,15 +14,16 @@ import pytest
 import torch
 
 from tools.cli import main
+from v2d.checkpoint import load_weights
 from v2d.config import load_config
-from v2d.data.clips import ClipConfig, SyntheticClips
+from v2d.data.clips import ClipConfig, SyntheticClips, collate
 from v2d.errors import InputError
 from v2d.geometry.camera import reproject
 from v2d.geometry.lie import se3_inv, se3_mul
 from v2d.losses import LossConfig, depth_loss, motion_loss
 from v2d.model import V2D
 from v2d.motion import MotionStep, edges
-from v2d.train import Trainer, load_weights
+from v2d.train import Trainer, _stage_loss
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY = ["data.height=64", "data.width=96", "clips.frames=3", "train.steps=6", "train.motion_steps=2",
@@ -80,6 +81,22 @@ def test_synthetic_clips_are_deterministic_and_flips_stay_consistent():
     mirrored = plain["coords"].flip(-2)
     mirrored[..., 0] = 63 - mirrored[..., 0]
     assert torch.allclose(flipped["coords"], mirrored, atol=1e-3)
+
+
+@pytest.mark.parametrize("focal", [False, True])
+def test_train_optimize_focal_decides_the_motion_updates(focal):
+    """`train.optimize_focal` (not a gn setting) reaches every motion update of training, keyframe fixed."""
+    cfg = load_config(None, [*TINY, f"train.optimize_focal={str(focal).lower()}"])
+    model = V2D.from_config(cfg)
+    seen = []
+    forward = model.motion.forward
+    model.motion.forward = lambda *a, **k: seen.append(k["gn"]) or forward(*a, **k)
+    batch = collate([SyntheticClips(cfg.clips, 64, 96, seed=1)[0]])
+    for stage in ("motion", "joint"):
+        _stage_loss(model, cfg, batch, stage, rounds=1)
+    assert len(seen) == 2
+    assert all(gn.optimize_focal == focal and gn.fixed_poses == 1 and gn.iterations == cfg.gn.iterations
+               for gn in seen)
 
 
 def _train(out: Path, *extra: str) -> list[dict[str, str]]:

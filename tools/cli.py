@@ -1,8 +1,9 @@
 """The `v2d` command: one console script with subcommands.
 
 Each subcommand lives in its own module under tools/ with `add_parser(subparsers)` and
-`run(args, cfg) -> int`. `main()` loads the configuration (`--config FILE`, `--set key=value`),
-dispatches, and turns every `V2DError` into one line on stderr and exit code 1.
+`run(args, cfg) -> int`. `main()` loads the configuration (`--config FILE`, `--set key=value`;
+the root `slam.config.RunConfig` for every subcommand, so one file serves them all), dispatches,
+and turns every `V2DError` into one line on stderr and exit code 1.
 """
 
 from __future__ import annotations
@@ -72,10 +73,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 1
     level = logging.DEBUG if args.verbose else logging.WARNING if args.quiet else logging.INFO
     logging.basicConfig(level=level, format="%(levelname)s %(name)s: %(message)s")
+    from slam.config import RunConfig
     from v2d.config import load_config
 
     try:
-        cfg = load_config(args.config, args.overrides)
+        cfg = load_config(args.config, args.overrides, root=RunConfig)
         return int(args.handler(args, cfg))
     except V2DError as exc:
         print(f"v2d {args.command}: error: {exc}", file=sys.stderr)

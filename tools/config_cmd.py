@@ -6,7 +6,8 @@ import argparse
 
 import yaml
 
-from v2d.config import V2DConfig, to_dict
+from slam.config import RunConfig
+from v2d.config import to_dict
 
 
 def add_parser(sub: argparse._SubParsersAction, parents: list[argparse.ArgumentParser]) -> None:
@@ -15,6 +16,6 @@ def add_parser(sub: argparse._SubParsersAction, parents: list[argparse.ArgumentP
     p.set_defaults(handler=run)
 
 
-def run(args: argparse.Namespace, cfg: V2DConfig) -> int:
+def run(args: argparse.Namespace, cfg: RunConfig) -> int:
     print(yaml.safe_dump(to_dict(cfg), sort_keys=False), end="")
     return 0

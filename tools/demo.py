@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 
-from v2d.config import V2DConfig
+from slam.config import RunConfig
 
 
 def add_parser(sub: argparse._SubParsersAction, parents: list[argparse.ArgumentParser]) -> None:
@@ -21,7 +21,7 @@ def add_parser(sub: argparse._SubParsersAction, parents: list[argparse.ArgumentP
     p.set_defaults(handler=run)
 
 
-def run(args: argparse.Namespace, cfg: V2DConfig) -> int:
+def run(args: argparse.Namespace, cfg: RunConfig) -> int:
     from slam.demo import run_demo
 
     summary = run_demo(cfg, args.out, progress=not args.quiet)

@@ -8,7 +8,7 @@ import math
 from pathlib import Path
 from typing import Any
 
-from v2d.config import V2DConfig
+from slam.config import RunConfig
 from v2d.errors import InputError
 from v2d.io.trajectory import FORMATS
 from v2d.metrics import ALIGNMENTS, CROPS
@@ -84,7 +84,7 @@ def _fmt(v: Any, scale: float = 1.0, digits: int = 4) -> str:
     return "-" if v is None else f"{v * scale:.{digits}f}"
 
 
-def run_traj(args: argparse.Namespace, cfg: V2DConfig) -> int:
+def run_traj(args: argparse.Namespace, cfg: RunConfig) -> int:
     from v2d.evaluation import plot_trajectory, trajectory_report
     from v2d.io.writers import check_output_path, write_json
 
@@ -117,7 +117,7 @@ def run_traj(args: argparse.Namespace, cfg: V2DConfig) -> int:
     return 0
 
 
-def run_depth(args: argparse.Namespace, cfg: V2DConfig) -> int:
+def run_depth(args: argparse.Namespace, cfg: RunConfig) -> int:
     from v2d.evaluation import DepthEvalOptions, evaluate_depth_folders, write_depth_outputs
     from v2d.io.writers import check_output_path, staged_output, write_json
     from v2d.metrics import DEPTH_METRICS
@@ -145,7 +145,7 @@ def run_depth(args: argparse.Namespace, cfg: V2DConfig) -> int:
     return 0
 
 
-def run_consistency(args: argparse.Namespace, cfg: V2DConfig) -> int:
+def run_consistency(args: argparse.Namespace, cfg: RunConfig) -> int:
     from slam.consistency import depth_consistency
     from v2d.io.results import load_run
     from v2d.io.writers import check_output_path, write_json

@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 
-from v2d.config import V2DConfig
+from slam.config import RunConfig
 
 
 def add_parser(sub: argparse._SubParsersAction, parents: list[argparse.ArgumentParser]) -> None:
@@ -33,7 +33,7 @@ def add_parser(sub: argparse._SubParsersAction, parents: list[argparse.ArgumentP
     p.set_defaults(handler=run)
 
 
-def run(args: argparse.Namespace, cfg: V2DConfig) -> int:
+def run(args: argparse.Namespace, cfg: RunConfig) -> int:
     from slam.run import RunOptions, run_slam
     from v2d.errors import InputError
     from v2d.io.datasets import parse_intrinsics, parse_size

@@ -13,7 +13,7 @@ import argparse
 import json
 import os
 
-from v2d.config import V2DConfig
+from slam.config import RunConfig
 
 
 def add_parser(sub: argparse._SubParsersAction, parents: list[argparse.ArgumentParser]) -> None:
@@ -28,7 +28,7 @@ def add_parser(sub: argparse._SubParsersAction, parents: list[argparse.ArgumentP
     p.set_defaults(handler=run)
 
 
-def run(args: argparse.Namespace, cfg: V2DConfig) -> int:
+def run(args: argparse.Namespace, cfg: RunConfig) -> int:
     import torch
 
     from v2d.config import to_dict

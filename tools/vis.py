@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 
-from v2d.config import V2DConfig
+from slam.config import RunConfig
 from v2d.io.trajectory import FORMATS
 
 GT_DEFAULT_NAME = "trajectory_gt.txt"  # what `v2d demo` writes next to trajectory.txt
@@ -42,7 +42,7 @@ def add_parser(sub: argparse._SubParsersAction, parents: list[argparse.ArgumentP
     p.set_defaults(handler=run)
 
 
-def run(args: argparse.Namespace, cfg: V2DConfig) -> int:
+def run(args: argparse.Namespace, cfg: RunConfig) -> int:
     from slam import vis
     from v2d.errors import InputError
     from v2d.io.results import load_run

@@ -2,12 +2,17 @@
 
 Typed defaults live in code as frozen dataclasses; a YAML file (`--config FILE`) overrides some of
 them and `--set section.key=value` overrides override the file. Unknown or duplicate keys, wrong
-types, values out of range (`_RANGES`) and malformed overrides raise `ConfigError` naming the
-dotted key. The result is frozen and passed
-explicitly: nothing reads a global config.
+types, values out of range and malformed overrides raise `ConfigError` naming the dotted key. The
+result is frozen and passed explicitly: nothing reads a global config.
 
     cfg = load_config("configs/default.yaml", ["gn.iterations=3"])
     cfg.gn.iterations  # 3
+
+This module holds the machinery (`load_config`, `merge`, `validate`, `to_dict`, strict YAML) and
+the root of the model's configuration, `V2DConfig` (networks, Gauss-Newton, training). Each section
+is defined beside the code it configures, with its value ranges (`v2d.ranges`). Layers above
+extend the root with their own sections and load that: `slam.config.RunConfig` adds `slam` and
+`demo`, and is what the `v2d` command loads.
 """
 
 from __future__ import annotations
@@ -16,24 +21,23 @@ import dataclasses
 import math
 import types
 import typing
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, ClassVar, TypeVar
 
 import yaml
 
 from v2d.data.clips import ClipConfig
 from v2d.depth import DepthConfig
 from v2d.errors import ConfigError
-from v2d.flow import DISOptions
-from v2d.geometry.gauss_newton import GNOptions
 from v2d.losses import LossConfig
 from v2d.model import ModelConfig
-from v2d.motion import MotionConfig
+from v2d.motion import GNConfig, MotionConfig
+from v2d.ranges import IMAGE_SIZE, Ranges
 from v2d.train import TrainConfig
 
-__all__ = ["V2DConfig", "DataConfig", "SlamConfig", "DemoConfig", "load_config", "merge", "to_dict", "validate"]
+__all__ = ["V2DConfig", "DataConfig", "load_config", "merge", "to_dict", "validate"]
 
 
 @dataclass(frozen=True)
@@ -47,141 +51,14 @@ class DataConfig:
     height: int = 240
     width: int = 320
 
-
-@dataclass(frozen=True)
-class SlamConfig:
-    """Settings of the SLAM front end (the `slam` section; `slam.frontend`).
-
-    Pixel quantities are given for 320-pixel-wide frames and scale with the network input width
-    (`data.width`), so one configuration serves every input size.
-
-    Attributes:
-        init_frames: frames in the initialisation set (the first keyframe plus neighbours).
-        init_rate: input frames between consecutive initialisation frames.
-        keyframe_flow: mean flow (px) the keyframe's depth induces in the tracked frame at which the
-            frame becomes a new keyframe (a scale-free pose distance: baseline over depth, rotation).
-        min_confidence: mean flow confidence over the keyframe's visible pixels below which tracking
-            quality has dropped: the previous frame becomes a keyframe and the frame is tracked
-            again against it (a poorly tracked frame never becomes a keyframe itself).
-        min_overlap: fraction of the keyframe's pixels visible in the frame below which tracking
-            quality has dropped (as for min_confidence).
-        promote_flow: fraction of keyframe_flow the induced flow must reach before a quality drop
-            promotes the previous frame to keyframe.
-        min_keyframe_gap: frames between a keyframe and a frame promoted after a quality drop (a
-            long hard stretch must not make every other frame a keyframe).
-        window: keyframes in the local window optimised together (10: with the window's dense
-            depth a longer window carries the scale further; 7-Scenes at f = 545, measured with the
-            alternating depth refinement: 4 / 8 / 10 / 12 keyframes 6.88 / 5.83 / 5.35 / 5.22 cm).
-        window_fixed: oldest window poses held fixed (gauge).
-        window_frames: frames between the last two keyframes optimised with the window.
-        window_iterations: Gauss-Newton steps of the window optimisation.
-        edge_max_flow: window edges whose predicted mean flow exceeds this (px) are left out (wide
-            baselines make classical flow unreliable).
-        robust_scale: Cauchy scale (px) of the flow residual used to re-weight DIS targets.
-        depth_views: frames besides the keyframe in a keyframe's cost volume.
-        scale_lock: rescale each keyframe depth from the depth module (median ratio) to agree with
-            the other window keyframes' depth splatted into it, so the map keeps one scale (7-Scenes
-            ATE 10.0 vs 13.6 cm calibrated, 10.9 vs 17.5 cm uncalibrated; depth AbsRel 0.203 vs
-            0.190: the network's own scale is noisier than the chained one but less biased).
-        fuse_tolerance: average each keyframe depth from the depth module, in inverse depth, with
-            the window keyframes' depth splatted into it where they agree within this relative
-            tolerance (0 = off; fewer noisy depths, less biased tracking).
-        depth_timing: "immediate": the depth module computes a keyframe's depth when it is added
-            (from the frames before it); "both": and again when the next keyframe is added (frames
-            on both sides; more accurate, slower: measured on 7-Scenes 12.1 vs 13.6 cm ATE at 4.4
-            vs 5.7 frames/s). Tracking against the splatted depth alone until the next keyframe
-            ("delayed") was measured too and drifts badly (53 cm), so it is not offered.
-        ba_iterations: joint Gauss-Newton steps over the window keyframes' poses and per-pixel
-            inverse depths after the depth module (a dense bundle adjustment, the pixels eliminated
-            by the Schur complement, `v2d.geometry.window_ba`); 0 = off. Only with
-            `motion.flow_source: dis` (its targets are DIS flow). 7-Scenes, dataset K: 8.2 -> 3.9 cm
-            ATE; 1 / 2 / 3 steps 3.97 / 3.86 / 3.89 cm.
-        ba_prior: relative standard deviation of the depth module's inverse depth, the prior the
-            adjustment is pulled towards (against one pixel of flow residual).
-        ba_stride: adjust every n-th pixel's depth and carry the relative change to the others
-            (bilinear); 2 costs a quarter.
-        buffer_frames: most recent frames whose images are kept for cost volumes (memory bound).
-        lost_confidence, lost_overlap: tracking is lost below this mean confidence or overlap.
-        lost_residual: tracking is lost above this confidence-weighted RMS flow residual (px).
-        relocalise_after: frames lost in a row before re-initialising at the current frame.
-        static_flow: frames whose flow w.r.t. the previous frame is below this (px) are static.
-        static_run: static frames in a row that make a warning (so does half the video).
-        min_texture: mean image gradient (grey levels per pixel) below which a frame is textureless.
-        cloud_stride: pixel stride of the fused point cloud.
-        cloud_neighbours: keyframes on each side a point is checked against.
-        cloud_tolerance: relative depth disagreement still counted as consistent.
-        cloud_min_views: consistent neighbours a point needs to be kept.
-        cloud_voxel: voxel size of the cloud's downsampling (scene units); 0 = automatic, the
-            footprint of one cloud pixel at the median keyframe depth (overlapping keyframes then
-            add no duplicate points, and the cloud's memory follows the scene, not the video).
-        concurrent: map keyframes in a background thread while tracking goes on (two cores; each
-            thread gets one PyTorch/OpenCV thread); false maps each keyframe before the next frame
-            is tracked, in one thread, with results identical run to run (tests use it).
-        mapper_queue: keyframes the mapper may fall behind before tracking waits for it.
-        flow_cache_mb: memory bound (MiB) of the cached DIS flows (least recently used go first).
-    """
-
-    init_frames: int = 5
-    init_rate: int = 2
-    keyframe_flow: float = 16.0
-    min_confidence: float = 0.3
-    min_overlap: float = 0.6
-    promote_flow: float = 0.25
-    min_keyframe_gap: int = 3
-    window: int = 10
-    window_fixed: int = 1
-    window_frames: int = 2
-    window_iterations: int = 4
-    edge_max_flow: float = 40.0
-    robust_scale: float = 2.0
-    depth_views: int = 4
-    scale_lock: bool = True
-    fuse_tolerance: float = 0.5
-    depth_timing: Literal["immediate", "both"] = "immediate"
-    ba_iterations: int = 2
-    ba_prior: float = 0.3
-    ba_stride: int = 2
-    buffer_frames: int = 48
-    lost_confidence: float = 0.1
-    lost_overlap: float = 0.15
-    lost_residual: float = 6.0
-    relocalise_after: int = 8
-    static_flow: float = 0.3
-    static_run: int = 10
-    min_texture: float = 2.0
-    cloud_stride: int = 2
-    cloud_neighbours: int = 2
-    cloud_tolerance: float = 0.05
-    cloud_min_views: int = 1
-    cloud_voxel: float = 0.0
-    concurrent: bool = True
-    mapper_queue: int = 2
-    flow_cache_mb: int = 256
-
-
-@dataclass(frozen=True)
-class DemoConfig:
-    """Settings of `v2d demo` (the embedded synthetic sequence).
-
-    Attributes:
-        seed: scene and trajectory seed.
-        num_frames: frames given to SLAM.
-        stride: rendered frames between consecutive SLAM frames (30 fps hand-held motion).
-        height, width: image size in pixels (multiples of 4).
-    """
-
-    seed: int = 0
-    num_frames: int = 60
-    stride: int = 2
-    height: int = 240
-    width: int = 320
+    RANGES: ClassVar[Ranges] = {"height": IMAGE_SIZE, "width": IMAGE_SIZE}
 
 
 @dataclass(frozen=True)
 class V2DConfig:
-    """Root of the configuration; each field is one section."""
+    """Root of the model's configuration; each field is one section."""
 
-    gn: GNOptions = field(default_factory=GNOptions)
+    gn: GNConfig = field(default_factory=GNConfig)
     depth: DepthConfig = field(default_factory=DepthConfig)
     motion: MotionConfig = field(default_factory=MotionConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
@@ -189,143 +66,26 @@ class V2DConfig:
     clips: ClipConfig = field(default_factory=ClipConfig)
     loss: LossConfig = field(default_factory=LossConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
-    slam: SlamConfig = field(default_factory=SlamConfig)
-    demo: DemoConfig = field(default_factory=DemoConfig)
 
 
-# Value ranges, by (config class, field). Types are checked from the annotations; these say which
-# values of the right type make sense. A check is a (predicate, description) pair.
-_Check = tuple[Callable[[Any], bool], str]
-
-
-def _at_least(n: float) -> _Check:
-    return (lambda v: v >= n), f"a value >= {n}"
-
-
-_POSITIVE: _Check = (lambda v: v > 0), "a positive value"
-_NON_NEGATIVE: _Check = (lambda v: v >= 0), "a value >= 0"
-
-_RANGES: dict[tuple[type, str], _Check] = {
-    (GNOptions, "iterations"): _at_least(1),
-    (GNOptions, "damping"): _NON_NEGATIVE,
-    (GNOptions, "damping_scale"): _NON_NEGATIVE,
-    (GNOptions, "max_translation_step"): _POSITIVE,
-    (GNOptions, "max_rotation_step"): _POSITIVE,
-    (GNOptions, "max_focal_step"): _POSITIVE,
-    (GNOptions, "min_depth"): _POSITIVE,
-    (GNOptions, "fixed_poses"): _NON_NEGATIVE,
-    (DepthConfig, "stem_channels"): _at_least(1),
-    (DepthConfig, "stem_out"): _at_least(1),
-    (DepthConfig, "feature_channels"): _at_least(1),
-    (DepthConfig, "feature_hourglasses"): _NON_NEGATIVE,
-    (DepthConfig, "feature_levels"): _at_least(1),
-    (DepthConfig, "hourglass_expand"): _NON_NEGATIVE,
-    (DepthConfig, "volume_channels"): _at_least(1),
-    (DepthConfig, "reduce_kernel"): ((lambda v: v in (1, 3, 5)), "1, 3 or 5"),
-    (DepthConfig, "matching_hourglasses"): _at_least(1),
-    (DepthConfig, "matching_levels"): _at_least(1),
-    (DepthConfig, "hypotheses"): _at_least(2),
-    (DepthConfig, "min_depth"): _POSITIVE,
-    (DepthConfig, "max_depth"): _POSITIVE,
-    (DepthConfig, "views"): _at_least(1),
-    (MotionConfig, "stem_channels"): _at_least(1),
-    (MotionConfig, "stem_out"): _at_least(1),
-    (MotionConfig, "feature_channels"): _at_least(1),
-    (MotionConfig, "unet_channels"): _at_least(1),
-    (MotionConfig, "unet_levels"): _at_least(1),
-    (MotionConfig, "iterations"): _at_least(1),
-    (MotionConfig, "min_depth"): _POSITIVE,
-    (DISOptions, "fb_sigma"): _POSITIVE,
-    (DISOptions, "fb_max"): _POSITIVE,
-    (ModelConfig, "iters"): _at_least(1),
-    (ModelConfig, "init_depth"): _POSITIVE,
-    (DataConfig, "height"): ((lambda v: v >= 32 and v % 4 == 0), "a multiple of 4, >= 32"),
-    (DataConfig, "width"): ((lambda v: v >= 32 and v % 4 == 0), "a multiple of 4, >= 32"),
-    (ClipConfig, "frames"): _at_least(2),
-    (ClipConfig, "stride"): _at_least(1),
-    (ClipConfig, "keyframe"): ((lambda v: v in ("first", "middle")), "'first' or 'middle'"),
-    (ClipConfig, "jitter"): _NON_NEGATIVE,
-    (LossConfig, "smoothness"): _NON_NEGATIVE,
-    (LossConfig, "flow_clip"): _POSITIVE,
-    (LossConfig, "residual"): _NON_NEGATIVE,
-    (LossConfig, "confidence"): _NON_NEGATIVE,
-    (LossConfig, "motion"): _NON_NEGATIVE,
-    (LossConfig, "iteration_decay"): _POSITIVE,
-    (TrainConfig, "steps"): _at_least(1),
-    (TrainConfig, "motion_steps"): _NON_NEGATIVE,
-    (TrainConfig, "gt_pose_steps"): _NON_NEGATIVE,
-    (TrainConfig, "rounds"): _at_least(1),
-    (TrainConfig, "batch_size"): _at_least(1),
-    (TrainConfig, "lr"): _POSITIVE,
-    (TrainConfig, "lr_decay"): _POSITIVE,
-    (TrainConfig, "lr_decay_steps"): _at_least(1),
-    (TrainConfig, "weight_decay"): _NON_NEGATIVE,
-    (TrainConfig, "grad_clip"): _NON_NEGATIVE,
-    (TrainConfig, "seed"): _NON_NEGATIVE,
-    (TrainConfig, "checkpoint_every"): _at_least(1),
-    (TrainConfig, "log_every"): _at_least(1),
-    (SlamConfig, "init_frames"): _at_least(2),
-    (SlamConfig, "init_rate"): _at_least(1),
-    (SlamConfig, "keyframe_flow"): _POSITIVE,
-    (SlamConfig, "min_confidence"): _NON_NEGATIVE,
-    (SlamConfig, "min_overlap"): _NON_NEGATIVE,
-    (SlamConfig, "promote_flow"): _NON_NEGATIVE,
-    (SlamConfig, "min_keyframe_gap"): _at_least(1),
-    (SlamConfig, "window"): _at_least(2),
-    (SlamConfig, "window_fixed"): _at_least(1),
-    (SlamConfig, "window_frames"): _NON_NEGATIVE,
-    (SlamConfig, "window_iterations"): _at_least(1),
-    (SlamConfig, "edge_max_flow"): _POSITIVE,
-    (SlamConfig, "robust_scale"): _POSITIVE,
-    (SlamConfig, "depth_views"): _at_least(1),
-    (SlamConfig, "fuse_tolerance"): _NON_NEGATIVE,
-    (SlamConfig, "ba_iterations"): _NON_NEGATIVE,
-    (SlamConfig, "ba_prior"): _POSITIVE,
-    (SlamConfig, "ba_stride"): _at_least(1),
-    (SlamConfig, "buffer_frames"): _at_least(2),
-    (SlamConfig, "lost_confidence"): _NON_NEGATIVE,
-    (SlamConfig, "lost_overlap"): _NON_NEGATIVE,
-    (SlamConfig, "lost_residual"): _POSITIVE,
-    (SlamConfig, "relocalise_after"): _at_least(1),
-    (SlamConfig, "static_flow"): _NON_NEGATIVE,
-    (SlamConfig, "static_run"): _at_least(1),
-    (SlamConfig, "min_texture"): _NON_NEGATIVE,
-    (SlamConfig, "cloud_stride"): _at_least(1),
-    (SlamConfig, "cloud_neighbours"): _at_least(1),
-    (SlamConfig, "cloud_tolerance"): _POSITIVE,
-    (SlamConfig, "cloud_min_views"): _NON_NEGATIVE,
-    (SlamConfig, "cloud_voxel"): _NON_NEGATIVE,
-    (SlamConfig, "mapper_queue"): _at_least(1),
-    (SlamConfig, "flow_cache_mb"): _at_least(16),
-    (DemoConfig, "seed"): _NON_NEGATIVE,
-    (DemoConfig, "num_frames"): _at_least(2),
-    (DemoConfig, "stride"): _at_least(1),
-    (DemoConfig, "height"): ((lambda v: v >= 32 and v % 4 == 0), "a multiple of 4, >= 32"),
-    (DemoConfig, "width"): ((lambda v: v >= 32 and v % 4 == 0), "a multiple of 4, >= 32"),
-}
-
-# Relations between fields of one section: (class, predicate, message).
-_RELATIONS: list[tuple[type, Callable[[Any], bool], str]] = [
-    (DepthConfig, lambda c: c.min_depth < c.max_depth, "min_depth must be smaller than max_depth"),
-    (SlamConfig, lambda c: c.window_fixed < c.window, "window_fixed must be smaller than window"),
-    (SlamConfig, lambda c: c.lost_confidence <= c.min_confidence and c.lost_overlap <= c.min_overlap,
-     "the lost_* thresholds must not exceed the keyframe thresholds min_confidence / min_overlap"),
-]
+Root = TypeVar("Root", bound=V2DConfig)
 
 
 def validate(cfg: Any, prefix: str = "") -> None:
-    """Check the value ranges of every field of the dataclass tree `cfg`; ConfigError names the key."""
+    """Check the dataclass tree `cfg` against each class's declared `RANGES` and `RELATIONS`
+    (`v2d.ranges`); ConfigError names the key (or the section, for a relation)."""
+    ranges = getattr(type(cfg), "RANGES", {})
     for f in dataclasses.fields(cfg):
         value, key = getattr(cfg, f.name), prefix + f.name
         if dataclasses.is_dataclass(value):
             validate(value, key + ".")
             continue
-        check = _RANGES.get((type(cfg), f.name))
-        if check is not None and not check[0](value):
-            raise ConfigError(f"{key}: expected {check[1]}, got {value!r}")
-    for cls, ok, message in _RELATIONS:
-        if isinstance(cfg, cls) and not ok(cfg):
-            raise ConfigError(f"{prefix.rstrip('.') or 'config'}: {message}")
+        check = ranges.get(f.name)
+        if check is not None and not check.ok(value):
+            raise ConfigError(f"{key}: expected {check.expected}, got {value!r}")
+    for relation in getattr(type(cfg), "RELATIONS", ()):
+        if not relation.ok(cfg):
+            raise ConfigError(f"{prefix.rstrip('.') or 'config'}: {relation.message}")
 
 
 def to_dict(cfg: Any) -> dict[str, Any]:
@@ -455,14 +215,17 @@ _StrictLoader.add_constructor(yaml.resolver.BaseResolver.DEFAULT_MAPPING_TAG, _c
 
 
 def load_config(
-    path: str | Path | Iterable[str | Path] | None = None, overrides: Iterable[str] = ()
-) -> V2DConfig:
-    """Defaults, then the YAML file(s) at `path` in order, then `key=value` overrides, validated.
+    path: str | Path | Iterable[str | Path] | None = None, overrides: Iterable[str] = (), *,
+    root: type[Root] = V2DConfig,
+) -> Root:
+    """Defaults of `root`, then the YAML file(s) at `path` in order, then `key=value` overrides, validated.
 
     Several files compose: e.g. a size preset then a dataset config (`configs/full.yaml`,
-    `configs/kitti.yaml`); later files override earlier ones key by key.
+    `configs/kitti.yaml`); later files override earlier ones key by key. `root` is the root class:
+    `V2DConfig` (the model's sections) or a subclass with more sections (`slam.config.RunConfig`,
+    which the files in configs/ may need: a section the root does not have is an unknown key).
     """
-    cfg = V2DConfig()
+    cfg = root()
     paths = [] if path is None else [path] if isinstance(path, str | Path) else list(path)
     for path in paths:
         path = Path(path)

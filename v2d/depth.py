@@ -16,7 +16,7 @@ Every hourglass's depth is returned for deep supervision; the last is the estima
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Literal
+from typing import ClassVar, Literal
 
 import torch
 import torch.nn.functional as F
@@ -26,6 +26,7 @@ from kernels import ops
 from v2d.geometry.camera import pose_to_rt, relative_pose, scale_intrinsics
 from v2d.nets.blocks import Conv3dCL, ConvNormAct, StackedHourglass, _norm
 from v2d.nets.encoder import FeatureEncoder
+from v2d.ranges import NON_NEGATIVE, POSITIVE, Ranges, Relation, Relations, at_least, one_of
 
 __all__ = ["DepthConfig", "DepthModule", "depth_hypotheses"]
 
@@ -83,6 +84,26 @@ class DepthConfig:
     correlation_groups: int = 4
     upsample: Literal["logits", "depth"] = "depth"
     norm: Norm = "group"
+
+    RANGES: ClassVar[Ranges] = {
+        "stem_channels": at_least(1),
+        "stem_out": at_least(1),
+        "feature_channels": at_least(1),
+        "feature_hourglasses": NON_NEGATIVE,
+        "feature_levels": at_least(1),
+        "hourglass_expand": NON_NEGATIVE,
+        "volume_channels": at_least(1),
+        "reduce_kernel": one_of(1, 3, 5),
+        "matching_hourglasses": at_least(1),
+        "matching_levels": at_least(1),
+        "hypotheses": at_least(2),
+        "min_depth": POSITIVE,
+        "max_depth": POSITIVE,
+        "views": at_least(1),
+    }
+    RELATIONS: ClassVar[Relations] = (
+        Relation(lambda c: c.min_depth < c.max_depth, "min_depth must be smaller than max_depth"),
+    )
 
 
 def depth_hypotheses(cfg: DepthConfig, like: torch.Tensor) -> torch.Tensor:

@@ -9,12 +9,13 @@ must beat). OpenCV's DIS is a well-kept, fast CPU implementation: we do not writ
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Literal
+from typing import ClassVar, Literal
 
 import numpy as np
 import torch
 
 from v2d.errors import ShapeError
+from v2d.ranges import POSITIVE, Ranges
 
 __all__ = ["DISOptions", "dis_flow", "dis_targets", "fb_targets"]
 
@@ -30,6 +31,8 @@ class DISOptions:
     preset: Literal["ultrafast", "fast", "medium"] = "medium"
     fb_sigma: float = 1.0
     fb_max: float = 3.0
+
+    RANGES: ClassVar[Ranges] = {"fb_sigma": POSITIVE, "fb_max": POSITIVE}
 
 
 _PRESETS = {"ultrafast": 0, "fast": 1, "medium": 2}  # cv2.DISOPTICAL_FLOW_PRESET_* values

@@ -16,12 +16,14 @@ from switching every pixel off.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import ClassVar
 
 import torch
 import torch.nn.functional as F
 
 from v2d.geometry.camera import reproject, scale_intrinsics, valid_reprojection
 from v2d.motion import MotionStep
+from v2d.ranges import NON_NEGATIVE, POSITIVE, Ranges
 
 __all__ = ["LossConfig", "depth_loss", "motion_loss"]
 
@@ -48,6 +50,15 @@ class LossConfig:
     confidence: float = 0.01
     motion: float = 1.0
     iteration_decay: float = 0.8
+
+    RANGES: ClassVar[Ranges] = {
+        "smoothness": NON_NEGATIVE,
+        "flow_clip": POSITIVE,
+        "residual": NON_NEGATIVE,
+        "confidence": NON_NEGATIVE,
+        "motion": NON_NEGATIVE,
+        "iteration_decay": POSITIVE,
+    }
 
 
 def _smoothness(depth: torch.Tensor, image: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:

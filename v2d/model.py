@@ -1,6 +1,6 @@
 """The V2D model: DeepV2D's alternation of motion updates and depth updates.
 
-    model = V2D(cfg)                      # cfg: v2d.config.V2DConfig
+    model = V2D.from_config(cfg)          # cfg: v2d.config.V2DConfig
     out = model(frames, intrinsics)       # frames (N, 3, H, W) in [0, 1], keyframe first
     out.poses[-1], out.depths[-1][-1]     # final poses (N, 7) and keyframe depth (H, W)
 
@@ -13,19 +13,19 @@ is the keyframe of its own cost volume against the others).
 
 from __future__ import annotations
 
-import dataclasses
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Literal
+from typing import ClassVar, Literal
 
 import torch
 from torch import nn
 
+from v2d.checkpoint import load_weights
 from v2d.depth import DepthConfig, DepthModule
 from v2d.errors import NumericalError, ShapeError
 from v2d.geometry.camera import check_intrinsics
-from v2d.geometry.gauss_newton import GNOptions
-from v2d.motion import MotionConfig, MotionModule, MotionStep, edges
+from v2d.motion import GNConfig, MotionConfig, MotionModule, MotionStep, edges
+from v2d.ranges import POSITIVE, Ranges, at_least
 
 __all__ = ["ModelConfig", "V2D", "V2DOutput", "normalize_images", "load_model", "SHIPPED_WEIGHTS"]
 
@@ -51,6 +51,8 @@ class ModelConfig:
     depth_init: Literal["constant", "network"] = "network"
     init_depth: float = 2.0
     weights: str = "shipped"
+
+    RANGES: ClassVar[Ranges] = {"iters": at_least(1), "init_depth": POSITIVE}
 
 
 @dataclass
@@ -79,10 +81,10 @@ class V2D(nn.Module):
     """DeepV2D: depth module + motion module, alternated for `model.iters` rounds."""
 
     def __init__(self, depth: DepthConfig | None = None, motion: MotionConfig | None = None,
-                 gn: GNOptions | None = None, model: ModelConfig | None = None) -> None:
+                 gn: GNConfig | None = None, model: ModelConfig | None = None) -> None:
         super().__init__()
         depth, motion = depth or DepthConfig(), motion or MotionConfig()
-        gn, model = gn or GNOptions(), model or ModelConfig()
+        gn, model = gn or GNConfig(), model or ModelConfig()
         self.cfg_depth, self.cfg_motion, self.cfg_gn, self.cfg_model = depth, motion, gn, model
         self.depth = DepthModule(depth)
         self.motion = MotionModule(motion, gn)
@@ -161,8 +163,10 @@ class V2D(nn.Module):
         Shapes: frames (N, 3, H, W) or (B, N, 3, H, W) RGB in [0, 1], keyframe first (also a list
         of N (3, H, W) tensors); intrinsics (4,) or (B, 4) at image resolution; poses_cw (B, N, 7)
         optional initial world->camera poses; depth optional initial depth (B, K, H, W) (K = 1, or
-        N in global mode). optimize_focal also optimises the focal length (uncalibrated video).
-        Returns V2DOutput (batch dimension dropped for unbatched input).
+        N in global mode). Returns V2DOutput (batch dimension dropped for unbatched input).
+
+        The motion updates hold frame 0's pose fixed; with `optimize_focal` (an uncalibrated camera)
+        they also optimise a shared focal length, starting from `intrinsics` (V2DOutput.intrinsics).
         """
         unbatched, frames, intr = self._check(frames, intrinsics, poses_cw, depth)
         if unbatched and poses_cw is not None:
@@ -194,8 +198,7 @@ class V2D(nn.Module):
         out.init_depths = cur
 
         dis = self.motion.dis_targets(frames, ii, jj) if self.cfg_motion.flow_source == "dis" else None
-        gn = dataclasses.replace(self.motion.gn, fixed_poses=1 if not global_mode else self.motion.gn.fixed_poses,
-                                 optimize_focal=optimize_focal or self.motion.gn.optimize_focal)
+        gn = self.cfg_gn.options(fixed_poses=1, optimize_focal=optimize_focal)
         for _ in range(iters):
             inv = (1.0 / cur.clamp_min(1e-3))[:, ii if global_mode else torch.zeros_like(ii)]
             steps = self.motion(frames, mfeat, poses, inv, intr, ii, jj, dis, gn=gn)
@@ -221,8 +224,6 @@ def load_model(cfg) -> V2D:
     Raises InputError when the weights file is missing, corrupt or does not fit the configuration
     (e.g. shipped `small` weights with the `full` preset).
     """
-    from v2d.train import load_weights
-
     model = V2D.from_config(cfg)
     source = cfg.model.weights
     if source != "none":

@@ -12,9 +12,10 @@ For every edge i -> j (source frame i has a depth map), an outer iteration
 3. runs the differentiable Gauss-Newton layer (`v2d.geometry.gauss_newton`) for `gn.iterations`
    steps.
 
-Modes: "keyframe" (edges 0 -> j, frame 0 fixed) and "global" (edges between all frames with a depth
-map, the first `gn.fixed_poses` poses fixed); `gn.optimize_focal` adds the focal length
-(uncalibrated video). Poses are detached between outer iterations (each iteration's GN is
+Modes: "keyframe" (edges 0 -> j) and "global" (edges between all frames with a depth map). Which
+poses are held fixed and whether the focal length is optimised too (uncalibrated video) are
+decided per call: the `GNOptions` given to `MotionModule.forward`, built from the `gn` section by
+`GNConfig.options`. Poses are detached between outer iterations (each iteration's GN is
 differentiable, and the first one back to the initial poses, e.g. the pose-regression network; the
 chain across iterations is cut, as RAFT-style iterative models do, which keeps training stable).
 """
@@ -23,7 +24,7 @@ from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass, field
-from typing import Literal
+from typing import ClassVar, Literal
 
 import numpy as np
 import torch
@@ -36,8 +37,50 @@ from v2d.geometry.gauss_newton import GNOptions, gauss_newton
 from v2d.geometry.lie import se3_exp, se3_mul
 from v2d.nets.encoder import Stem
 from v2d.nets.unet import FlowUNet, PoseRegressor
+from v2d.ranges import NON_NEGATIVE, POSITIVE, Ranges, at_least
 
-__all__ = ["MotionConfig", "MotionModule", "MotionStep", "edges"]
+__all__ = ["GNConfig", "MotionConfig", "MotionModule", "MotionStep", "edges"]
+
+
+@dataclass(frozen=True)
+class GNConfig:
+    """The user's settings of the Gauss-Newton layer (the `gn` section); defaults are `GNOptions`'.
+
+    Each field means what the `GNOptions` field of the same name means (iteration count, damping,
+    step limits); `min_depth` is also the motion module's validity test of a reprojection (one
+    threshold: a point closer than this to the target camera is invalid for the flow network and
+    ignored by the Gauss-Newton layer alike).
+
+    The poses held fixed and whether the focal length is optimised are not settings but decisions of
+    each call (keyframe tracking fixes the keyframe, the SLAM window its oldest poses; the focal
+    length is optimised when the camera is not calibrated), so they are the arguments of `options`,
+    the one way to build the layer's per-call options:
+
+        opts = cfg.gn.options(fixed_poses=1, optimize_focal=False)  # a GNOptions
+    """
+
+    iterations: int = GNOptions.iterations
+    damping: float = GNOptions.damping
+    damping_scale: float = GNOptions.damping_scale
+    max_translation_step: float = GNOptions.max_translation_step
+    max_rotation_step: float = GNOptions.max_rotation_step
+    max_focal_step: float = GNOptions.max_focal_step
+    min_depth: float = GNOptions.min_depth
+
+    RANGES: ClassVar[Ranges] = {
+        "iterations": at_least(1),
+        "damping": NON_NEGATIVE,
+        "damping_scale": NON_NEGATIVE,
+        "max_translation_step": POSITIVE,
+        "max_rotation_step": POSITIVE,
+        "max_focal_step": POSITIVE,
+        "min_depth": POSITIVE,
+    }
+
+    def options(self, *, fixed_poses: int, optimize_focal: bool) -> GNOptions:
+        """The Gauss-Newton options of one call: these settings, the first `fixed_poses` poses held
+        fixed, and the focal length optimised too when `optimize_focal`."""
+        return GNOptions(**dataclasses.asdict(self), fixed_poses=fixed_poses, optimize_focal=optimize_focal)
 
 
 @dataclass(frozen=True)
@@ -53,7 +96,6 @@ class MotionConfig:
         mode: "keyframe" (edges 0 -> j) or "global" (all ordered pairs of frames with depth).
         flow_source: "learned" (the U-Net) or "dis" (OpenCV DIS flow; needs no weights).
         pose_init: "identity", "given" (the caller's poses) or "regress" (a small pose network).
-        min_depth: reprojections closer than this (scene units) are invalid.
         dis: DIS settings for flow_source = "dis".
         norm: normalisation layers.
     """
@@ -67,9 +109,17 @@ class MotionConfig:
     mode: Literal["keyframe", "global"] = "keyframe"
     flow_source: Literal["learned", "dis"] = "dis"
     pose_init: Literal["identity", "given", "regress"] = "given"
-    min_depth: float = 0.1
     dis: DISOptions = field(default_factory=DISOptions)
     norm: Literal["group", "batch", "none"] = "group"
+
+    RANGES: ClassVar[Ranges] = {
+        "stem_channels": at_least(1),
+        "stem_out": at_least(1),
+        "feature_channels": at_least(1),
+        "unet_channels": at_least(1),
+        "unet_levels": at_least(1),
+        "iterations": at_least(1),
+    }
 
 
 @dataclass
@@ -106,11 +156,14 @@ def _to_uint8(images: torch.Tensor) -> np.ndarray:
 
 
 class MotionModule(nn.Module):
-    """Pose updates for N frames from their images, features and the source frames' depth."""
+    """Pose updates for N frames from their images, features and the source frames' depth.
 
-    def __init__(self, cfg: MotionConfig, gn: GNOptions | None = None) -> None:
+    `gn` is the `gn` config section: the Gauss-Newton options of a call that gives none.
+    """
+
+    def __init__(self, cfg: MotionConfig, gn: GNConfig | None = None) -> None:
         super().__init__()
-        self.cfg, self.gn = cfg, gn or GNOptions()
+        self.cfg, self.gn = cfg, gn or GNConfig()
         self.stem = Stem(cfg.stem_channels, cfg.stem_out, norm=cfg.norm)
         self.proj = nn.Conv2d(cfg.stem_out, cfg.feature_channels, 1)
         self.unet = FlowUNet(2 * cfg.feature_channels, cfg.unet_channels, cfg.unet_levels, cfg.norm)
@@ -137,12 +190,13 @@ class MotionModule(nn.Module):
         return identity
 
     def _learned_targets(self, feats: torch.Tensor, poses_cw: torch.Tensor, inv_depth: torch.Tensor,
-                         intr_s: torch.Tensor, ii: torch.Tensor, jj: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+                         intr_s: torch.Tensor, ii: torch.Tensor, jj: torch.Tensor, min_depth: float
+                         ) -> tuple[torch.Tensor, torch.Tensor]:
         B, N, Fc, h, w = feats.shape
         E = ii.shape[0]
         coords, depth_j = reproject(inv_depth, poses_cw[:, ii], poses_cw[:, jj], intr_s[:, None])
         coords = coords.detach()
-        valid = valid_reprojection(inv_depth, coords, depth_j, self.cfg.min_depth).detach()
+        valid = valid_reprojection(inv_depth, coords, depth_j, min_depth).detach()
         scale = coords.new_tensor([2.0 / max(w - 1, 1), 2.0 / max(h - 1, 1)])
         grid = (coords * scale - 1).nan_to_num(-2.0).flatten(0, 1)  # (B*E, h, w, 2); NaN -> outside
         warped = F.grid_sample(feats[:, jj].flatten(0, 1), grid, mode="bilinear", padding_mode="zeros",
@@ -163,19 +217,17 @@ class MotionModule(nn.Module):
         by "learned"); poses_cw (B, N, 7) initial poses; inv_depth (B, E, H, W) of the source frame
         of each edge; intrinsics (B, 4); ii, jj (E,); dis: `dis_targets(images, ii, jj)` when
         already computed (DIS flow does not depend on poses or depth, so callers reuse it);
-        flow_source overrides `cfg.flow_source` (training the flow network needs "learned"); gn
-        overrides the Gauss-Newton options, fixed poses included (the SLAM front end tracks with a
-        fixed focal length and optimises its window with several fixed poses); iterations overrides
+        flow_source overrides `cfg.flow_source` (training the flow network needs "learned"); gn:
+        this call's Gauss-Newton options, fixed poses and focal length included (default
+        `self.gn.options(fixed_poses=1, optimize_focal=False)`: frame 0 fixed, the focal length
+        too; the SLAM front end optimises its window with several fixed poses); `gn.min_depth` is
+        also the reprojection validity threshold of the learned flow; iterations overrides
         `cfg.iterations` (with "dis" flow the targets do not change between outer iterations).
         Returns one MotionStep per outer iteration.
         """
         source = flow_source or self.cfg.flow_source
         B, N, _, H, W = images.shape
-        if gn is None:
-            fixed = 1 if self.cfg.mode == "keyframe" else self.gn.fixed_poses
-            opts = dataclasses.replace(self.gn, fixed_poses=fixed)
-        else:
-            opts = gn
+        opts = self.gn.options(fixed_poses=1, optimize_focal=False) if gn is None else gn
         steps: list[MotionStep] = []
         if source == "dis" and dis is None:
             dis = self.dis_targets(images, ii, jj)
@@ -189,7 +241,7 @@ class MotionModule(nn.Module):
                 h, w = feats.shape[-2:]
                 intr_gn = scale_intrinsics(intrinsics, w / W, h / H)
                 d = F.interpolate(inv_depth, size=(h, w), mode="bilinear", align_corners=False)
-                targets, weights = self._learned_targets(feats, poses_cw, d, intr_gn, ii, jj)
+                targets, weights = self._learned_targets(feats, poses_cw, d, intr_gn, ii, jj, opts.min_depth)
             poses_cw, intr_out = gauss_newton(poses_cw, d.contiguous(), intr_gn, targets.contiguous(),
                                               weights.contiguous(), ii, jj, opts)
             if opts.optimize_focal:

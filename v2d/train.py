@@ -16,6 +16,7 @@ checkpoint computes the same next losses as an uninterrupted run.
 from __future__ import annotations
 
 import csv
+import dataclasses
 import json
 import logging
 import math
@@ -23,20 +24,24 @@ import random
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, ClassVar, Literal
 
 import numpy as np
 import torch
 from tqdm import tqdm
 
+from v2d.checkpoint import load_model_state, load_weights, read_checkpoint
 from v2d.data.clips import SyntheticClips, collate
 from v2d.errors import ConfigError, InputError
+from v2d.geometry.lie import se3_inv, se3_mul
+from v2d.io.datasets import SequenceClips, open_sequence
 from v2d.io.writers import atomic_write, ensure_dir, write_text
 from v2d.losses import depth_loss, motion_loss
 from v2d.model import V2D, normalize_images
 from v2d.motion import edges
+from v2d.ranges import NON_NEGATIVE, POSITIVE, Ranges, at_least
 
-__all__ = ["TrainConfig", "Trainer", "load_weights"]
+__all__ = ["TrainConfig", "Trainer", "plot_metrics"]
 
 _log = logging.getLogger(__name__)
 CHECKPOINT_VERSION = 1
@@ -51,6 +56,10 @@ class TrainConfig:
         motion_steps: steps of stage 1 (motion only, GT depth as input).
         gt_pose_steps: steps after stage 1 that train the depth module with GT poses as input.
         rounds: alternation rounds in joint training (inference uses model.iters).
+        optimize_focal: the motion updates also optimise a shared focal length (training for
+            uncalibrated video; the clips' intrinsics are the start). A training decision, not a
+            property of the Gauss-Newton layer (formerly `gn.optimize_focal`); the keyframe's pose
+            is always the one held fixed (keyframe mode).
         batch_size: clips per step (per process under DDP).
         optimizer: "rmsprop" (as the original) or "adamw".
         lr: learning rate; lr_decay: multiply the lr by this every lr_decay_steps steps.
@@ -70,6 +79,7 @@ class TrainConfig:
     motion_steps: int = 400
     gt_pose_steps: int = 400
     rounds: int = 2
+    optimize_focal: bool = False
     batch_size: int = 1
     optimizer: Literal["rmsprop", "adamw"] = "rmsprop"
     lr: float = 2.5e-4
@@ -82,6 +92,22 @@ class TrainConfig:
     data: str = "synthetic"
     checkpoint_every: int = 50
     log_every: int = 10
+
+    RANGES: ClassVar[Ranges] = {
+        "steps": at_least(1),
+        "motion_steps": NON_NEGATIVE,
+        "gt_pose_steps": NON_NEGATIVE,
+        "rounds": at_least(1),
+        "batch_size": at_least(1),
+        "lr": POSITIVE,
+        "lr_decay": POSITIVE,
+        "lr_decay_steps": at_least(1),
+        "weight_decay": NON_NEGATIVE,
+        "grad_clip": NON_NEGATIVE,
+        "seed": NON_NEGATIVE,
+        "checkpoint_every": at_least(1),
+        "log_every": at_least(1),
+    }
 
 
 def _rng_state() -> dict[str, Any]:
@@ -99,38 +125,6 @@ def _set_rng_state(state: dict[str, Any]) -> None:
     np.random.set_state((n[0], n[1].numpy().astype(np.uint32), *n[2:]))
     p = state["python"]
     random.setstate((p[1], tuple(p[0]), p[2]))
-
-
-def load_weights(path: str | Path, model: torch.nn.Module) -> dict[str, Any]:
-    """Load model weights from a checkpoint or a weights file (torch.load with weights_only=True).
-
-    Returns the file's metadata (everything but the tensors). Raises InputError for a missing,
-    corrupt or mismatching file.
-    """
-    data = _read_checkpoint(path)
-    _load_model_state(path, data, model)
-    return {k: v for k, v in data.items() if k not in ("model", "optimizer", "rng")}
-
-
-def _read_checkpoint(path: str | Path) -> dict[str, Any]:
-    """torch.load(weights_only=True) of a v2d weights/checkpoint file; InputError when it is not one."""
-    path = Path(path)
-    try:
-        data = torch.load(path, map_location="cpu", weights_only=True)
-    except FileNotFoundError:
-        raise InputError(f"weights file not found: {path}") from None
-    except Exception as exc:  # torch raises several types for corrupt or foreign files
-        raise InputError(f"cannot load weights from {path}: {type(exc).__name__}: {exc}".splitlines()[0]) from None
-    if not isinstance(data, dict) or "model" not in data:
-        raise InputError(f"{path}: not a v2d checkpoint or weights file (no 'model' entry)")
-    return data
-
-
-def _load_model_state(path: str | Path, data: dict[str, Any], model: torch.nn.Module) -> None:
-    try:
-        model.load_state_dict(data["model"])
-    except RuntimeError as exc:
-        raise InputError(f"{path}: weights do not fit this model configuration: {str(exc).splitlines()[0]}") from None
 
 
 class _TrainStep(torch.nn.Module):
@@ -170,8 +164,6 @@ class Trainer:
         if self.tc.data == "synthetic":
             self.data = SyntheticClips(cfg.clips, cfg.data.height, cfg.data.width, seed=self.tc.seed * 1_000_003)
         else:
-            from v2d.io.datasets import SequenceClips, open_sequence
-
             self.data = SequenceClips(open_sequence(self.tc.data), cfg.clips, cfg.data.height, cfg.data.width)
         self.skipped = 0
         self._logged = 0  # last step written to metrics.csv
@@ -183,8 +175,6 @@ class Trainer:
 
     def save(self) -> Path:
         """Write out_dir/checkpoint.pt atomically (rank 0 only)."""
-        from v2d.config import to_dict
-
         if self.rank != 0:
             return self.checkpoint_path
         state = {
@@ -193,7 +183,7 @@ class Trainer:
             "model": self.model.state_dict(),
             "optimizer": self.opt.state_dict(),
             "rng": _rng_state(),
-            "config": json.dumps(to_dict(self.cfg)),
+            "config": json.dumps(dataclasses.asdict(self.cfg)),  # as v2d.config.to_dict
             "skipped": self.skipped,
         }
         return atomic_write(self.checkpoint_path, lambda f: torch.save(state, f))
@@ -201,10 +191,10 @@ class Trainer:
     def resume(self, path: str | Path | None = None) -> None:
         """Restore model, optimizer, step and RNG states from a checkpoint (weights_only load)."""
         path = Path(path) if path is not None else self.checkpoint_path
-        data = _read_checkpoint(path)  # read once: model, optimizer and RNG come from the same file
+        data = read_checkpoint(path)  # read once: model, optimizer and RNG come from the same file
         if "optimizer" not in data or "rng" not in data:
             raise InputError(f"{path}: holds weights only, not a resumable training checkpoint")
-        _load_model_state(path, data, self.model)
+        load_model_state(path, data, self.model)
         self.opt.load_state_dict(data["optimizer"])
         _set_rng_state(data["rng"])
         self.step = int(data["step"])
@@ -298,18 +288,20 @@ def _stage_loss(model: V2D, cfg, batch: dict[str, torch.Tensor], stage: str, rou
     ii, jj = edges(N, "keyframe")
     lc = cfg.loss
     gt_rel = _relative_to_key(poses)
+    focal = cfg.train.optimize_focal
     if stage == "motion":
         x = normalize_images(images)
         feats = model.motion.features(x.flatten(0, 1)).unflatten(0, (B, N))
         init = model.motion.init_poses(x, _identity_like(gt_rel))
         inv = (1.0 / depths[:, :1].clamp_min(1e-3)).expand(B, len(ii), H, W)
-        steps = model.motion(images, feats, init, inv, intr, ii, jj, flow_source="learned")
+        steps = model.motion(images, feats, init, inv, intr, ii, jj, flow_source="learned",
+                             gn=cfg.gn.options(fixed_poses=1, optimize_focal=focal))
         return motion_loss(steps, gt_rel, depths[:, :1], intr, ii, jj, lc)
     if stage == "depth":
         feats = model.depth.features(normalize_images(images).flatten(0, 1)).unflatten(0, (B, N))
         preds = model.depth(feats, poses, intr, (H, W))
         return depth_loss(preds, depths[:, 0], images[:, 0], lc)
-    out = model(images, intr, iters=rounds)
+    out = model(images, intr, iters=rounds, optimize_focal=focal)
     total = images.new_zeros(())
     parts: dict[str, float] = {}
     learned = cfg.motion.flow_source == "learned"
@@ -330,8 +322,6 @@ def _identity_like(poses: torch.Tensor) -> torch.Tensor:
 
 def _relative_to_key(poses: torch.Tensor) -> torch.Tensor:
     """World->camera poses re-expressed with the keyframe (frame 0) at the identity. Shapes: (B, N, 7)."""
-    from v2d.geometry.lie import se3_inv, se3_mul
-
     return se3_mul(poses, se3_inv(poses[:, :1]))
 
 

@@ -14,6 +14,7 @@ import numpy as np
 import pytest
 import torch
 
+from slam.config import RunConfig
 from slam.keyframe_depth import KeyframeDepth, fuse_depths, scale_to
 from slam.mapper import Mapper
 from slam.system import SlamSystem
@@ -32,7 +33,7 @@ pytestmark = pytest.mark.skipif(not SHIPPED_WEIGHTS.exists(), reason=f"shipped w
 
 def _cfg(*overrides: str):
     """Synchronous mode unless overridden: results identical run to run."""
-    return load_config(None, ["slam.concurrent=false", *overrides])
+    return load_config(None, ["slam.concurrent=false", *overrides], root=RunConfig)
 
 
 @pytest.fixture(scope="module")

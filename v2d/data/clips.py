@@ -14,12 +14,14 @@ Every source of clips returns the same dict (the one interface of the data reade
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import ClassVar
 
 import numpy as np
 import torch
 
 from v2d.data.synthetic import default_intrinsics, make_scene, make_trajectory, render_views
 from v2d.errors import ConfigError
+from v2d.ranges import NON_NEGATIVE, Ranges, at_least, one_of
 
 __all__ = ["ClipConfig", "SyntheticClips", "augment", "collate"]
 
@@ -42,6 +44,13 @@ class ClipConfig:
     keyframe: str = "middle"
     flip: bool = True
     jitter: float = 0.1
+
+    RANGES: ClassVar[Ranges] = {
+        "frames": at_least(2),
+        "stride": at_least(1),
+        "keyframe": one_of("first", "middle"),
+        "jitter": NON_NEGATIVE,
+    }
 
 
 class SyntheticClips(torch.utils.data.Dataset):

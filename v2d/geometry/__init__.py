@@ -60,6 +60,7 @@ from v2d.geometry.lie import (
     so3_exp,
     so3_log,
 )
+from v2d.geometry.robust import cauchy_weight
 from v2d.geometry.window_ba import WindowBAOptions, window_bundle_adjust
 
 __all__ = [
@@ -75,6 +76,7 @@ __all__ = [
     "Sim3",
     "backproject",
     "backproject_inv",
+    "cauchy_weight",
     "check_intrinsics",
     "crop_intrinsics",
     "in_front",

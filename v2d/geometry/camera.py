@@ -23,7 +23,7 @@ from typing import Literal, overload
 import torch
 from torch import Tensor
 
-from v2d.errors import ShapeError
+from kernels.errors import ShapeError
 from v2d.geometry.lie import _check, _check_broadcast, quat_to_matrix, se3_inv, se3_mul
 
 __all__ = [

@@ -16,8 +16,8 @@ vectorised torch does already. Pixels with little parallax (small |d pi / d rho|
 pixels seen across a wide baseline move to their triangulated depth.
 
 Robustness: each step re-weights each edge's residual r with a Cauchy factor 1 / (1 + (r / c)^2)
-(iteratively re-weighted least squares), so one bad flow vector among several does not decide the
-pixel.
+(`v2d.geometry.robust.cauchy_weight`; iteratively re-weighted least squares), so one bad flow
+vector among several does not decide the pixel.
 """
 
 from __future__ import annotations
@@ -28,9 +28,10 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from v2d.errors import ShapeError
+from kernels.errors import ShapeError
 from v2d.geometry.camera import _rays, project
 from v2d.geometry.lie import quat_to_matrix
+from v2d.geometry.robust import cauchy_weight
 
 __all__ = ["DepthRefineOptions", "refine_inverse_depth"]
 
@@ -138,7 +139,7 @@ def _solve(rho: Tensor, rel: Tensor, K: Tensor, rays: Tensor, targets: Tensor, w
         r = tgt - uv
         w = torch.where(ok, w0, torch.zeros_like(w0))
         if opts.robust_scale > 0:
-            w = w / (1.0 + (r.nan_to_num(0.0) ** 2).sum(-1) / opts.robust_scale ** 2)
+            w = w * cauchy_weight((r ** 2).sum(-1), opts.robust_scale)
         J_rho = torch.where(ok[..., None], J_rho, torch.zeros_like(J_rho))
         r = torch.where(ok[..., None], r, torch.zeros_like(r))
         h = (w * (J_rho ** 2).sum(-1)).sum(0) + pw

@@ -29,7 +29,7 @@ from collections.abc import Sequence
 import torch
 from torch import Tensor
 
-from v2d.errors import ShapeError
+from kernels.errors import ShapeError
 
 __all__ = [
     "SE3",

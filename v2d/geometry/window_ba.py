@@ -19,8 +19,9 @@ and the objective is
 
     sum_e sum_p  w_ep c(r_ep) |r_ep|^2  +  sum_k sum_p  pw_kp (rho_kp - prior_kp)^2,
 
-c the Cauchy factor 1 / (1 + |r|^2 / c^2), recomputed at every iteration (IRLS); an edge/pixel
-counts only where its weight is > 0, its target finite and X_z > min_depth * rho.
+c the Cauchy factor 1 / (1 + |r|^2 / c^2) (`v2d.geometry.robust.cauchy_weight`), recomputed at
+every iteration (IRLS); an edge/pixel counts only where its weight is > 0, its target finite and
+X_z > min_depth * rho.
 
 Jacobians (poses world->camera, left-multiplied updates T <- exp(xi) T, xi = [v, w] as
 `se3_exp`, [.]x the cross-product matrix):
@@ -65,10 +66,11 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from v2d.errors import ShapeError
+from kernels.errors import ShapeError
 from v2d.geometry.camera import _rays
 from v2d.geometry.depth_refine import _upsample
 from v2d.geometry.lie import quat_to_matrix, se3_adjoint, se3_exp, se3_inv, se3_mul
+from v2d.geometry.robust import cauchy_weight
 
 __all__ = ["WindowBAOptions", "window_bundle_adjust"]
 
@@ -264,7 +266,7 @@ def _step(poses: Tensor, rho: Tensor, intr: Tensor, rays: Tensor, ii: Tensor, jj
         r = torch.where(ok[..., None], tgt[edges] - uv, torch.zeros_like(uv))
         w = torch.where(ok, w0[edges], torch.zeros_like(uv[..., 0]))
         if opts.robust_scale > 0:
-            w = w / (1.0 + (r ** 2).sum(-1) / opts.robust_scale ** 2)
+            w = w * cauchy_weight((r ** 2).sum(-1), opts.robust_scale)
         wJ = J_j * w[..., None, None]  # (m, P, 2, 6)
         wJt = wJ.reshape(m, 2 * P, 6).transpose(1, 2)
         H_jj = wJt @ J_j.reshape(m, 2 * P, 6)  # (m, 6, 6)

@@ -1,0 +1,204 @@
+"""The configuration of a SLAM run: the model's sections (`v2d.config.V2DConfig`) plus `slam` and `demo`.
+
+    cfg = load_config("configs/default.yaml", ["slam.window=8"], root=RunConfig)
+    cfg.slam.window  # 8
+
+`RunConfig` is the root the `v2d` command loads for every subcommand (the files in configs/ may
+hold `slam:` and `demo:` sections); the machinery (strict keys, types, ranges) is `v2d.config`'s.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import ClassVar, Literal
+
+from v2d.config import V2DConfig
+from v2d.ranges import IMAGE_SIZE, NON_NEGATIVE, POSITIVE, Ranges, Relation, Relations, at_least
+
+__all__ = ["DemoConfig", "RunConfig", "SlamConfig"]
+
+
+@dataclass(frozen=True)
+class SlamConfig:
+    """Settings of the SLAM engine (the `slam` section; `slam.system` and the modules it wires).
+
+    Pixel quantities are given for 320-pixel-wide frames and scale with the network input width
+    (`data.width`), so one configuration serves every input size.
+
+    Attributes:
+        init_frames: frames in the initialisation set (the first keyframe plus neighbours).
+        init_rate: input frames between consecutive initialisation frames.
+        keyframe_flow: mean flow (px) the keyframe's depth induces in the tracked frame at which the
+            frame becomes a new keyframe (a scale-free pose distance: baseline over depth, rotation).
+        min_confidence: mean flow confidence over the keyframe's visible pixels below which tracking
+            quality has dropped: the previous frame becomes a keyframe and the frame is tracked
+            again against it (a poorly tracked frame never becomes a keyframe itself).
+        min_overlap: fraction of the keyframe's pixels visible in the frame below which tracking
+            quality has dropped (as for min_confidence).
+        promote_flow: fraction of keyframe_flow the induced flow must reach before a quality drop
+            promotes the previous frame to keyframe.
+        min_keyframe_gap: frames between a keyframe and a frame promoted after a quality drop (a
+            long hard stretch must not make every other frame a keyframe).
+        window: keyframes in the local window optimised together (10: with the window's dense
+            depth a longer window carries the scale further; 7-Scenes at f = 545, measured with the
+            alternating depth refinement: 4 / 8 / 10 / 12 keyframes 6.88 / 5.83 / 5.35 / 5.22 cm).
+        window_fixed: oldest window poses held fixed (gauge).
+        window_frames: frames between the last two keyframes optimised with the window.
+        window_iterations: Gauss-Newton steps of the window optimisation.
+        edge_max_flow: window edges whose predicted mean flow exceeds this (px) are left out (wide
+            baselines make classical flow unreliable).
+        robust_scale: Cauchy scale (px) of the flow residual used to re-weight DIS targets.
+        depth_views: frames besides the keyframe in a keyframe's cost volume.
+        scale_lock: rescale each keyframe depth from the depth module (median ratio) to agree with
+            the other window keyframes' depth splatted into it, so the map keeps one scale (7-Scenes
+            ATE 10.0 vs 13.6 cm calibrated, 10.9 vs 17.5 cm uncalibrated; depth AbsRel 0.203 vs
+            0.190: the network's own scale is noisier than the chained one but less biased).
+        fuse_tolerance: average each keyframe depth from the depth module, in inverse depth, with
+            the window keyframes' depth splatted into it where they agree within this relative
+            tolerance (0 = off; fewer noisy depths, less biased tracking).
+        depth_timing: "immediate": the depth module computes a keyframe's depth when it is added
+            (from the frames before it); "both": and again when the next keyframe is added (frames
+            on both sides; more accurate, slower: measured on 7-Scenes 12.1 vs 13.6 cm ATE at 4.4
+            vs 5.7 frames/s). Tracking against the splatted depth alone until the next keyframe
+            ("delayed") was measured too and drifts badly (53 cm), so it is not offered.
+        ba_iterations: joint Gauss-Newton steps over the window keyframes' poses and per-pixel
+            inverse depths after the depth module (a dense bundle adjustment, the pixels eliminated
+            by the Schur complement, `v2d.geometry.window_ba`); 0 = off. Only with
+            `motion.flow_source: dis` (its targets are DIS flow). 7-Scenes, dataset K: 8.2 -> 3.9 cm
+            ATE; 1 / 2 / 3 steps 3.97 / 3.86 / 3.89 cm.
+        ba_prior: relative standard deviation of the depth module's inverse depth, the prior the
+            adjustment is pulled towards (against one pixel of flow residual).
+        ba_stride: adjust every n-th pixel's depth and carry the relative change to the others
+            (bilinear); 2 costs a quarter.
+        buffer_frames: most recent frames whose images are kept for cost volumes (memory bound).
+        lost_confidence, lost_overlap: tracking is lost below this mean confidence or overlap.
+        lost_residual: tracking is lost above this confidence-weighted RMS flow residual (px).
+        relocalise_after: frames lost in a row before re-initialising at the current frame.
+        static_flow: frames whose flow w.r.t. the previous frame is below this (px) are static.
+        static_run: static frames in a row that make a warning (so does half the video).
+        min_texture: mean image gradient (grey levels per pixel) below which a frame is textureless.
+        cloud_stride: pixel stride of the fused point cloud.
+        cloud_neighbours: keyframes on each side a point is checked against.
+        cloud_tolerance: relative depth disagreement still counted as consistent.
+        cloud_min_views: consistent neighbours a point needs to be kept.
+        cloud_voxel: voxel size of the cloud's downsampling (scene units); 0 = automatic, the
+            footprint of one cloud pixel at the median keyframe depth (overlapping keyframes then
+            add no duplicate points, and the cloud's memory follows the scene, not the video).
+        concurrent: map keyframes in a background thread while tracking goes on (two cores; each
+            thread gets one PyTorch/OpenCV thread); false maps each keyframe before the next frame
+            is tracked, in one thread, with results identical run to run (tests use it).
+        mapper_queue: keyframes the mapper may fall behind before tracking waits for it.
+        flow_cache_mb: memory bound (MiB) of the cached DIS flows (least recently used go first).
+    """
+
+    init_frames: int = 5
+    init_rate: int = 2
+    keyframe_flow: float = 16.0
+    min_confidence: float = 0.3
+    min_overlap: float = 0.6
+    promote_flow: float = 0.25
+    min_keyframe_gap: int = 3
+    window: int = 10
+    window_fixed: int = 1
+    window_frames: int = 2
+    window_iterations: int = 4
+    edge_max_flow: float = 40.0
+    robust_scale: float = 2.0
+    depth_views: int = 4
+    scale_lock: bool = True
+    fuse_tolerance: float = 0.5
+    depth_timing: Literal["immediate", "both"] = "immediate"
+    ba_iterations: int = 2
+    ba_prior: float = 0.3
+    ba_stride: int = 2
+    buffer_frames: int = 48
+    lost_confidence: float = 0.1
+    lost_overlap: float = 0.15
+    lost_residual: float = 6.0
+    relocalise_after: int = 8
+    static_flow: float = 0.3
+    static_run: int = 10
+    min_texture: float = 2.0
+    cloud_stride: int = 2
+    cloud_neighbours: int = 2
+    cloud_tolerance: float = 0.05
+    cloud_min_views: int = 1
+    cloud_voxel: float = 0.0
+    concurrent: bool = True
+    mapper_queue: int = 2
+    flow_cache_mb: int = 256
+
+    RANGES: ClassVar[Ranges] = {
+        "init_frames": at_least(2),
+        "init_rate": at_least(1),
+        "keyframe_flow": POSITIVE,
+        "min_confidence": NON_NEGATIVE,
+        "min_overlap": NON_NEGATIVE,
+        "promote_flow": NON_NEGATIVE,
+        "min_keyframe_gap": at_least(1),
+        "window": at_least(2),
+        "window_fixed": at_least(1),
+        "window_frames": NON_NEGATIVE,
+        "window_iterations": at_least(1),
+        "edge_max_flow": POSITIVE,
+        "robust_scale": POSITIVE,
+        "depth_views": at_least(1),
+        "fuse_tolerance": NON_NEGATIVE,
+        "ba_iterations": NON_NEGATIVE,
+        "ba_prior": POSITIVE,
+        "ba_stride": at_least(1),
+        "buffer_frames": at_least(2),
+        "lost_confidence": NON_NEGATIVE,
+        "lost_overlap": NON_NEGATIVE,
+        "lost_residual": POSITIVE,
+        "relocalise_after": at_least(1),
+        "static_flow": NON_NEGATIVE,
+        "static_run": at_least(1),
+        "min_texture": NON_NEGATIVE,
+        "cloud_stride": at_least(1),
+        "cloud_neighbours": at_least(1),
+        "cloud_tolerance": POSITIVE,
+        "cloud_min_views": NON_NEGATIVE,
+        "cloud_voxel": NON_NEGATIVE,
+        "mapper_queue": at_least(1),
+        "flow_cache_mb": at_least(16),
+    }
+    RELATIONS: ClassVar[Relations] = (
+        Relation(lambda c: c.window_fixed < c.window, "window_fixed must be smaller than window"),
+        Relation(lambda c: c.lost_confidence <= c.min_confidence and c.lost_overlap <= c.min_overlap,
+                 "the lost_* thresholds must not exceed the keyframe thresholds min_confidence / min_overlap"),
+    )
+
+
+@dataclass(frozen=True)
+class DemoConfig:
+    """Settings of `v2d demo` (the embedded synthetic sequence).
+
+    Attributes:
+        seed: scene and trajectory seed.
+        num_frames: frames given to SLAM.
+        stride: rendered frames between consecutive SLAM frames (30 fps hand-held motion).
+        height, width: image size in pixels (multiples of 4).
+    """
+
+    seed: int = 0
+    num_frames: int = 60
+    stride: int = 2
+    height: int = 240
+    width: int = 320
+
+    RANGES: ClassVar[Ranges] = {
+        "seed": NON_NEGATIVE,
+        "num_frames": at_least(2),
+        "stride": at_least(1),
+        "height": IMAGE_SIZE,
+        "width": IMAGE_SIZE,
+    }
+
+
+@dataclass(frozen=True)
+class RunConfig(V2DConfig):
+    """Root of a run's configuration: every section of `V2DConfig`, then `slam` and `demo`."""
+
+    slam: SlamConfig = field(default_factory=SlamConfig)
+    demo: DemoConfig = field(default_factory=DemoConfig)

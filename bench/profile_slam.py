@@ -30,7 +30,7 @@ STAGES = [
     ("    DIS flow (all callers)", "v2d/flow.py", "dis_flow"),
     ("    forward-backward targets", "v2d/flow.py", "fb_targets"),
     ("  new keyframe (splat)", "slam/mapper.py", "new_keyframe"),
-    ("  mapping a keyframe", "slam/mapper.py", "map_keyframe"),
+    ("  mapping keyframes", "slam/mapper.py", "map_keyframes"),
     ("    window optimisation", "slam/mapper.py", "optimise_window"),
     ("    keyframe depth", "slam/keyframe_depth.py", "compute"),
     ("      depth network", "slam/keyframe_depth.py", "_network"),

@@ -89,6 +89,9 @@ class SlamConfig:
             is tracked, in one thread, with results identical run to run (tests use it).
         mapper_queue: keyframes the mapper may fall behind before tracking waits for it.
         flow_cache_mb: memory bound (MiB) of the cached DIS flows (least recently used go first).
+        track_stride: tracking's Gauss-Newton uses every n-th pixel of the (full-resolution) DIS
+            flow in each direction (`slam.tracker.subsample`); 1 = every pixel.
+        window_stride: the same for the window optimisation.
     """
 
     init_frames: int = 5
@@ -127,6 +130,8 @@ class SlamConfig:
     concurrent: bool = True
     mapper_queue: int = 2
     flow_cache_mb: int = 256
+    track_stride: int = 1
+    window_stride: int = 1
 
     RANGES: ClassVar[Ranges] = {
         "init_frames": at_least(2),
@@ -162,6 +167,8 @@ class SlamConfig:
         "cloud_voxel": NON_NEGATIVE,
         "mapper_queue": at_least(1),
         "flow_cache_mb": at_least(16),
+        "track_stride": at_least(1),
+        "window_stride": at_least(1),
     }
     RELATIONS: ClassVar[Relations] = (
         Relation(lambda c: c.window_fixed < c.window, "window_fixed must be smaller than window"),

@@ -73,10 +73,13 @@ class FlowCache:
                         self._bytes -= _nbytes(self._entries.pop(key))
         return out
 
-    def drop(self, keep: Callable[[int], bool]) -> None:
-        """Drop every entry that involves a frame for which `keep(frame)` is False."""
+    def drop(self, keep: Callable[[int], bool], raw_only: bool = False) -> None:
+        """Drop every entry that involves a frame for which `keep(frame)` is False (with `raw_only`,
+        only the raw flows: the targets of a tracked frame serve the window, its raw flows only an
+        edge starting at it, i.e. only if it becomes a keyframe)."""
         with self._lock:
-            for key in [k for k in self._entries if not (keep(k[1]) and keep(k[2]))]:
+            for key in [k for k in self._entries if not (keep(k[1]) and keep(k[2]))
+                        and (k[0] == "flow" or not raw_only)]:
                 self._bytes -= _nbytes(self._entries.pop(key))
 
     def _flow(self, a: int, b: int, compute: Callable[[], np.ndarray]) -> np.ndarray:

@@ -22,7 +22,7 @@ import torch
 from slam.config import RunConfig
 from slam.fusion import splat_depth
 from slam.map import Map
-from slam.tracker import images_to_tensor
+from slam.measurements import images_to_tensor
 from v2d.geometry.lie import se3_identity, se3_inv, se3_mul
 from v2d.model import V2D, normalize_images
 
@@ -151,7 +151,7 @@ class KeyframeDepth:
         intr = self.map.intrinsics.float()
         identity = se3_identity(dtype=torch.float32, device=self.device)
         refs = []
-        for other in self.map.window():
+        for other in self.map.window(kid):  # newer keyframes hold only a splat of kid's own depth
             o = self.map.keyframe(other)
             if other == kid or o.depth is None:
                 continue

@@ -23,6 +23,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
+from v2d.errors import V2DError
 from v2d.geometry.lie import se3_identity, se3_inv, se3_mul
 
 __all__ = ["Map", "Keyframe", "KeyframeView", "FrameState", "TrackQuality", "normalized_pose", "release_heap"]
@@ -133,6 +134,7 @@ class Map:
         self._window: list[int] = []  # keyframe ids, oldest first
         self._images: OrderedDict[int, np.ndarray] = OrderedDict()  # frame index -> image
         self._edges: set[tuple[int, int]] = set()  # keyframe pairs (a, b) with a flow edge a -> b
+        self._last_good = 0  # newest frame that was not lost
 
     # ------------------------------------------------------------------------------------ reads
     @property
@@ -149,10 +151,21 @@ class Map:
         with self._lock:
             return len(self._keyframes)
 
-    def window(self) -> list[int]:
-        """Keyframe ids of the local window, oldest first."""
+    def window(self, upto: int | None = None) -> list[int]:
+        """Keyframe ids of the local window, oldest first; with `upto`, the window up to and including
+        that keyframe (in concurrent mode the tracker may have made newer ones that are not mapped yet).
+        """
         with self._lock:
-            return list(self._window)
+            if upto is None:
+                return list(self._window)
+            if upto not in self._window:
+                raise V2DError(f"keyframe {upto} is not in the window {self._window}")
+            return self._window[: self._window.index(upto) + 1]
+
+    def window_frames(self) -> set[int]:
+        """Frame indices of the window's keyframes."""
+        with self._lock:
+            return {self._keyframes[k].frame for k in self._window}
 
     def frame(self, f: int) -> FrameState:
         """A copy of frame f's state."""
@@ -187,6 +200,14 @@ class Map:
             st = self._frames[f]
             return se3_mul(st.rel_cw, self._keyframes[st.keyframe].pose_cw)
 
+    def recent_poses(self, count: int) -> torch.Tensor:
+        """World->camera poses of the last `count` frames (fewer at the start), oldest first, read
+        together. Shapes: -> (min(count, N), 7) float64."""
+        with self._lock:
+            frames = range(max(0, len(self._frames) - count), len(self._frames))
+            return torch.stack([se3_mul(self._frames[f].rel_cw, self._keyframes[self._frames[f].keyframe].pose_cw)
+                                for f in frames])
+
     def frame_poses(self) -> torch.Tensor:
         """World->camera poses of every frame (N, 7) float64."""
         with self._lock:
@@ -213,10 +234,21 @@ class Map:
 
     # ------------------------------------------------------------------------------------ tracker writes
     def add_frame(self, state: FrameState, image: np.ndarray) -> int:
-        """Append the next frame's state and buffer its image; returns its index."""
+        """Append the next frame's state and buffer its image; returns its index. A lost frame holds
+        the pose of the newest frame that was not lost (its `rel_cw` is set to give that pose).
+
+        Shapes: state.rel_cw (7,) float64; image (H, W, 3) uint8.
+        """
         with self._lock:
+            if state.lost:
+                held = se3_mul(self._frames[self._last_good].rel_cw,
+                               self._keyframes[self._frames[self._last_good].keyframe].pose_cw)
+                ref = self._keyframes[state.keyframe].pose_cw
+                state = dataclasses.replace(state, rel_cw=se3_mul(held, se3_inv(ref)))
             self._frames.append(state)
             f = len(self._frames) - 1
+            if not state.lost:
+                self._last_good = f
             self._images[f] = image
             return f
 
@@ -226,15 +258,18 @@ class Map:
             f = len(self._frames) - 1
             self._frames.pop()
             self._images.pop(f, None)
+            if self._last_good == f:
+                self._last_good = next((g for g in range(f - 1, -1, -1) if not self._frames[g].lost), 0)
 
-    def set_frame(self, f: int, **changes: object) -> None:
-        """Replace fields of frame f's state (e.g. keyframe and rel_cw)."""
+    def add_keyframe(self, kf: Keyframe, frame: int, at_frame_pose: bool = False) -> int:
+        """Make frame `frame` a keyframe and append it to the window; its pose is kf.pose_cw, or with
+        `at_frame_pose` the frame's current pose (read under the lock, so a window the mapper moves
+        meanwhile is followed). Shapes: kf.pose_cw (7,) float64; kf.depth (H, W)."""
         with self._lock:
-            self._frames[f] = dataclasses.replace(self._frames[f], **changes)
-
-    def add_keyframe(self, kf: Keyframe, frame: int) -> int:
-        """Make frame `frame` a keyframe (its pose is kf.pose_cw) and append it to the window."""
-        with self._lock:
+            if at_frame_pose:
+                st = self._frames[frame]
+                pose = normalized_pose(se3_mul(st.rel_cw, self._keyframes[st.keyframe].pose_cw))
+                kf = dataclasses.replace(kf, pose_cw=pose)
             kid = len(self._keyframes)
             self._keyframes.append(kf)
             self._window.append(kid)

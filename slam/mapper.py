@@ -2,9 +2,9 @@
 
     mapper = Mapper(model, cfg, slam_map, flows, (H, W), calibrated=True, device=device)
     kid = mapper.new_keyframe(f, image)        # caller's thread: splatted depth, tracking can go on
-    mapper.map_keyframe(KeyframeJob(kid, ...)) # the work (in the mapper thread when concurrent)
+    mapper.map_keyframes([KeyframeJob(kid, ...)])  # the work (in the mapper thread when concurrent)
 
-Per keyframe (`map_keyframe`), in this order:
+Per keyframe (`map_keyframes`), in this order:
 
 1. Local window (`optimise_window`): global-mode Gauss-Newton over the last `slam.window`
    keyframes and up to `slam.window_frames` frames between the last two (every ordered keyframe
@@ -42,7 +42,7 @@ from slam.flowcache import FlowCache
 from slam.fusion import splat_depth
 from slam.keyframe_depth import KeyframeDepth
 from slam.map import Keyframe, Map, normalized_pose, release_heap
-from slam.tracker import images_to_tensor, motion_features, robust_weights
+from slam.measurements import images_to_tensor, motion_features, robust_weights, subsample
 from v2d.geometry.camera import backproject, pixel_grid, project
 from v2d.geometry.lie import se3_act, se3_identity, se3_inv, se3_mul
 from v2d.geometry.window_ba import WindowBAOptions, window_bundle_adjust
@@ -121,15 +121,16 @@ class Mapper:
     def new_keyframe(self, f: int, image: np.ndarray, motion_feats: torch.Tensor | None) -> int:
         """Make tracked frame f a keyframe; its initial depth is the current keyframe's depth
         splatted into it (holes filled with the median), so tracking can go on before it is mapped."""
-        prev = self.map.keyframe(self.map.window()[-1])
-        rel = self.map.frame(f).rel_cw
+        state = self.map.frame(f)
+        prev = self.map.keyframe(state.keyframe)
         intr = self.map.intrinsics.float()
-        depth = splat_depth(prev.depth, se3_identity(dtype=torch.float32, device=self.device), rel.float(), intr)
+        depth = splat_depth(prev.depth, se3_identity(dtype=torch.float32, device=self.device), state.rel_cw.float(),
+                            intr)
         valid = depth > 0
         fill = depth[valid].median() if bool(valid.any()) else prev.depth.median()
-        kf = Keyframe(frame=f, pose_cw=normalized_pose(se3_mul(rel, prev.pose_cw)), image=image,
-                      depth=torch.where(valid, depth, fill), valid=valid, motion_feats=motion_feats)
-        return self.map.add_keyframe(kf, f)
+        kf = Keyframe(frame=f, pose_cw=prev.pose_cw, image=image, depth=torch.where(valid, depth, fill), valid=valid,
+                      motion_feats=motion_feats)
+        return self.map.add_keyframe(kf, f, at_frame_pose=True)  # the pose is read with the map locked
 
     @torch.no_grad()
     def restart(self, f: int, image: np.ndarray, motion_feats: torch.Tensor | None) -> int:
@@ -145,24 +146,34 @@ class Mapper:
         return self.map.add_keyframe(kf, f)
 
     # ------------------------------------------------------------------------------------ per keyframe
-    def map_keyframe(self, job: KeyframeJob) -> None:
-        """Window optimisation, keyframe depth, bundle adjustment; retire keyframes beyond the window."""
-        window = self.map.window()
-        at = window.index(job.kid)
-        prev = window[at - 1] if at > 0 else None
-        self.optimise_window(job)
-        self.depth.compute(job.kid, job.images)
-        if job.refine_previous and prev is not None:
-            self.depth.compute(prev, job.images)
+    def map_keyframes(self, jobs: list[KeyframeJob]) -> None:
+        """Map new keyframes: the window optimisation, each keyframe's depth, the bundle adjustment;
+        then retire keyframes beyond the window.
+
+        One job is the synchronous case. Several are keyframes the tracker made while the mapper
+        was busy (concurrent mode): the window (up to the newest of them) is optimised once, each
+        gets its depth, and one bundle adjustment follows, so the mapper's work per keyframe shrinks
+        when it falls behind instead of holding tracking up.
+        """
+        last = jobs[-1]
+        self.optimise_window(last)
+        for job in jobs:
+            window = self.map.window()
+            if job.kid not in window:
+                continue
+            at = window.index(job.kid)
+            self.depth.compute(job.kid, job.images)
+            if job.refine_previous and at > 0:
+                self.depth.compute(window[at - 1], job.images)
         if self.sc.ba_iterations > 0 and self.source == "dis":  # the adjustment's targets are DIS flow
-            self.bundle_adjust(job.kid)
+            self.bundle_adjust(last.kid)
         window = self.map.window()
-        while len(window) > self.sc.window:
+        while len(window) > self.sc.window and window[0] < last.kid:  # never a keyframe not mapped yet
             self._retire(window.pop(0))
-        newest = self.map.keyframe(job.kid).frame
-        keep = {self.map.keyframe(k).frame for k in self.map.window()}
+        newest = self.map.keyframe(last.kid).frame
+        keep = self.map.window_frames()
         self.flows.drop(lambda f: f in keep or f > newest)  # frame flows before this keyframe served their edges
-        self.depth.forget(lambda f: f in keep or f in job.images)
+        self.depth.forget(lambda f: f in keep or f in last.images)
 
     @torch.no_grad()
     def finish(self, last_frame: int, images: dict[int, np.ndarray]) -> None:
@@ -192,7 +203,7 @@ class Mapper:
         and each of the last two keyframes to each frame (frames have no depth, so they are only
         targets), except edges whose predicted flow exceeds `edge_max_flow`.
         """
-        ids = self._window_upto(job.kid)
+        ids = self.map.window(job.kid)
         n = len(ids)
         if n < 2:
             return
@@ -218,16 +229,19 @@ class Mapper:
         inv = torch.stack([1.0 / kfs[a].depth.clamp_min(1e-3) for a, _ in pairs])[None]
         images = images_to_tensor(images_np, dev)[None]
         dis = feats = None
+        stride = 1
+        intr_gn = intr.float()[None]
         if self.source == "dis":
             ts, ws = [], []
             for a, b in pairs:
                 t, w = self.flows.targets(frames[a], frames[b], images_np[a], images_np[b])
                 ts.append(t)
                 ws.append(w * kfs[a].valid[..., None])
-            t = torch.stack(ts)
-            w = robust_weights(t, torch.stack(ws), inv[0], poses.float(), ii, jj, intr.float(),
-                               self.sc.robust_scale * self.px, self.cfg.gn.min_depth)
-            dis = (t[None], w[None])
+            stride = self.sc.window_stride
+            t, w, inv, intr_gn = subsample(torch.stack(ts)[None], torch.stack(ws)[None], inv, intr_gn, stride)
+            w = robust_weights(t[0], w[0], inv[0], poses.float(), ii, jj, intr_gn[0],
+                               self.sc.robust_scale * self.px / stride, self.cfg.gn.min_depth)
+            dis = (t, w[None])
             outer, iters = 1, self.sc.window_iterations
         else:
             feats = [k.motion_feats for k in kfs] + [motion_features(self.model, job.images[f], dev) for f in extra]
@@ -235,10 +249,10 @@ class Mapper:
             outer, iters = self.cfg.motion.iterations, max(1, self.sc.window_iterations // self.cfg.motion.iterations)
         opts = dataclasses.replace(self.cfg.gn.options(fixed_poses=min(self.sc.window_fixed, n - 1),
                                                        optimize_focal=not self.calibrated), iterations=iters)
-        steps = self.model.motion(images, feats, poses.float()[None], inv, intr.float()[None], ii, jj,
+        steps = self.model.motion(images, feats, poses.float()[None], inv, intr_gn, ii, jj,
                                   dis=dis, gn=opts, iterations=outer)
         new = normalized_pose(steps[-1].poses_cw[0])
-        new_intr = steps[-1].intrinsics[0].double()
+        new_intr = steps[-1].intrinsics[0].double() * stride  # a strided problem's focal is 1/stride
         if not (torch.isfinite(new).all() and torch.isfinite(new_intr).all()):
             self.warn("window optimisation gave non-finite poses; kept the tracked poses")
             return
@@ -261,7 +275,7 @@ class Mapper:
         the scale lock and fusion; the current depth where the depth module failed), with a relative
         standard deviation of `slam.ba_prior`; the oldest `slam.window_fixed` poses are held (gauge).
         """
-        ids = self.map.window() if upto is None else self._window_upto(upto)
+        ids = self.map.window(upto)
         n = len(ids)
         if n < 2:
             return
@@ -296,12 +310,6 @@ class Mapper:
         self.map.set_keyframe_poses({kid: normalized_pose(se3_mul(new[k], base)) for k, kid in enumerate(ids)
                                      if k >= fixed})
         self.map.set_edges((ids[a], ids[b]) for a, b in pairs)
-
-    def _window_upto(self, kid: int) -> list[int]:
-        """The window's keyframes up to kid: in concurrent mode the tracker may have made newer ones,
-        which their own jobs map (they have only splatted depth yet)."""
-        window = self.map.window()
-        return window[: window.index(kid) + 1] if kid in window else window
 
     def _gate_pairs(self, kfs: list[Keyframe], poses: torch.Tensor, candidates: list[tuple[int, int]],
                     intrinsics: torch.Tensor) -> list[tuple[int, int]]:

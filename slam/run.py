@@ -139,7 +139,7 @@ def track_frames(frames: Iterable[np.ndarray], count: int, cfg: RunConfig, size:
             n += 1
             bar.update(1)
             if system.initialised:
-                bar.set_postfix(kf=system.map.num_keyframes(), lost=system.lost_count, refresh=False)
+                bar.set_postfix(kf=system.num_keyframes, lost=system.lost_count, refresh=False)
         if system is None or n < 2:
             raise InputError(f"the input gave {n} frame(s); SLAM needs at least 2")
         result = system.finish()

@@ -34,6 +34,7 @@ cores, no oversubscription); the process-wide settings are restored when the sys
 from __future__ import annotations
 
 import logging
+import os
 import threading
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -45,7 +46,8 @@ from slam.config import RunConfig
 from slam.flowcache import FlowCache
 from slam.map import FrameState, Keyframe, Map, TrackQuality, normalized_pose
 from slam.mapper import KeyframeJob, Mapper
-from slam.tracker import Tracker, motion_features, texture
+from slam.measurements import texture
+from slam.tracker import Tracker
 from slam.worker import MapperWorker
 from v2d.errors import ConfigError, ShapeError, V2DError
 from v2d.geometry.lie import se3_identity, se3_inv, se3_mul
@@ -80,20 +82,25 @@ class SlamResult:
 
 
 class _ThreadPlan:
-    """One PyTorch and one OpenCV thread per worker while concurrent; restores the settings after."""
+    """Half the usable cores each for the tracker's and the mapper's PyTorch and OpenCV work while
+    the mapper thread runs (1 + 1 on our 2-core machines); restores the previous settings after.
+
+    PyTorch's intra-op thread count is read by each thread when it first runs a parallel op (and
+    set again in the mapper thread by `apply`); OpenCV's is process-wide.
+    """
 
     def __init__(self) -> None:
         import cv2
 
+        self.per_thread = max(1, len(os.sched_getaffinity(0)) // 2)
         self._torch, self._cv = torch.get_num_threads(), cv2.getNumThreads()
         self.apply()
 
-    @staticmethod
-    def apply() -> None:
+    def apply(self) -> None:
         import cv2
 
-        torch.set_num_threads(1)
-        cv2.setNumThreads(1)
+        torch.set_num_threads(self.per_thread)
+        cv2.setNumThreads(self.per_thread)
 
     def restore(self) -> None:
         import cv2
@@ -135,11 +142,8 @@ class SlamSystem:
         self.flows = FlowCache(cfg.motion.dis, self.device, self.sc.flow_cache_mb * 2**20)
         self.tracker = Tracker(model, cfg, self.flows, size, self.device)
         self.mapper = Mapper(model, cfg, self.map, self.flows, size, calibrated, self.device, on_keyframe, self.warn)
-        self._model = model
-        self._threads = _ThreadPlan() if self.sc.concurrent else None
-        self.worker: MapperWorker[KeyframeJob] = MapperWorker(
-            self.mapper.map_keyframe, self.sc.concurrent, self.sc.mapper_queue,
-            on_start=_ThreadPlan.apply if self.sc.concurrent else None)
+        self._threads: _ThreadPlan | None = None  # set while the mapper thread runs
+        self.worker: MapperWorker[KeyframeJob] | None = None  # started after initialisation
         self._pending: list[np.ndarray] = []  # frames before initialisation
         self._init_poses: dict[int, torch.Tensor] = {}
         self.lost_run = 0  # frames lost in a row
@@ -152,6 +156,10 @@ class SlamSystem:
     @property
     def initialised(self) -> bool:
         return self.map.num_keyframes() > 0
+
+    @property
+    def num_keyframes(self) -> int:
+        return self.map.num_keyframes()
 
     def warn(self, message: str) -> None:
         """Log a warning and record it for the run's summary (once per distinct message)."""
@@ -171,7 +179,6 @@ class SlamSystem:
         H, W = self.size
         if image.shape != (H, W, 3) or image.dtype != np.uint8:
             raise ShapeError(f"frame: expected ({H}, {W}, 3) uint8, got {image.shape} {image.dtype}")
-        self.worker.check()
         if not self.initialised:
             self._pending.append(image)
             if len(self._pending) >= (self.sc.init_frames - 1) * self.sc.init_rate + 1:
@@ -188,9 +195,9 @@ class SlamSystem:
                 raise ShapeError(f"a run needs at least 2 frames, got {len(self._pending)}")
             self._initialise()
         self.worker.wait()
-        self.mapper.finish(self.map.num_frames() - 1, self.map.images())
         self.finished = True
-        self.close()
+        self.close()  # the mapper thread is done: the last steps get every core
+        self.mapper.finish(self.map.num_frames() - 1, self.map.images())
         self._report_flags()
         kfs = self.map.keyframes()
         return SlamResult(
@@ -205,12 +212,14 @@ class SlamSystem:
         skips the queued keyframes (the run's outputs are discarded then)."""
         if self._closed:
             return
-        self._closed = True
         try:
-            self.worker.close(abort=not self.finished, timeout=_STOP_TIMEOUT_S)
+            if self.worker is not None:
+                self.worker.close(abort=not self.finished, timeout=_STOP_TIMEOUT_S)
+            self._closed = True  # only after a clean stop: a Ctrl-C inside close() leaves it to try again
         finally:
             if self._threads is not None:
                 self._threads.restore()
+                self._threads = None
 
     def __enter__(self) -> SlamSystem:
         return self
@@ -229,33 +238,43 @@ class SlamSystem:
                                       textureless=texture(frames[0]) < self.sc.min_texture), frames[0])
         self.map.add_keyframe(Keyframe(frame=0, pose_cw=ident, image=frames[0], depth=depth, prior=depth,
                                        valid=torch.ones_like(depth, dtype=torch.bool),
-                                       motion_feats=self._motion_feats(frames[0])), 0)
+                                       motion_feats=self.tracker.keyframe_features(frames[0])), 0)
+        self._start_worker()
         self._init_poses = poses
         for image in frames[1:]:
             self._process(image)
         self._init_poses = {}
 
+    def _start_worker(self) -> None:
+        """The mapper's worker: a thread with its share of the cores (concurrent), or inline."""
+        if self.sc.concurrent:
+            self._threads = _ThreadPlan()
+        self.worker = MapperWorker(self.mapper.map_keyframes, self.sc.concurrent, self.sc.mapper_queue,
+                                   on_start=self._threads.apply if self._threads is not None else None)
+
     def _process(self, image: np.ndarray, may_promote: bool = True) -> FrameState:
+        self.worker.check()  # a mapper failure stops the run at the next frame
         f = self.map.num_frames()
         ref = self.map.reference()
         if f in self._init_poses:  # the initialisation's pose (keyframe 0 is the identity)
             rel_init = se3_mul(self._init_poses[f], se3_inv(ref.pose_cw))
-        else:  # constant velocity from the last two frames
-            prev = self.map.frame_pose(f - 1)
-            before = self.map.frame_pose(f - 2) if f >= 2 else prev
+        else:  # constant velocity from the last two frames (read together: the mapper may move them)
+            recent = self.map.recent_poses(2)
+            before, prev = recent[0], recent[-1]
             guess = se3_mul(se3_mul(prev, se3_inv(before)), prev)
             rel_init = normalized_pose(se3_mul(guess, se3_inv(ref.pose_cw)))
         track = self.tracker.track(f, image, ref, rel_init, self.map.intrinsics)
         q, lost = track.quality, track.lost
         state = FrameState(keyframe=ref.id, rel_cw=track.rel_cw, quality=q, lost=lost,
                            static=self.tracker.is_static(track), textureless=texture(image) < self.sc.min_texture)
-        if lost:  # hold the last good pose
-            state.rel_cw = se3_mul(self._last_good_pose(), se3_inv(ref.pose_cw))
+        if lost:  # the map gives it the last good pose
             self.lost_run += 1
             self.lost_count += 1
         else:
             self.lost_run = 0
         self.map.add_frame(state, image)
+        keyframes = self.map.window_frames()  # only f or f - 1 can still become a keyframe
+        self.flows.drop(lambda g: g >= f - 1 or g in keyframes, raw_only=True)
         s = self.sc
         kf_flow = s.keyframe_flow * self.tracker.px
         good = q.confidence >= s.min_confidence and q.overlap >= s.min_overlap
@@ -275,28 +294,19 @@ class SlamSystem:
         self.map.trim_images(s.buffer_frames)
         return self.map.frame(f)
 
-    def _last_good_pose(self) -> torch.Tensor:
-        """World->camera pose of the newest frame that was not lost (frame 0's if none)."""
-        frames = self.map.frames()
-        last = next((f for f in range(len(frames) - 1, -1, -1) if not frames[f].lost), 0)
-        return self.map.frame_pose(last)
-
     def _keyframe(self, f: int, image: np.ndarray) -> None:
-        kid = self.mapper.new_keyframe(f, image, self._motion_feats(image))
+        kid = self.mapper.new_keyframe(f, image, self.tracker.keyframe_features(image))
         self.tracker.new_reference()
         self.worker.submit(KeyframeJob(kid, self.map.images(), refine_previous=self.sc.depth_timing == "both"))
 
     def _restart(self, f: int, image: np.ndarray) -> None:
         """Re-initialise at frame f after `relocalise_after` lost frames (the mapper finishes first)."""
         self.worker.wait()
-        self.mapper.restart(f, image, self._motion_feats(image))
+        self.mapper.restart(f, image, self.tracker.keyframe_features(image))
         self.restarts += 1
         self.lost_run = 0
         self.tracker.new_reference()
         self.warn("tracking was lost; re-initialised with single-image depth (the trajectory's scale may jump)")
-
-    def _motion_feats(self, image: np.ndarray) -> torch.Tensor | None:
-        return motion_features(self._model, image, self.device) if self.cfg.motion.flow_source == "learned" else None
 
     def _report_flags(self) -> None:
         frames = self.map.frames()

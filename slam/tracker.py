@@ -26,50 +26,12 @@ import torch.nn.functional as F
 from slam.config import RunConfig
 from slam.flowcache import FlowCache
 from slam.map import KeyframeView, TrackQuality, normalized_pose
-from v2d.geometry import cauchy_weight
+from slam.measurements import images_to_tensor, motion_features, robust_weights, subsample
 from v2d.geometry.camera import pixel_grid, reproject, scale_intrinsics, valid_reprojection
 from v2d.geometry.lie import se3_identity
-from v2d.model import V2D, normalize_images
+from v2d.model import V2D
 
-__all__ = ["Tracker", "TrackResult", "images_to_tensor", "motion_features", "texture", "robust_weights"]
-
-
-def images_to_tensor(images: list[np.ndarray], device: torch.device) -> torch.Tensor:
-    """K x (H, W, 3) uint8 -> (K, 3, H, W) float32 in [0, 1] on `device`."""
-    return torch.from_numpy(np.stack(images)).to(device).permute(0, 3, 1, 2).float() / 255.0
-
-
-@torch.no_grad()
-def motion_features(model: V2D, image: np.ndarray, device: torch.device) -> torch.Tensor:
-    """Learned-flow features of one image. Shapes: (H, W, 3) uint8 -> (F, H/4, W/4)."""
-    return model.motion.features(normalize_images(images_to_tensor([image], device)))[0]
-
-
-def texture(image: np.ndarray) -> float:
-    """Mean absolute grey-level gradient per pixel (Sobel, normalised to grey levels per pixel)."""
-    import cv2
-
-    g = cv2.cvtColor(image, cv2.COLOR_RGB2GRAY).astype(np.float32)
-    gx, gy = cv2.Sobel(g, cv2.CV_32F, 1, 0, ksize=3), cv2.Sobel(g, cv2.CV_32F, 0, 1, ksize=3)
-    return float(np.mean(np.abs(gx) + np.abs(gy)) / 8.0)
-
-
-def robust_weights(targets: torch.Tensor, weights: torch.Tensor, inv: torch.Tensor, poses: torch.Tensor,
-                   ii: torch.Tensor, jj: torch.Tensor, intrinsics: torch.Tensor, scale: float, min_depth: float
-                   ) -> torch.Tensor:
-    """Weights times a Cauchy factor 1 / (1 + (r / scale)^2) of each target's reprojection residual r.
-
-    DIS flow has no learned confidence; its forward-backward check passes consistent but wrong
-    matches (repeated texture, large displacements), which pull a least-squares solution away.
-    Reprojections that are not valid get weight 0.
-
-    Shapes: targets, weights (E, H, W, 2); inv (E, H, W); poses (N, 7) float32; ii, jj (E,);
-    intrinsics (4,) -> (E, H, W, 2).
-    """
-    coords, depth_j = reproject(inv, poses[ii], poses[jj], intrinsics)
-    valid = valid_reprojection(inv, coords, depth_j, min_depth)
-    factor = cauchy_weight(((targets - coords) ** 2).sum(-1), scale) * valid
-    return weights * factor[..., None]
+__all__ = ["Tracker", "TrackResult"]
 
 
 @dataclass(frozen=True)
@@ -112,6 +74,11 @@ class Tracker:
         if self.source == "dis":  # targets do not change between outer iterations: one call, all steps
             self.gn = dataclasses.replace(self.gn, iterations=cfg.gn.iterations * cfg.motion.iterations)
             self.outer = 1
+
+    def keyframe_features(self, image: np.ndarray) -> torch.Tensor | None:
+        """What tracking against `image` as a keyframe needs besides its depth: the learned flow's
+        features (None with DIS flow). Shapes: (H, W, 3) uint8 -> (F, H/4, W/4) or None."""
+        return motion_features(self.model, image, self.device) if self.source == "learned" else None
 
     def track(self, f: int, image: np.ndarray, ref: KeyframeView, rel_init: torch.Tensor,
               intrinsics: torch.Tensor) -> TrackResult:
@@ -159,35 +126,48 @@ class Tracker:
         inv = (1.0 / ref.depth.clamp_min(1e-3))[None, None]
         ii, jj = torch.tensor([0], device=dev), torch.tensor([1], device=dev)
         dis = feats = None
+        stride = 1
         if self.source == "dis":
+            stride = self.sc.track_stride
             t, w = self.flows.targets(ref.frame, f, ref.image, image)
-            t, w = t[None, None], (w * ref.valid[..., None])[None, None]
+            t, w, inv, intr = subsample(t[None, None], (w * ref.valid[..., None])[None, None], inv, intr, stride)
             # two passes: the second re-weights each target by its residual after the first (Cauchy)
             steps = self.motion(images, None, poses, inv, intr, ii, jj, dis=(t, w), gn=self.gn, iterations=1)
             w = robust_weights(t[0], w[0], inv[0], steps[-1].poses_cw[0], ii, jj, intr[0],
-                               self.sc.robust_scale * self.px, self.cfg.gn.min_depth)[None]
+                               self.sc.robust_scale * self.px / stride, self.cfg.gn.min_depth)[None]
             poses = steps[-1].poses_cw
             dis = (t, w)
         else:
             feats = torch.stack([ref.motion_feats, motion_features(self.model, image, dev)])[None]
         steps = self.motion(images, feats, poses, inv, intr, ii, jj, dis=dis, gn=self.gn, iterations=self.outer)
         rel = normalized_pose(steps[-1].poses_cw[0, 1])
-        quality, coords = self._quality(steps[-1].targets[0, 0], steps[-1].weights[0, 0], ref.depth, rel, intrinsics)
+        if stride > 1:  # the strided problem is its own image grid
+            quality, coords = self._quality(steps[-1].targets[0, 0], steps[-1].weights[0, 0], inv[0, 0], rel,
+                                            intr[0], stride)
+        else:
+            quality, coords = self._quality_at(steps[-1].targets[0, 0], steps[-1].weights[0, 0], ref.depth, rel,
+                                               intrinsics)
         return rel, quality, coords
 
-    def _quality(self, targets: torch.Tensor, weights: torch.Tensor, depth: torch.Tensor, rel: torch.Tensor,
-                 intrinsics: torch.Tensor) -> tuple[TrackQuality, torch.Tensor]:
-        """Quality of an alignment; targets/weights (h, w, 2) at the flow's resolution.
-
-        Returns the quality and the keyframe pixels' coordinates in the frame (h, w, 2), in pixels of
-        the network size (for the static-camera test).
-        """
+    def _quality_at(self, targets: torch.Tensor, weights: torch.Tensor, depth: torch.Tensor, rel: torch.Tensor,
+                    intrinsics: torch.Tensor) -> tuple[TrackQuality, torch.Tensor]:
+        """Quality of an alignment whose targets/weights (h, w, 2) come at the learned flow's
+        resolution (a resized image: depth and intrinsics are resized to it)."""
         h, w = targets.shape[:2]
-        ratio = self.W / w
         intr = scale_intrinsics(intrinsics.float(), w / self.W, h / self.H)
         d = depth if (h, w) == (self.H, self.W) else F.interpolate(depth[None, None], size=(h, w),
                                                                    mode="bilinear", align_corners=False)[0, 0]
-        inv = 1.0 / d.clamp_min(1e-3)
+        return self._quality(targets, weights, 1.0 / d.clamp_min(1e-3), rel, intr, self.W / w)
+
+    def _quality(self, targets: torch.Tensor, weights: torch.Tensor, inv: torch.Tensor, rel: torch.Tensor,
+                 intr: torch.Tensor, ratio: float) -> tuple[TrackQuality, torch.Tensor]:
+        """Quality of an alignment on a grid `ratio` times coarser than the network size.
+
+        Returns the quality and the keyframe pixels' coordinates in the frame (h, w, 2), in pixels of
+        the network size (for the static-camera test). Shapes: targets, weights (h, w, 2); inv (h, w);
+        intr (4,) on that grid.
+        """
+        h, w = targets.shape[:2]
         identity = se3_identity(dtype=torch.float32, device=self.device)
         coords, depth_j = reproject(inv, identity, rel.float(), intr)
         valid = valid_reprojection(inv, coords, depth_j, self.cfg.gn.min_depth)

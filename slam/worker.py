@@ -1,6 +1,6 @@
 """The mapper's thread: keyframe jobs from a bounded queue, errors back to the caller.
 
-    worker = MapperWorker(mapper.map_keyframe, concurrent=True, max_pending=2)
+    worker = MapperWorker(mapper.map_keyframes, concurrent=True, max_pending=2)
     worker.submit(job)     # returns at once; waits only when `max_pending` jobs are queued
     worker.wait()          # every submitted job done (re-raises a mapper failure)
     worker.close()         # stop the thread (abort=True skips queued jobs: Ctrl-C, errors)
@@ -8,9 +8,10 @@
 With `concurrent=False` a job runs inside `submit`, in the caller's thread: the synchronous mode
 whose results are identical run to run. With `concurrent=True` one thread owns the loop; PyTorch
 and OpenCV release the GIL in their kernels, so tracking (the caller's thread) and mapping overlap
-on two cores. A job that raises stops the worker: the next `submit`, `wait` or `close` raises
-`MappingError` naming the failure (the original is chained), and queued jobs are skipped, so no
-thread is left waiting on another.
+on two cores. The work function takes a batch: the thread hands it every job queued by the time it
+is free (oldest first), so a mapper that fell behind catches up with one pass. A job that raises
+stops the worker: the next `submit`, `wait` or `close` raises `MappingError` naming the failure
+(the original is chained), and queued jobs are skipped, so no thread is left waiting on another.
 """
 
 from __future__ import annotations
@@ -37,16 +38,17 @@ class MappingError(V2DError):
 
 
 class MapperWorker(Generic[Job]):
-    """Runs `work(job)` for each submitted job, inline or in one background thread.
+    """Runs `work(jobs)` on the submitted jobs, inline (one at a time) or in one background thread
+    (every job queued when it is free, as one batch).
 
     Args:
-        work: the job function (the mapper's `map_keyframe`).
+        work: the batch function (the mapper's `map_keyframes`).
         concurrent: run jobs in a background thread.
         max_pending: jobs that may wait in the queue before `submit` blocks (back-pressure).
         on_start: called once in the worker thread before its first job (thread-local settings).
     """
 
-    def __init__(self, work: Callable[[Job], None], concurrent: bool, max_pending: int,
+    def __init__(self, work: Callable[[list[Job]], None], concurrent: bool, max_pending: int,
                  on_start: Callable[[], None] | None = None) -> None:
         self._work = work
         self.concurrent = concurrent
@@ -66,7 +68,7 @@ class MapperWorker(Generic[Job]):
         """Map `job` (now, or queued for the thread; blocks while `max_pending` jobs wait)."""
         self.check()
         if not self.concurrent:
-            self._work(job)
+            self._work([job])
             return
         if not self.alive:
             raise MappingError("the mapper thread has stopped")
@@ -112,18 +114,34 @@ class MapperWorker(Generic[Job]):
         if not abort:
             self.check()
 
+    @property
+    def stopping(self) -> bool:
+        """True once an abort was asked for (queued jobs are skipped from then on)."""
+        return self._abort.is_set()
+
     def _loop(self, on_start: Callable[[], None] | None) -> None:
         if on_start is not None:
-            on_start()
-        while True:
-            job = self._queue.get()
             try:
-                if job is _STOP:
-                    return
-                if self._error is None and not self._abort.is_set():
-                    self._work(job)
+                on_start()
+            except BaseException as exc:  # noqa: BLE001 - handed to the caller's thread, which raises it
+                self._error = exc
+        while True:
+            batch = [self._queue.get()]
+            while batch[-1] is not _STOP:  # everything queued by now joins the batch
+                try:
+                    batch.append(self._queue.get_nowait())
+                except queue.Empty:
+                    break
+            stop = batch[-1] is _STOP
+            jobs = batch[:-1] if stop else batch
+            try:
+                if jobs and self._error is None and not self._abort.is_set():
+                    self._work(jobs)
             except BaseException as exc:  # noqa: BLE001 - handed to the caller's thread, which raises it
                 _log.debug("mapper job failed", exc_info=True)
                 self._error = exc
             finally:
-                self._queue.task_done()
+                for _ in batch:
+                    self._queue.task_done()
+            if stop:
+                return

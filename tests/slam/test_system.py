@@ -365,18 +365,31 @@ def test_synchronous_mode_is_reproducible(seq, model):
 
 
 def test_concurrent_mode_tracks_in_a_background_thread(seq, model, monkeypatch):
+    """The mapper runs in its own thread; a slow mapper gets the keyframes queued meanwhile as one
+    batch, and every keyframe still gets its own depth, once."""
     frames = np.asarray(seq.images)[::2]
     threads_before = torch.get_num_threads()
     mapped_in: set[str] = set()
-    orig = Mapper.map_keyframe
+    batches: list[int] = []
+    depths: list[int] = []
+    orig, orig_depth = Mapper.map_keyframes, KeyframeDepth.compute
 
-    def spy(self, job):
+    def spy(self, jobs):
         mapped_in.add(threading.current_thread().name)
-        return orig(self, job)
+        batches.append(len(jobs))
+        time.sleep(0.5)  # slower than tracking: keyframes queue up
+        return orig(self, jobs)
 
-    monkeypatch.setattr(Mapper, "map_keyframe", spy)
-    system, res = _run(model, _cfg("slam.concurrent=true"), frames, seq.intrinsics)
+    def depth_spy(self, kid, images):
+        depths.append(kid)
+        return orig_depth(self, kid, images)
+
+    monkeypatch.setattr(Mapper, "map_keyframes", spy)
+    monkeypatch.setattr(KeyframeDepth, "compute", depth_spy)
+    system, res = _run(model, _cfg("slam.concurrent=true", "slam.keyframe_flow=6"), frames, seq.intrinsics)
     assert mapped_in == {"v2d-mapper"}
+    assert max(batches) > 1  # a batch of keyframes queued while the mapper was busy
+    assert sorted(depths) == list(range(1, len(res.keyframe_frames)))  # each keyframe's depth, once
     assert len(res.keyframe_frames) >= 3 and torch.isfinite(res.poses_cw).all()
     n = len(frames)
     ts = np.arange(n, dtype=np.float64)
@@ -386,10 +399,10 @@ def test_concurrent_mode_tracks_in_a_background_thread(seq, model, monkeypatch):
 
 
 def test_mapper_failure_stops_the_run_with_one_error(seq, model, monkeypatch):
-    def broken(self, job):
+    def broken(self, jobs):
         raise RuntimeError("cost volume exploded")
 
-    monkeypatch.setattr(Mapper, "map_keyframe", broken)
+    monkeypatch.setattr(Mapper, "map_keyframes", broken)
     threads_before = torch.get_num_threads()
     with pytest.raises(MappingError, match="mapping failed: RuntimeError: cost volume exploded"):
         _run(model, _cfg("slam.concurrent=true", "slam.keyframe_flow=6"), np.asarray(seq.images)[::2],
@@ -399,20 +412,20 @@ def test_mapper_failure_stops_the_run_with_one_error(seq, model, monkeypatch):
 
 def test_interrupt_stops_tracker_and_mapper(seq, model, monkeypatch):
     """Ctrl-C arrives in the tracking thread while the mapper works: both stop, no thread is left."""
-    orig_map, orig_track = Mapper.map_keyframe, Tracker.track
+    orig_map, orig_track = Mapper.map_keyframes, Tracker.track
     mapping = threading.Event()
 
-    def slow_map(self, job):
+    def slow_map(self, jobs):
         mapping.set()
         time.sleep(0.3)
-        return orig_map(self, job)
+        return orig_map(self, jobs)
 
     def track(self, f, *args):
         if mapping.is_set() and f >= 12:
             raise KeyboardInterrupt
         return orig_track(self, f, *args)
 
-    monkeypatch.setattr(Mapper, "map_keyframe", slow_map)
+    monkeypatch.setattr(Mapper, "map_keyframes", slow_map)
     monkeypatch.setattr(Tracker, "track", track)
     with pytest.raises(KeyboardInterrupt):
         _run(model, _cfg("slam.concurrent=true", "slam.keyframe_flow=6"), np.asarray(seq.images)[::2],

@@ -262,10 +262,10 @@ def test_run_trajectory_matches_ground_truth(tmp_path, seq):
 def test_mapper_failure_is_one_line_and_leaves_nothing(tmp_path, seq, capsys, monkeypatch):
     from slam.mapper import Mapper
 
-    def broken(self, job):
+    def broken(self, jobs):
         raise RuntimeError("cost volume exploded")
 
-    monkeypatch.setattr(Mapper, "map_keyframe", broken)
+    monkeypatch.setattr(Mapper, "map_keyframes", broken)
     src = _folder(tmp_path / "imgs", seq.images, seq.intrinsics.tolist())
     out = tmp_path / "out"
     assert main(["run", str(src), "--out", str(out), "--resize", f"{H}x{W}", "-q"]) == 1
@@ -278,7 +278,7 @@ def test_mapper_failure_is_one_line_and_leaves_nothing(tmp_path, seq, capsys, mo
 @needs_weights
 def test_ctrl_c_stops_the_run_and_leaves_no_output(tmp_path, seq):
     """A real SIGINT to `v2d run` in the middle of a run: exit code 130, no output, no staging folder."""
-    images = list(seq.images) * 4  # long enough to be interrupted
+    images = list(seq.images) * 8  # long enough to be interrupted
     src = _folder(tmp_path / "imgs", images, seq.intrinsics.tolist())
     out = tmp_path / "out"
     root = Path(__file__).resolve().parents[2]

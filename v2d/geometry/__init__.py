@@ -18,7 +18,6 @@ from v2d.geometry.camera import (
     scale_intrinsics,
     valid_reprojection,
 )
-from v2d.geometry.depth_refine import DepthRefineOptions, refine_inverse_depth
 from v2d.geometry.gauss_newton import (
     GNBlocks,
     GNOptions,
@@ -63,8 +62,6 @@ from v2d.geometry.lie import (
 from v2d.geometry.window_ba import WindowBAOptions, window_bundle_adjust
 
 __all__ = [
-    "DepthRefineOptions",
-    "refine_inverse_depth",
     "GNBlocks",
     "GNOptions",
     "assemble_system",

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from v2d.errors import ShapeError
-from v2d.geometry.camera import _rays, project, reproject, valid_reprojection
+from v2d.geometry.camera import pixel_rays, project, reproject, valid_reprojection
 from v2d.geometry.gauss_newton import GNOptions, gauss_newton
 from v2d.geometry.lie import quat_to_matrix, se3_exp, se3_inv, se3_log, se3_mul, skew
 from v2d.geometry.window_ba import _LM_SCALE, WindowBAOptions, _edge_jacobians, window_bundle_adjust
@@ -64,7 +64,7 @@ def _scaled_start(poses: torch.Tensor, inv: torch.Tensor, scale: float = 1.2, no
 def test_jacobians_match_finite_differences():
     poses, inv, *_ = _scene()
     g = torch.Generator().manual_seed(5)
-    rays = _rays(KI, H, W, D, torch.device("cpu")).reshape(-1, 3)[::37]  # a few pixels
+    rays = pixel_rays(KI, H, W, D, torch.device("cpu")).reshape(-1, 3)[::37]  # a few pixels
     rho = inv[0].reshape(-1)[::37] * (1 + 0.1 * torch.rand(rays.shape[0], generator=g, dtype=D))
     Ti, Tj = poses[0] * 1, se3_mul(se3_exp(torch.tensor([0.1, -0.05, 0.2, 0.1, 0.2, -0.1], dtype=D)), poses[2])
 
@@ -296,7 +296,7 @@ def test_schur_step_equals_the_dense_solve():
     out_p, out_i = window_bundle_adjust(p0, i0, intr, ii, jj, targets, weights, prior, pw, opts)
 
     N, Kf, P = p0.shape[0], inv.shape[0], h * w
-    rays = _rays(intr, h, w, D, torch.device("cpu")).reshape(-1, 3)
+    rays = pixel_rays(intr, h, w, D, torch.device("cpu")).reshape(-1, 3)
     nv = 6 * N + Kf * P
     rows_J, rows_r, rows_w = [], [], []
     for e in range(ii.shape[0]):

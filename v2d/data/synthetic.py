@@ -51,6 +51,7 @@ import torch
 from torch import Tensor
 
 from v2d.errors import InputError, ShapeError, V2DError
+from v2d.geometry.camera import pixel_rays
 from v2d.geometry.lie import matrix_to_quat, quat_to_matrix
 
 __all__ = [
@@ -747,14 +748,6 @@ def _albedo(tex: dict[str, Tensor], table: Tensor, surface: Tensor, uv: Tensor, 
     return colour + (g["colour_c"] - colour) * accent[:, None]
 
 
-def _pixel_rays(intrinsics: Tensor, height: int, width: int) -> Tensor:
-    """K^-1 [u, v, 1] per pixel, row-major: (H * W, 3) float64."""
-    fx, fy, cx, cy = intrinsics.tolist()
-    v, u = torch.meshgrid(torch.arange(height, dtype=torch.float64), torch.arange(width, dtype=torch.float64),
-                          indexing="ij")
-    return torch.stack([(u - cx) / fx, (v - cy) / fy, torch.ones_like(u)], -1).reshape(-1, 3)
-
-
 def render_views(scene: SceneSpec, poses_cw: Tensor, intrinsics: Tensor, height: int, width: int
                  ) -> tuple[np.ndarray, np.ndarray]:
     """Render the scene at arbitrary camera poses.
@@ -798,7 +791,7 @@ def render_views(scene: SceneSpec, poses_cw: Tensor, intrinsics: Tensor, height:
     tex = {}
     for name, value in vars(scene.textures).items():
         tex[name] = value if name == "noise_offset" else value.to(f32)
-    rays_c = _pixel_rays(intr, height, width)
+    rays_c = pixel_rays(intr, height, width).reshape(-1, 3)  # float64, row-major
     ray_len = rays_c.norm(dim=-1).to(f32)
     focal = math.sqrt(intr[0].item() * intr[1].item())
 

@@ -28,7 +28,7 @@ from collections.abc import Sequence
 import torch
 from torch import Tensor
 
-from v2d.errors import ShapeError
+from v2d.geometry.checks import check_broadcast, check_trailing
 
 __all__ = [
     "SE3",
@@ -58,29 +58,7 @@ _SMALL_THETA2 = 1e-2
 
 
 # --------------------------------------------------------------------------------------------------
-# validation helpers
-
-
-def _check(name: str, x: object, *trailing: int) -> Tensor:
-    """`x` must be a floating tensor whose trailing dims are `trailing`; returns it."""
-    want = "(..., " + ", ".join(str(n) for n in trailing) + ")"
-    if not isinstance(x, Tensor):
-        raise ShapeError(f"{name}: expected a torch.Tensor {want}, got {type(x).__name__}")
-    if x.dim() < len(trailing) or tuple(x.shape[-len(trailing) :]) != trailing:
-        raise ShapeError(f"{name}: expected {want}, got {tuple(x.shape)}")
-    if not x.is_floating_point():
-        raise ShapeError(f"{name}: expected a floating-point tensor, got dtype {x.dtype}")
-    return x
-
-
-def _check_broadcast(name_a: str, a: Tensor, name_b: str, b: Tensor, ndim: int = 1) -> None:
-    """Leading dims (all but the last `ndim`) of `a` and `b` must broadcast."""
-    try:
-        torch.broadcast_shapes(a.shape[:-ndim], b.shape[:-ndim])
-    except RuntimeError:
-        raise ShapeError(
-            f"{name_a} {tuple(a.shape)} and {name_b} {tuple(b.shape)}: leading dims do not broadcast"
-        ) from None
+# argument helpers
 
 
 def _shape_arg(shape: tuple) -> tuple[int, ...]:
@@ -130,7 +108,7 @@ def skew(v: Tensor) -> Tensor:
     Shapes:
         v: (..., 3) -> (..., 3, 3)
     """
-    _check("v", v, 3)
+    check_trailing("v", v, 3)
     x, y, z = v.unbind(-1)
     o = torch.zeros_like(x)
     return torch.stack([o, -z, y, z, o, -x, -y, x, o], dim=-1).unflatten(-1, (3, 3))
@@ -142,7 +120,7 @@ def quat_to_matrix(q: Tensor) -> Tensor:
     Shapes:
         q: (..., 4) -> (..., 3, 3)
     """
-    _check("q", q, 4)
+    check_trailing("q", q, 4)
     x, y, z, w = q.unbind(-1)
     xx, yy, zz = x * x, y * y, z * z
     xy, xz, yz = x * y, x * z, y * z
@@ -165,7 +143,7 @@ def matrix_to_quat(R: Tensor) -> Tensor:
     Shapes:
         R: (..., 3, 3) -> (..., 4)
     """
-    _check("R", R, 3, 3)
+    check_trailing("R", R, 3, 3)
     r00, r01, r02, r10, r11, r12, r20, r21, r22 = R.flatten(-2).unbind(-1)
     # d_k = 4 * (pivot component)^2 for the pivots w, x, y, z; they sum to 4, so the largest is >= 1.
     d = torch.stack(
@@ -196,9 +174,9 @@ def quat_mul(a: Tensor, b: Tensor) -> Tensor:
     Shapes:
         a: (..., 4), b: (..., 4) -> (..., 4) (leading dims broadcast)
     """
-    _check("a", a, 4)
-    _check("b", b, 4)
-    _check_broadcast("a", a, "b", b)
+    check_trailing("a", a, 4)
+    check_trailing("b", b, 4)
+    check_broadcast("a", a, "b", b)
     ax, ay, az, aw = a.unbind(-1)
     bx, by, bz, bw = b.unbind(-1)
     return torch.stack(
@@ -218,7 +196,7 @@ def quat_conj(q: Tensor) -> Tensor:
     Shapes:
         q: (..., 4) -> (..., 4)
     """
-    _check("q", q, 4)
+    check_trailing("q", q, 4)
     return torch.cat([-q[..., :3], q[..., 3:]], dim=-1)
 
 
@@ -228,7 +206,7 @@ def so3_exp(phi: Tensor) -> Tensor:
     Shapes:
         phi: (..., 3) -> (..., 4)
     """
-    _check("phi", phi, 3)
+    check_trailing("phi", phi, 3)
     theta2 = _dot(phi, phi)
     small = theta2 < _SMALL_THETA2
     t2 = torch.where(small, theta2, 0.0)
@@ -249,7 +227,7 @@ def so3_log(q: Tensor) -> Tensor:
     Shapes:
         q: (..., 4) -> (..., 3)
     """
-    _check("q", q, 4)
+    check_trailing("q", q, 4)
     q = torch.where(q[..., 3:] < 0, -q, q)
     v, w = q[..., :3], q[..., 3]
     n2 = _dot(v, v)
@@ -312,7 +290,7 @@ def se3_exp(xi: Tensor) -> Tensor:
     Shapes:
         xi: (..., 6) = [tau, phi] -> (..., 7)
     """
-    _check("xi", xi, 6)
+    check_trailing("xi", xi, 6)
     tau, phi = xi[..., :3], xi[..., 3:]
     b, c = _so3_coeffs(_dot(phi, phi))
     phi_tau = _cross(phi, tau)
@@ -326,7 +304,7 @@ def se3_log(T: Tensor) -> Tensor:
     Shapes:
         T: (..., 7) -> (..., 6) = [tau, phi]
     """
-    _check("T", T, 7)
+    check_trailing("T", T, 7)
     t, q = T[..., :3], T[..., 3:]
     phi = so3_log(q)
     d = _so3_vinv_coeff(_dot(phi, phi))
@@ -341,7 +319,7 @@ def se3_inv(T: Tensor) -> Tensor:
     Shapes:
         T: (..., 7) -> (..., 7)
     """
-    _check("T", T, 7)
+    check_trailing("T", T, 7)
     qi = quat_conj(T[..., 3:])
     return torch.cat([-_quat_rotate(qi, T[..., :3]), qi], dim=-1)
 
@@ -352,9 +330,9 @@ def se3_mul(A: Tensor, B: Tensor) -> Tensor:
     Shapes:
         A: (..., 7), B: (..., 7) -> (..., 7) (leading dims broadcast)
     """
-    _check("A", A, 7)
-    _check("B", B, 7)
-    _check_broadcast("A", A, "B", B)
+    check_trailing("A", A, 7)
+    check_trailing("B", B, 7)
+    check_broadcast("A", A, "B", B)
     qa = A[..., 3:]
     t = _quat_rotate(qa, B[..., :3]) + A[..., :3]
     return torch.cat([t, quat_mul(qa, B[..., 3:])], dim=-1)
@@ -367,9 +345,9 @@ def se3_act(T: Tensor, p: Tensor) -> Tensor:
         T: (..., 7), p: (..., 3) -> (..., 3) (leading dims broadcast; for points (..., P, 3) pass
         T[..., None, :])
     """
-    _check("T", T, 7)
-    _check("p", p, 3)
-    _check_broadcast("T", T, "p", p)
+    check_trailing("T", T, 7)
+    check_trailing("p", p, 3)
+    check_broadcast("T", T, "p", p)
     return _quat_rotate(T[..., 3:], p) + T[..., :3]
 
 
@@ -379,7 +357,7 @@ def se3_adjoint(T: Tensor) -> Tensor:
     Shapes:
         T: (..., 7) -> (..., 6, 6)
     """
-    _check("T", T, 7)
+    check_trailing("T", T, 7)
     R = quat_to_matrix(T[..., 3:])
     tR = skew(T[..., :3]) @ R
     zero = torch.zeros_like(R)
@@ -392,7 +370,7 @@ def se3_matrix(T: Tensor) -> Tensor:
     Shapes:
         T: (..., 7) -> (..., 4, 4)
     """
-    _check("T", T, 7)
+    check_trailing("T", T, 7)
     top = torch.cat([quat_to_matrix(T[..., 3:]), T[..., :3].unsqueeze(-1)], dim=-1)
     bottom = torch.zeros_like(top[..., :1, :])
     bottom[..., 0, 3] = 1.0
@@ -406,9 +384,9 @@ def se3_from_matrix(M: Tensor) -> Tensor:
         M: (..., 4, 4) or (..., 3, 4) -> (..., 7)
     """
     if isinstance(M, Tensor) and M.dim() >= 2 and tuple(M.shape[-2:]) == (3, 4):
-        _check("M", M, 3, 4)
+        check_trailing("M", M, 3, 4)
     else:
-        _check("M", M, 4, 4)
+        check_trailing("M", M, 4, 4)
     return torch.cat([M[..., :3, 3], matrix_to_quat(M[..., :3, :3])], dim=-1)
 
 
@@ -456,7 +434,7 @@ class SE3:
     __slots__ = ("data",)
 
     def __init__(self, data: Tensor) -> None:
-        self.data = _check("data", data, 7)
+        self.data = check_trailing("data", data, 7)
 
     @classmethod
     def exp(cls, xi: Tensor) -> SE3:

@@ -2,10 +2,9 @@
 
 `v2d.geometry.gauss_newton` optimises poses with the depth fixed; alternating it with a per-pixel
 inverse-depth step with the poses fixed (this solver with every pose fixed) is block coordinate
-descent, which creeps
-along the direction where depth and translation change together (the window's scale: scaling every
-inverse depth by s and every translation by 1/s leaves the flow residuals unchanged, only the depth
-prior notices). This module takes the Gauss-Newton step in both at once, as DROID-SLAM's dense BA
+descent, which creeps along the direction where depth and translation change together (the window's
+scale: scaling every inverse depth by s and every translation by 1/s leaves the flow residuals
+unchanged, only the depth prior notices). This module takes the Gauss-Newton step in both at once, as DROID-SLAM's dense BA
 does, so that direction is solved for instead of crawled along.
 
 Problem. Nodes 0..K-1 are keyframes with an inverse-depth map, nodes K..N-1 frames without one
@@ -68,7 +67,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from v2d.errors import ShapeError
-from v2d.geometry.camera import _rays
+from v2d.geometry.camera import pixel_rays
 from v2d.geometry.lie import quat_to_matrix, se3_adjoint, se3_exp, se3_inv, se3_mul
 
 __all__ = ["WindowBAOptions", "window_bundle_adjust"]
@@ -210,7 +209,7 @@ def window_bundle_adjust(poses_cw: Tensor, inv_depth: Tensor, intrinsics: Tensor
     Kf, H, W = inv_depth.shape
     s = opts.stride
     intr = intrinsics.detach().to(f64)
-    rays = _rays(intr, H, W, f64, inv_depth.device)[::s, ::s].reshape(-1, 3)  # (P, 3)
+    rays = pixel_rays(intr, H, W, f64, inv_depth.device)[::s, ::s].reshape(-1, 3)  # (P, 3)
     # non-finite inputs: a prior or prior weight that is not finite is no prior; a starting inverse
     # depth that is not finite starts at the prior (or the floor)
     pri_full = prior.detach().to(f64)

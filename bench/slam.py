@@ -20,54 +20,20 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import subprocess
 import sys
 import tempfile
-import time
 from pathlib import Path
-from typing import NamedTuple
 
 import numpy as np
 
-from bench._common import ROOT, write_results
+from bench._common import ROOT, v2d_usage, write_results
 
 DEFAULT_DATA = ROOT.parent / "shared" / "data" / "7scenes-redkitchen"
 
 
-class ChildUsage(NamedTuple):
-    wall_s: float  # end to end, start-up included
-    peak_rss_mb: float  # the child's ru_maxrss
-    cpu_s: float  # the child's user + system time (all threads): steadier than wall time on a busy machine
-
-
-def _timed(module: str, args: list[str], what: str) -> ChildUsage:
-    """Run `python -m MODULE ARGS` in a subprocess and measure it.
-
-    Raises RuntimeError("WHAT failed (exit code C):\n<stderr>") when the child exits with a non-zero code.
-    """
-    t = time.perf_counter()
-    with tempfile.TemporaryFile(mode="w+") as log:  # a file, not a pipe: a full pipe would block the child
-        proc = subprocess.Popen([sys.executable, "-m", module, *args], cwd=ROOT,
-                                stdout=subprocess.DEVNULL, stderr=log, text=True)
-        _, status, usage = os.wait4(proc.pid, 0)
-        proc.returncode = os.waitstatus_to_exitcode(status)
-        wall = time.perf_counter() - t
-        log.seek(0)
-        err = log.read()
-    if proc.returncode != 0:
-        raise RuntimeError(f"{what} failed (exit code {proc.returncode}):\n{err}")
-    return ChildUsage(wall, usage.ru_maxrss / 1024.0, usage.ru_utime + usage.ru_stime)  # KiB -> MiB
-
-
-def _v2d_usage(args: list[str]) -> ChildUsage:
-    """Run `v2d ARGS` in a subprocess and measure it. Raises RuntimeError on failure."""
-    return _timed("tools.cli", [*args, "-q"], f"v2d {' '.join(args)}")
-
-
 def _v2d(args: list[str]) -> tuple[float, float]:
     """Run `v2d ARGS` in a subprocess; returns (wall seconds, peak RSS in MB). Raises on failure."""
-    usage = _v2d_usage(args)
+    usage = v2d_usage(args)
     return usage.wall_s, usage.peak_rss_mb
 
 

@@ -1,4 +1,5 @@
-"""Measurement helpers shared by the benchmarks: median wall time and peak resident memory.
+"""Measurement helpers shared by the benchmarks: median wall time, peak resident memory, and the
+wall time, peak memory and CPU time of a child process (`run_child`, `v2d_usage`).
 
 Peak memory on CPU: torch has no allocator statistics for the CPU, so each variant runs once in a
 fresh subprocess that builds its inputs, runs once to warm up, resets the kernel's resident-memory high-water mark
@@ -11,14 +12,19 @@ from __future__ import annotations
 
 import importlib
 import json
+import os
 import statistics
 import subprocess
 import sys
+import tempfile
 import time
 from collections.abc import Callable
 from pathlib import Path
+from typing import NamedTuple
 
 ROOT = Path(__file__).resolve().parents[1]
+
+__all__ = ["ROOT", "ChildUsage", "median_ms", "peak_mb", "run_child", "v2d_usage", "write_results"]
 
 
 def median_ms(fn: Callable[[], object], repeats: int, warmup: int = 1) -> float:
@@ -40,6 +46,39 @@ def write_results(path: str | None, results: dict) -> None:
         out.parent.mkdir(parents=True, exist_ok=True)
         out.write_text(json.dumps(results, indent=2) + "\n")
         print(f"wrote {out}")
+
+
+class ChildUsage(NamedTuple):
+    """What a child process cost (see `run_child`)."""
+
+    wall_s: float  # end to end, start-up included
+    peak_rss_mb: float  # the child's ru_maxrss
+    cpu_s: float  # the child's user + system time (all threads): steadier than wall time on a busy machine
+
+
+def run_child(module: str, args: list[str], what: str, root: Path = ROOT) -> ChildUsage:
+    """Run `python -m MODULE ARGS` in a subprocess and measure it.
+
+    Raises RuntimeError("WHAT failed (exit code C):\n<stderr>") when the child exits with a non-zero code.
+    """
+    t = time.perf_counter()
+    with tempfile.TemporaryFile(mode="w+") as log:  # a file, not a pipe: a full pipe would block the child
+        proc = subprocess.Popen([sys.executable, "-m", module, *args], cwd=root,
+                                stdout=subprocess.DEVNULL, stderr=log, text=True)
+        _, status, usage = os.wait4(proc.pid, 0)
+        proc.returncode = os.waitstatus_to_exitcode(status)
+        wall = time.perf_counter() - t
+        log.seek(0)
+        err = log.read()
+    if proc.returncode != 0:
+        raise RuntimeError(f"{what} failed (exit code {proc.returncode}):\n{err}")
+    return ChildUsage(wall, usage.ru_maxrss / 1024.0, usage.ru_utime + usage.ru_stime)  # KiB -> MiB
+
+
+def v2d_usage(args: list[str], root: Path = ROOT) -> ChildUsage:
+    """Run `v2d ARGS` in a subprocess (the code of the checkout `root`) and measure it. Raises
+    RuntimeError on failure."""
+    return run_child("tools.cli", [*args, "-q"], f"v2d {' '.join(args)}", root)
 
 
 def _status_kib(field: str) -> int:

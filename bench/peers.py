@@ -50,8 +50,7 @@ from pathlib import Path
 
 import numpy as np
 
-from bench._common import ROOT, write_results
-from bench.slam import _timed, _v2d_usage
+from bench._common import ROOT, run_child, v2d_usage, write_results
 
 DEFAULT_DATA = ROOT.parent / "shared" / "data" / "7scenes-redkitchen"
 MIN_REGISTERED = 3  # evo's Sim3 alignment needs at least 3 associated poses
@@ -192,7 +191,7 @@ def run_v2d(data: Path, frames: list[int], size: tuple[int, int], calibrated: bo
     if not calibrated:
         args.append("--uncalibrated")
     try:
-        row["wall_s"], row["peak_rss_mb"], row["cpu_s"] = _v2d_usage(args)
+        row["wall_s"], row["peak_rss_mb"], row["cpu_s"] = v2d_usage(args)
         summary = json.loads((out / "summary.json").read_text())
         t, poses = read_trajectory(out / "trajectory.txt", "tum")
     except (RuntimeError, OSError, ValueError, V2DError) as exc:  # ValueError: a broken summary.json
@@ -235,7 +234,7 @@ def run_colmap(data: Path, frames: list[int], size: tuple[int, int] | None, refi
             "work": str(work)}
     (work / "spec.json").write_text(json.dumps(spec, indent=1))
     try:
-        row["wall_s"], row["peak_rss_mb"], row["cpu_s"] = _timed("bench.peers", ["_colmap", str(work / "spec.json")],
+        row["wall_s"], row["peak_rss_mb"], row["cpu_s"] = run_child("bench.peers", ["_colmap", str(work / "spec.json")],
                                                                  "COLMAP worker")
         result = json.loads((work / "result.json").read_text())
     except (RuntimeError, OSError, ValueError) as exc:

@@ -25,54 +25,20 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import subprocess
 import sys
 import tempfile
-import time
 from pathlib import Path
-from typing import NamedTuple
 
 import numpy as np
 
-from bench._common import ROOT, write_results
+from bench._common import ROOT, v2d_usage, write_results
 
 DEFAULT_DATA = ROOT.parent / "shared" / "data" / "7scenes-redkitchen"
 
 
-class ChildUsage(NamedTuple):
-    wall_s: float  # end to end, start-up included
-    peak_rss_mb: float  # the child's ru_maxrss
-    cpu_s: float  # the child's user + system time (all threads): steadier than wall time on a busy machine
-
-
-def _timed(module: str, args: list[str], what: str, root: Path = ROOT) -> ChildUsage:
-    """Run `python -m MODULE ARGS` in a subprocess and measure it.
-
-    Raises RuntimeError("WHAT failed (exit code C):\n<stderr>") when the child exits with a non-zero code.
-    """
-    t = time.perf_counter()
-    with tempfile.TemporaryFile(mode="w+") as log:  # a file, not a pipe: a full pipe would block the child
-        proc = subprocess.Popen([sys.executable, "-m", module, *args], cwd=root,
-                                stdout=subprocess.DEVNULL, stderr=log, text=True)
-        _, status, usage = os.wait4(proc.pid, 0)
-        proc.returncode = os.waitstatus_to_exitcode(status)
-        wall = time.perf_counter() - t
-        log.seek(0)
-        err = log.read()
-    if proc.returncode != 0:
-        raise RuntimeError(f"{what} failed (exit code {proc.returncode}):\n{err}")
-    return ChildUsage(wall, usage.ru_maxrss / 1024.0, usage.ru_utime + usage.ru_stime)  # KiB -> MiB
-
-
-def _v2d_usage(args: list[str], root: Path = ROOT) -> ChildUsage:
-    """Run `v2d ARGS` in a subprocess (the code of checkout `root`) and measure it. Raises RuntimeError on failure."""
-    return _timed("tools.cli", [*args, "-q"], f"v2d {' '.join(args)}", root)
-
-
 def _v2d(args: list[str]) -> tuple[float, float]:
     """Run `v2d ARGS` in a subprocess; returns (wall seconds, peak RSS in MB). Raises on failure."""
-    usage = _v2d_usage(args)
+    usage = v2d_usage(args)
     return usage.wall_s, usage.peak_rss_mb
 
 
@@ -233,7 +199,7 @@ def _speed(tmp: Path, results: dict, data: Path, overrides: list[str], repeats: 
         for r in range(repeats):
             for name, root in roots.items():
                 out = tmp / f"speed-{name}-{stride}-{r}"
-                usage = _v2d_usage(["run", str(data), "--out", str(out), "--stride", str(stride), "--max-frames",
+                usage = v2d_usage(["run", str(data), "--out", str(out), "--stride", str(stride), "--max-frames",
                                     str(frames), "--resize", "240x320", *_sets(overrides if name == "this" else [])],
                                    root)
                 ate = _ate(out, idx.astype(np.float64), gt_wc)

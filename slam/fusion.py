@@ -25,7 +25,7 @@ from v2d.geometry.camera import backproject, project, relative_pose
 from v2d.geometry.lie import se3_act, se3_inv
 from v2d.io.writers import atomic_write_named
 
-__all__ = ["consistency_mask", "fuse_keyframes", "relative_disagreement", "splat_depth", "write_ply"]
+__all__ = ["fuse_keyframes", "relative_disagreement", "splat_depth", "write_ply"]
 
 _log = logging.getLogger(__name__)
 
@@ -79,12 +79,6 @@ def _check_count(name: str, n: object) -> int:
     if isinstance(n, bool) or not isinstance(n, int | np.integer) or n < 0:
         raise InputError(f"{name}: expected an int >= 0, got {n!r}")
     return int(n)
-
-
-def _check_index(name: str, i: object, K: int) -> int:
-    if isinstance(i, bool) or not isinstance(i, int | np.integer) or not 0 <= i < K:
-        raise ShapeError(f"{name}: expected an int in [0, {K}), got {i!r}")
-    return int(i)
 
 
 def _check_depth_stack(depths: Sequence[object], poses_cw: object, intrinsics: object
@@ -165,6 +159,14 @@ def _compare(depth_src: Tensor, depth_dst: Tensor, T_src_dst: Tensor, intrinsics
 
 def _consistency(depths: list[Tensor], poses_cw: Tensor, intrinsics: Tensor, k: int, neighbours: Sequence[int],
                  rel_tol: float) -> Tensor:
+    """How many of the neighbour keyframes agree with each pixel of keyframe k.
+
+    A valid pixel of k agrees with neighbour n when it lands in front of camera n, its nearest pixel
+    there is inside the image with a valid depth d_n, and its depth z in camera n satisfies
+    |z - d_n| <= rel_tol * d_n. A pixel occluded in n disagrees with n.
+
+    Shapes: depths K x (H, W), poses_cw (K, 7), intrinsics (4,) -> (H, W) int64 counts
+    """
     count = torch.zeros(depths[k].shape, dtype=torch.int64, device=depths[k].device)
     for n in neighbours:
         rel, hit = _compare(depths[k], depths[n], relative_pose(poses_cw[k], poses_cw[n]), intrinsics)
@@ -191,26 +193,6 @@ def relative_disagreement(depth_i: Tensor, depth_j: Tensor, pose_cw_i: Tensor, p
     return rel[hit], int(_valid(deps[0]).sum())
 
 
-def consistency_mask(depths: Sequence[Tensor], poses_cw: Tensor, intrinsics: Tensor, k: int,
-                     neighbours: Sequence[int], rel_tol: float) -> Tensor:
-    """How many neighbour keyframes agree with each pixel of keyframe k.
-
-    A valid pixel of keyframe k agrees with neighbour n when it lands in front of camera n, its
-    nearest pixel there is inside the image with a valid depth d_n, and its depth z in camera n
-    satisfies |z - d_n| <= rel_tol * d_n. A pixel occluded in n disagrees with n.
-
-    Shapes:
-        depths: K x (H, W) float tensors, poses_cw: (K, 7), intrinsics: (4,), neighbours: indices
-        in [0, K) other than k -> (H, W) int64 counts in [0, len(neighbours)]
-    """
-    deps, poses, intr = _check_depth_stack(depths, poses_cw, intrinsics)
-    k = _check_index("k", k, len(deps))
-    near = [_check_index("neighbours", n, len(deps)) for n in neighbours]
-    if k in near:
-        raise ShapeError(f"neighbours: expected indices other than k = {k}, got {list(neighbours)}")
-    return _consistency(deps, poses, intr, k, near, _check_rel_tol(rel_tol))
-
-
 # --------------------------------------------------------------------------------------------------
 # fusion
 
@@ -234,12 +216,13 @@ def fuse_keyframes(
     """Fused coloured point cloud of K keyframes, in world coordinates.
 
     A pixel of keyframe k is kept when its depth is valid (finite, > 0, <= max_depth if given) and
-    it agrees (see `consistency_mask`, tolerance `rel_tol`) with at least `min_views` of keyframes
-    k - neighbours .. k + neighbours other than k (clipped to [0, K)); min_views = 0 turns the check
-    off. With one keyframe nothing can be checked: its valid pixels are kept and a warning is logged.
-    `voxel` > 0 (metres) averages points and colours per voxel of that size, merging every few
-    keyframes so the memory follows the scene, not the
-    video length. Geometry runs in float64 on the device of the first depth map; points are
+    it agrees with at least `min_views` of keyframes k - neighbours .. k + neighbours other than k
+    (clipped to [0, K)): its depth, moved into neighbour n, is within `rel_tol` (relative) of n's depth
+    at the nearest pixel (a pixel that leaves n's image, lands behind n, on an unknown depth or is
+    occluded in n disagrees with n); min_views = 0 turns the check off. With one keyframe nothing
+    can be checked: its valid pixels are kept and a warning is logged. `voxel` > 0 (metres)
+    averages points and colours per voxel of that size, merging every few keyframes so the memory
+    follows the scene, not the video length. Geometry runs in float64 on the device of the first depth map; points are
     accumulated in float32 (colours as uint8).
 
     Shapes:

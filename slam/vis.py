@@ -83,11 +83,6 @@ MESH_INITIAL_BLOCKS = 20000  # the grid's hash map grows beyond this when needed
 # The 8 edges of a frustum given by `frustum_points`: apex to the 4 corners, then the image rectangle.
 FRUSTUM_LINES = np.array([[0, 1], [0, 2], [0, 3], [0, 4], [1, 2], [2, 3], [3, 4], [4, 1]], dtype=np.int32)
 
-_PLY_TYPE_BYTES = {"char": 1, "uchar": 1, "int8": 1, "uint8": 1, "short": 2, "ushort": 2, "int16": 2, "uint16": 2,
-                   "int": 4, "uint": 4, "int32": 4, "uint32": 4, "float": 4, "float32": 4, "double": 8,
-                   "float64": 8}
-
-
 # --------------------------------------------------------------------------------------------------
 # geometry
 # --------------------------------------------------------------------------------------------------
@@ -160,68 +155,40 @@ def _polyline(n: int) -> np.ndarray:
 # --------------------------------------------------------------------------------------------------
 
 
-def _ply_header(path: Path) -> tuple[str, int, list[tuple[str, int, int | None]]]:
-    """(format, header bytes, [(element, count, fixed row bytes or None when it has list properties)])."""
-    with path.open("rb") as f:
-        head = f.read(65536)
-    if not head.startswith(b"ply"):
-        raise InputError(f"{path}: not a PLY file (it does not start with 'ply'); the run's cloud is corrupt")
-    end = head.find(b"end_header")
-    if end < 0:
-        raise InputError(f"{path}: corrupt PLY header (no end_header)")
-    nl = head.find(b"\n", end)
-    header_bytes = (nl + 1) if nl >= 0 else len(head)
-    fmt, elements = "", []
-    for line in head[:end].decode("ascii", "replace").splitlines():
-        words = line.split()
-        if not words:
-            continue
-        try:
-            if words[0] == "format":
-                fmt = words[1]
-            elif words[0] == "element":
-                elements.append([words[1], int(words[2]), 0])
-            elif words[0] == "property" and elements:
-                size = _PLY_TYPE_BYTES.get(words[1]) if words[1] != "list" else None
-                elements[-1][2] = None if size is None or elements[-1][2] is None else elements[-1][2] + size
-        except (IndexError, ValueError):
-            raise InputError(f"{path}: corrupt PLY header line {line!r}") from None
-    if fmt not in ("ascii", "binary_little_endian", "binary_big_endian"):
-        raise InputError(f"{path}: corrupt PLY header (format {fmt!r})")
-    return fmt, header_bytes, [(str(n), int(c), s) for n, c, s in elements]
-
-
 def read_cloud(path: str | Path) -> o3d.geometry.PointCloud:
     """The run's fused cloud; InputError when it is missing, not a PLY file, truncated or unreadable.
 
-    A PLY file with zero vertices is a valid (empty) cloud. Open3D alone cannot tell: it returns an
-    empty cloud for a file it cannot parse and a full-size cloud of zeros for a truncated one, so the
-    header is checked against the file size first.
+    Read by Open3D's tensor PLY reader, which also parses the header (a PLY file with zero vertices is
+    a valid, empty cloud). Open3D does not report a file that ends early: it returns the declared
+    number of points, the missing ones uninitialised. So a binary file must hold the header plus the
+    bytes of the vertex attributes Open3D found (count x row size); other elements only add bytes.
     """
     import open3d as o3d
 
     path = Path(path)
     if not path.is_file():
         raise InputError(f"{path}: missing (a finished `v2d run` writes the fused point cloud there)")
-    fmt, header_bytes, elements = _ply_header(path)
-    vertices = next((c for n, c, _ in elements if n == "vertex"), None)
-    if vertices is None:
-        raise InputError(f"{path}: a PLY file without vertices, not a point cloud")
-    if fmt != "ascii" and all(s is not None for _, _, s in elements):
-        need = header_bytes + sum(c * s for _, c, s in elements)
+    with path.open("rb") as f:
+        head = f.read(65536)
+    if not head.startswith(b"ply"):
+        raise InputError(f"{path}: not a PLY file (it does not start with 'ply'); the run's cloud is corrupt")
+    with _quiet_open3d():
+        cloud = o3d.t.io.read_point_cloud(str(path), format="ply")
+    if "positions" not in cloud.point:
+        raise InputError(f"{path}: corrupt PLY header or no vertex positions (Open3D read no point cloud from it)")
+    vertices = len(cloud.point.positions)
+    end = head.find(b"end_header")
+    if b"format ascii" not in head[:end] and end >= 0:
+        row = sum(v.dtype.byte_size() * int(np.prod(v.shape[1:])) for _, v in cloud.point.items())
+        need = head.index(b"\n", end) + 1 + vertices * row
         size = path.stat().st_size
         if size < need:
             raise InputError(f"{path}: truncated: its header declares {vertices} vertices ({need} bytes) but the "
                              f"file has {size} bytes")
-    if vertices == 0:
-        return o3d.geometry.PointCloud()
-    with _quiet_open3d():
-        cloud = o3d.io.read_point_cloud(str(path), format="ply")
-    pts = np.asarray(cloud.points)
-    if len(pts) != vertices or not np.isfinite(pts).all():
-        raise InputError(f"{path}: corrupt: Open3D read {len(pts)} points (the header declares {vertices})"
-                         + ("" if np.isfinite(pts).all() else ", some not finite"))
-    return cloud
+    legacy = cloud.to_legacy()
+    if not np.isfinite(np.asarray(legacy.points)).all():
+        raise InputError(f"{path}: corrupt: Open3D read {vertices} points, some not finite")
+    return legacy
 
 
 def align_ground_truth(run: RunOutputs, timestamps: np.ndarray, poses_wc: np.ndarray,

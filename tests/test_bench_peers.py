@@ -119,8 +119,8 @@ def test_failed_methods_show_as_missing(scene, tmp_path, monkeypatch, capsys):
     def fail(*args, **kwargs):
         raise RuntimeError("child failed:\nTraceback ...\nerror: no model weights")
 
-    monkeypatch.setattr(peers, "_v2d_usage", fail)
-    monkeypatch.setattr(peers, "_timed", fail)
+    monkeypatch.setattr(peers, "v2d_usage", fail)
+    monkeypatch.setattr(peers, "run_child", fail)
     out = tmp_path / "peers.json"
     assert peers.main(["--data", str(path), "--end", "11", "--stride", "1", "--known-only", "--json", str(out)]) == 0
     printed = capsys.readouterr().out

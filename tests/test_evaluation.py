@@ -31,7 +31,7 @@ needs_trajectories = pytest.mark.skipif(not TRAJECTORIES.is_dir(),
                                         reason=f"real data not found at {TRAJECTORIES} (see ../shared/data/README.md)")
 
 
-def _trajectory(n: int = 40, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
+def curved_trajectory(n: int = 40, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
     """A curved camera->world trajectory with turning orientations: timestamps (n,), poses (n, 7)."""
     rng = np.random.default_rng(seed)
     s = np.linspace(0, 2 * np.pi, n)
@@ -51,7 +51,7 @@ def _same_poses(a: np.ndarray, b: np.ndarray) -> None:
 
 
 def test_every_format_reads_back_the_same_trajectory(tmp_path):
-    t, p = _trajectory()
+    t, p = curved_trajectory()
     write_tum(tmp_path / "traj.txt", t, p)
     R = Rotation.from_quat(p[:, 3:]).as_matrix()
     rt = np.concatenate([R, p[:, :3, None]], axis=2).reshape(len(p), 12)
@@ -95,7 +95,7 @@ def test_malformed_trajectory_files_are_input_errors(tmp_path, content, match):
 
 
 def test_invalid_rotations_are_refused_and_rough_quaternions_normalised(tmp_path):
-    t, p = _trajectory(10)
+    t, p = curved_trajectory(10)
     R = Rotation.from_quat(p[:, 3:]).as_matrix()
     R[4] *= 1.2  # not a rotation
     np.savetxt(tmp_path / "kitti.txt", np.concatenate([R, p[:, :3, None]], axis=2).reshape(10, 12))
@@ -119,7 +119,7 @@ def test_invalid_rotations_are_refused_and_rough_quaternions_normalised(tmp_path
 
 
 def test_time_order_and_repeated_timestamps(tmp_path, caplog):
-    t, p = _trajectory(10)
+    t, p = curved_trajectory(10)
     order = np.r_[5:10, 0:5, 2]  # shuffled, with frame 2 twice (second copy moved away)
     q = p[order].copy()
     q[-1, :3] += 1.0
@@ -200,7 +200,7 @@ def test_rpe_equals_evo_rpe(tmp_path, key, flags):
 
 
 def test_sim3_alignment_removes_a_similarity_and_reports_its_scale():
-    t, p = _trajectory()
+    t, p = curved_trajectory()
     R = Rotation.from_rotvec([0.2, -0.5, 1.0])
     est = p.copy()
     est[:, :3] = 0.37 * R.apply(p[:, :3]) + [1.0, -2.0, 0.5]
@@ -233,7 +233,7 @@ def test_ate_and_rpe_by_hand_without_alignment():
 
 
 def test_association_uses_timestamps_within_max_diff():
-    t, p = _trajectory()
+    t, p = curved_trajectory()
     res, _ = evaluate_trajectory(t[::2] + 0.004, p[::2], t, p, align="none")
     assert res["pairs"] == len(t[::2]) and res["ate_rmse"] < 1e-9
     with pytest.raises(ShapeError, match="within 0.001 s"):
@@ -241,7 +241,7 @@ def test_association_uses_timestamps_within_max_diff():
 
 
 def test_no_overlapping_timestamps_names_both_files(tmp_path):
-    t, p = _trajectory()
+    t, p = curved_trajectory()
     write_tum(tmp_path / "est.txt", t + 1000, p)
     write_tum(tmp_path / "gt.txt", t, p)
     with pytest.raises(InputError, match=r"est.txt spans t = 1100.000.*gt.txt spans t = 100.000"):
@@ -257,7 +257,7 @@ def test_degenerate_alignment_is_a_numerical_error():
 
 
 def test_plot_is_a_png_with_both_panels(tmp_path):
-    t, p = _trajectory()
+    t, p = curved_trajectory()
     res, arrays = evaluate_trajectory(t, p + [0.01, 0, 0, 0, 0, 0, 0], t, p, align="none")
     path = plot_trajectory(arrays, res, tmp_path / "plot.png")
     img = cv2.imread(str(path))

@@ -24,7 +24,7 @@ from torch import nn
 
 from kernels import ops
 from v2d.geometry.camera import pose_to_rt, relative_pose, scale_intrinsics
-from v2d.nets.blocks import Conv3dCL, ConvNormAct, StackedHourglass, _norm
+from v2d.nets.blocks import Conv3dCL, ConvNormAct, StackedHourglass, norm_layer
 from v2d.nets.encoder import FeatureEncoder
 from v2d.ranges import NON_NEGATIVE, POSITIVE, Ranges, Relation, Relations, at_least, one_of
 
@@ -137,7 +137,7 @@ class DepthModule(nn.Module):
             # done once and broadcast over D, so the concatenated volume is never built.
             self.reduce_key = nn.Conv2d(C, V, 1, bias=False)
             self.reduce_vol = Conv3dCL(C, V, 1)
-            self.reduce_post = nn.Sequential(_norm(3, V, cfg.norm), nn.ReLU(inplace=True))
+            self.reduce_post = nn.Sequential(norm_layer(3, V, cfg.norm), nn.ReLU(inplace=True))
         else:
             self.reduce_key = None
             self.reduce = nn.Sequential(ConvNormAct(3, 2 * C + G, V, k, 1, cfg.norm),

@@ -16,6 +16,7 @@ from v2d.geometry.camera import (
     intrinsics_from_matrix,
     intrinsics_to_matrix,
     pixel_grid,
+    pixel_rays,
     pose_to_rt,
     project,
     relative_pose,
@@ -60,6 +61,17 @@ def test_project_inverts_backproject():
     uv = project(points, INTR[:, None, None, :])
     torch.testing.assert_close(uv, pixel_grid(12, 16, dtype=F64).expand(2, 12, 16, 2), atol=1e-12, rtol=0)
     torch.testing.assert_close(backproject_inv(1.0 / depth, INTR), points)
+
+
+def test_pixel_rays_project_to_their_pixels_at_unit_depth():
+    rays = pixel_rays(INTR, 12, 16)
+    assert rays.shape == (2, 12, 16, 3) and rays.dtype == F64
+    torch.testing.assert_close(rays[..., 2], torch.ones(2, 12, 16, dtype=F64))
+    uv = project(rays, INTR[:, None, None, :])
+    torch.testing.assert_close(uv, pixel_grid(12, 16, dtype=F64).expand(2, 12, 16, 2), atol=1e-12, rtol=0)
+    assert pixel_rays(INTR[0].float(), 3, 4).dtype == torch.float32
+    with pytest.raises(ShapeError, match=r"intrinsics: expected \(\.\.\., 4\), got \(3, 3\)"):
+        pixel_rays(torch.eye(3, dtype=F64), 3, 4)
 
 
 def test_backproject_broadcasts_one_intrinsics_over_a_batch():

@@ -10,7 +10,6 @@ import numpy as np
 import pytest
 
 from v2d.errors import InputError
-from v2d.io import datasets
 from v2d.io.datasets import iter_frames, open_sequence, parse_intrinsics, parse_size, select_frames
 
 H, W = 48, 64
@@ -67,17 +66,14 @@ def test_streams_the_selected_frames_in_order_resized(source):
     assert [_brightness(rgb) for _, rgb in small] == [1, 8]
 
 
-def test_video_is_streamed_not_decoded_into_memory(tmp_path, monkeypatch):
-    video = write_video(tmp_path / "clip.avi")
-
-    def forbidden(path):
-        raise AssertionError("_read_video decodes the whole video into memory")
-
-    monkeypatch.setattr(datasets, "_read_video", forbidden)
-    seq = open_sequence(video, intrinsics=[50.0, 50.0, 32.0, 24.0])
-    assert len(seq) == N
-    assert [k for k, _ in iter_frames(seq, range(N))] == list(range(N))
-    assert seq._frames is None
+def test_one_video_frame_is_the_streamed_frame(tmp_path):
+    seq = open_sequence(write_video(tmp_path / "clip.avi"), intrinsics=[50.0, 50.0, 32.0, 24.0])
+    streamed = dict(iter_frames(seq, range(N)))
+    for k in (0, 4, N - 1):
+        assert np.array_equal(seq.image(k), streamed[k]) and _brightness(seq.image(k)) == k
+    seq.timestamps = np.arange(N + 2, dtype=np.float64)  # as if the file were truncated after opening
+    with pytest.raises(InputError, match=f"cannot read video frame {N + 1}"):
+        seq.image(N + 1)
 
 
 def test_video_ending_early_stops_the_stream(tmp_path, caplog):

@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 import torch
 
-from slam.fusion import consistency_mask, fuse_keyframes, splat_depth, write_ply
+from slam.fusion import fuse_keyframes, splat_depth, write_ply
 from v2d.data.synthetic import default_intrinsics, make_scene, make_trajectory, render_views
 from v2d.errors import InputError, NumericalError, ShapeError
 from v2d.geometry.camera import project, reproject, valid_reprojection
@@ -103,53 +103,6 @@ def test_splat_rejects_bad_inputs() -> None:
 
 
 # --------------------------------------------------------------------------------------------------
-# consistency_mask
-
-
-def _visible_in_all(depths: list[torch.Tensor], poses: torch.Tensor, intr: torch.Tensor, k: int,
-                    neighbours: list[int]) -> torch.Tensor:
-    """Pixels of k that land inside every neighbour image (bilinear-valid region, v2d.geometry)."""
-    mask = torch.ones(H, W, dtype=torch.bool)
-    for n in neighbours:
-        inv = 1.0 / depths[k].double()
-        coords, z = reproject(inv, poses[k], poses[n], intr)
-        mask &= valid_reprojection(inv, coords, z, min_depth=0.0)
-    return mask
-
-
-def test_consistency_counts_agreeing_neighbours_of_true_depth(kf) -> None:
-    depths, _, poses, intr = kf
-    depths = [torch.from_numpy(d) for d in depths]
-    count = consistency_mask(depths, poses, intr, 1, [0, 2, 3], rel_tol=0.05)
-    assert count.shape == (H, W) and count.dtype == torch.int64
-    assert int(count.min()) >= 0 and int(count.max()) <= 3
-    visible = _visible_in_all(depths, poses, intr, 1, [0, 2, 3])
-    assert visible.float().mean() > 0.5
-    assert (count[visible] == 3).float().mean() > 0.95  # the rest: occlusions, silhouettes
-
-
-def test_consistency_rejects_scaled_depth(kf) -> None:
-    depths, _, poses, intr = kf
-    depths = [torch.from_numpy(d) for d in depths]
-    depths[1] = depths[1] * 1.3
-    count = consistency_mask(depths, poses, intr, 1, [0, 2], rel_tol=0.05)
-    assert (count == 0).float().mean() > 0.98
-
-
-def test_consistency_rejects_bad_indices(kf) -> None:
-    depths, _, poses, intr = kf
-    depths = [torch.from_numpy(d) for d in depths]
-    with pytest.raises(ShapeError, match="other than k"):
-        consistency_mask(depths, poses, intr, 1, [0, 1], rel_tol=0.05)
-    with pytest.raises(ShapeError, match="neighbours"):
-        consistency_mask(depths, poses, intr, 1, [4], rel_tol=0.05)
-    with pytest.raises(ShapeError, match="poses_cw"):
-        consistency_mask(depths, poses[:3], intr, 1, [0], rel_tol=0.05)
-    with pytest.raises(InputError, match="rel_tol"):
-        consistency_mask(depths, poses, intr, 1, [0], rel_tol=-0.1)
-
-
-# --------------------------------------------------------------------------------------------------
 # fuse_keyframes
 
 
@@ -172,6 +125,49 @@ def test_fused_points_lie_on_the_scene(kf) -> None:
     assert inside.float().mean() > 0.7
     assert (rel.abs() < 0.02).float().mean() > 0.9
     assert (rel < -0.05).float().mean() < 0.01
+
+
+def _kept(depths, poses, intr, **options) -> list[torch.Tensor]:
+    """Which pixels of each keyframe fuse_keyframes keeps: colour (k, row, col) tells where a point is from."""
+    rows, cols = np.mgrid[0:H, 0:W]
+    images = [np.stack([np.full((H, W), k), rows, cols], -1).astype(np.uint8) for k in range(len(depths))]
+    _, colors = fuse_keyframes(depths, images, poses, intr, **options)
+    k, r, c = np.round(colors * 255).astype(np.int64).T
+    masks = torch.zeros(len(depths), H, W, dtype=torch.bool)
+    masks[k, r, c] = True
+    assert int(masks.sum()) == len(colors)  # every point from a distinct pixel
+    return list(masks)
+
+
+def _visible_in_all(depths: list[np.ndarray], poses: torch.Tensor, intr: torch.Tensor, k: int,
+                    neighbours: list[int]) -> torch.Tensor:
+    """Pixels of k that land inside every neighbour image (bilinear-valid region, v2d.geometry)."""
+    mask = torch.ones(H, W, dtype=torch.bool)
+    for n in neighbours:
+        inv = 1.0 / torch.from_numpy(depths[k]).double()
+        coords, z = reproject(inv, poses[k], poses[n], intr)
+        mask &= valid_reprojection(inv, coords, z, min_depth=0.0)
+    return mask
+
+
+def test_fusion_keeps_the_pixels_every_neighbour_agrees_with(kf) -> None:
+    depths, _, poses, intr = kf
+    kept = _kept(depths, poses, intr, neighbours=2, min_views=3)  # keyframe 1: neighbours 0, 2 and 3
+    visible = _visible_in_all(depths, poses, intr, 1, [0, 2, 3])
+    assert visible.float().mean() > 0.5
+    assert kept[1][visible].float().mean() > 0.95  # the rest: occlusions, silhouettes
+    assert not kept[0].any() and not kept[3].any()  # two neighbours each: 3 views cannot agree
+    assert kept[1].float().mean() < visible.float().mean() + 0.05  # what one neighbour misses is dropped
+
+
+def test_fusion_drops_a_keyframe_at_the_wrong_scale(kf) -> None:
+    depths, _, poses, intr = kf
+    depths = list(depths)
+    depths[1] = depths[1] * 1.3
+    kept = _kept(depths, poses, intr, neighbours=1)  # keyframe 1 against 0 and 2
+    assert kept[1].float().mean() < 0.02
+    assert kept[0].float().mean() < 0.02  # its only neighbour is keyframe 1
+    assert kept[2].float().mean() > 0.5 and kept[3].float().mean() > 0.5  # they agree with each other
 
 
 def test_fusion_drops_a_corrupted_keyframe(kf) -> None:
@@ -230,6 +226,8 @@ def test_fusion_rejects_bad_inputs(kf) -> None:
         fuse_keyframes(depths, images, bad, intr)
     with pytest.raises(NumericalError, match="intrinsics"):
         fuse_keyframes(depths, images, poses, torch.tensor([torch.nan, 1.0, 2.0, 3.0], dtype=F64))
+    with pytest.raises(InputError, match="rel_tol"):
+        fuse_keyframes(depths, images, poses, intr, rel_tol=-0.1)
 
 
 # --------------------------------------------------------------------------------------------------

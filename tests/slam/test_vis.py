@@ -183,8 +183,8 @@ def test_read_cloud_accepts_an_empty_cloud_and_rejects_corrupt_files(tmp_path, r
     assert len(vis.read_cloud(empty).points) == 0
     good = (run_dir / "cloud.ply").read_bytes()
     assert len(vis.read_cloud(run_dir / "cloud.ply").points) == len(gt_points(sequence(), KEYFRAMES)[0])
-    cases = {"truncated": good[: len(good) // 2], "not a PLY": b"\x00garbage" * 20, "not a PLY ": b"",
-             "corrupt PLY header": good[:40]}
+    cases = {"truncated": good[: len(good) // 2], "truncated ": good[:-3], "not a PLY": b"\x00garbage" * 20,
+             "not a PLY ": b"", "corrupt PLY header": good[:40]}
     for needle, data in cases.items():
         path = tmp_path / "bad.ply"
         path.write_bytes(data)

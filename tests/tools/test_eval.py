@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 from tests.fake_run import write_fake_run
-from tests.test_evaluation import _trajectory
+from tests.test_evaluation import curved_trajectory
 from tests.tools.cli_errors import one_line_error
 from tools.cli import main
 from v2d.data.synthetic import render_sequence
@@ -17,7 +17,7 @@ from v2d.io.writers import write_tum
 
 @pytest.fixture
 def trajs(tmp_path):
-    t, p = _trajectory()
+    t, p = curved_trajectory()
     est = p.copy()
     est[:, :3] = 2.0 * p[:, :3] + 0.01 * np.random.default_rng(0).normal(size=(len(p), 3))
     write_tum(tmp_path / "est.txt", t, est)
@@ -52,7 +52,7 @@ def test_traj_bad_inputs(tmp_path, trajs, capsys, case):
     elif case == "missing":
         args[2] = str(tmp_path / "nope.txt")
     elif case == "no_overlap":
-        t, p = _trajectory()
+        t, p = curved_trajectory()
         write_tum(est, t + 500, p)
     elif case == "bad_plot":
         args[-1] = str(tmp_path / "plot.jpg")
@@ -66,7 +66,7 @@ def test_traj_bad_inputs(tmp_path, trajs, capsys, case):
     elif case == "max_diff":
         args += ["--max-diff", "-1"]
     else:
-        t, p = _trajectory()
+        t, p = curved_trajectory()
         p[3, 3:] *= 3
         write_tum(est, t, p)
     assert main(args) == 1

@@ -1,4 +1,4 @@
-"""Geometry of v2d: Lie groups (SE3, Sim3), cameras and projective ops. No networks here."""
+"""Geometry of v2d: the SE3 Lie group, cameras and projective ops. No networks here."""
 
 from v2d.geometry.camera import (
     backproject,
@@ -10,6 +10,7 @@ from v2d.geometry.camera import (
     intrinsics_from_matrix,
     intrinsics_to_matrix,
     pixel_grid,
+    pixel_rays,
     pose_to_rt,
     project,
     relative_pose,
@@ -18,7 +19,6 @@ from v2d.geometry.camera import (
     scale_intrinsics,
     valid_reprojection,
 )
-from v2d.geometry.depth_refine import DepthRefineOptions, refine_inverse_depth
 from v2d.geometry.gauss_newton import (
     GNBlocks,
     GNOptions,
@@ -29,7 +29,6 @@ from v2d.geometry.gauss_newton import (
 )
 from v2d.geometry.lie import (
     SE3,
-    Sim3,
     matrix_to_quat,
     quat_conj,
     quat_mul,
@@ -44,18 +43,6 @@ from v2d.geometry.lie import (
     se3_matrix,
     se3_mul,
     se3_random,
-    se3_to_sim3,
-    sim3_act,
-    sim3_adjoint,
-    sim3_exp,
-    sim3_from_matrix,
-    sim3_identity,
-    sim3_inv,
-    sim3_log,
-    sim3_matrix,
-    sim3_mul,
-    sim3_random,
-    sim3_to_se3,
     skew,
     so3_exp,
     so3_log,
@@ -64,8 +51,6 @@ from v2d.geometry.robust import cauchy_weight
 from v2d.geometry.window_ba import WindowBAOptions, window_bundle_adjust
 
 __all__ = [
-    "DepthRefineOptions",
-    "refine_inverse_depth",
     "GNBlocks",
     "GNOptions",
     "assemble_system",
@@ -73,7 +58,6 @@ __all__ = [
     "gn_accumulate",
     "gn_step",
     "SE3",
-    "Sim3",
     "backproject",
     "backproject_inv",
     "cauchy_weight",
@@ -85,6 +69,7 @@ __all__ = [
     "intrinsics_to_matrix",
     "matrix_to_quat",
     "pixel_grid",
+    "pixel_rays",
     "pose_to_rt",
     "project",
     "quat_conj",
@@ -104,18 +89,6 @@ __all__ = [
     "se3_matrix",
     "se3_mul",
     "se3_random",
-    "se3_to_sim3",
-    "sim3_act",
-    "sim3_adjoint",
-    "sim3_exp",
-    "sim3_from_matrix",
-    "sim3_identity",
-    "sim3_inv",
-    "sim3_log",
-    "sim3_matrix",
-    "sim3_mul",
-    "sim3_random",
-    "sim3_to_se3",
     "skew",
     "so3_exp",
     "so3_log",

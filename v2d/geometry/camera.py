@@ -24,7 +24,8 @@ import torch
 from torch import Tensor
 
 from kernels.errors import ShapeError
-from v2d.geometry.lie import _check, _check_broadcast, quat_to_matrix, se3_inv, se3_mul
+from v2d.geometry.checks import check_broadcast, check_trailing
+from v2d.geometry.lie import quat_to_matrix, se3_inv, se3_mul
 
 __all__ = [
     "backproject",
@@ -36,6 +37,7 @@ __all__ = [
     "intrinsics_from_matrix",
     "intrinsics_to_matrix",
     "pixel_grid",
+    "pixel_rays",
     "pose_to_rt",
     "project",
     "relative_pose",
@@ -66,7 +68,7 @@ def intrinsics_from_matrix(K: Tensor) -> Tensor:
     Shapes:
         K: (..., 3, 3) -> (..., 4)
     """
-    _check("K", K, 3, 3)
+    check_trailing("K", K, 3, 3)
     return torch.stack([K[..., 0, 0], K[..., 1, 1], K[..., 0, 2], K[..., 1, 2]], dim=-1)
 
 
@@ -76,7 +78,7 @@ def intrinsics_to_matrix(intrinsics: Tensor) -> Tensor:
     Shapes:
         intrinsics: (..., 4) -> (..., 3, 3)
     """
-    _check("intrinsics", intrinsics, 4)
+    check_trailing("intrinsics", intrinsics, 4)
     fx, fy, cx, cy = intrinsics.unbind(-1)
     o, i = torch.zeros_like(fx), torch.ones_like(fx)
     return torch.stack([fx, o, cx, o, fy, cy, o, o, i], dim=-1).unflatten(-1, (3, 3))
@@ -90,7 +92,7 @@ def scale_intrinsics(intrinsics: Tensor, sx: float | Tensor, sy: float | Tensor)
     Shapes:
         intrinsics: (..., 4); sx, sy: floats or tensors broadcastable to (...) -> (..., 4)
     """
-    _check("intrinsics", intrinsics, 4)
+    check_trailing("intrinsics", intrinsics, 4)
     fx, fy, cx, cy = intrinsics.unbind(-1)
     return torch.stack([fx * sx, fy * sy, (cx + 0.5) * sx - 0.5, (cy + 0.5) * sy - 0.5], dim=-1)
 
@@ -101,7 +103,7 @@ def crop_intrinsics(intrinsics: Tensor, x0: float | Tensor, y0: float | Tensor) 
     Shapes:
         intrinsics: (..., 4); x0, y0: floats or tensors broadcastable to (...) -> (..., 4)
     """
-    _check("intrinsics", intrinsics, 4)
+    check_trailing("intrinsics", intrinsics, 4)
     fx, fy, cx, cy = intrinsics.unbind(-1)
     return torch.stack([fx, fy, cx - x0, cy - y0], dim=-1)
 
@@ -126,7 +128,7 @@ def check_intrinsics(intrinsics: object) -> Tensor:
     Shapes:
         intrinsics: (..., 4) -> (..., 4)
     """
-    intr = _check("intrinsics", intrinsics, 4)
+    intr = check_trailing("intrinsics", intrinsics, 4)
     finite = torch.isfinite(intr).all(dim=-1)
     if not bool(finite.all()):
         idx = _first_false(finite)
@@ -163,9 +165,18 @@ def pixel_grid(
     return torch.stack([u, v], dim=-1)
 
 
-def _rays(intrinsics: Tensor, H: int, W: int, dtype: torch.dtype, device: torch.device) -> Tensor:
-    """K^-1 [u, v, 1] for every pixel: (..., H, W, 3) with z = 1."""
-    grid = pixel_grid(H, W, dtype=dtype, device=device)
+def pixel_rays(intrinsics: Tensor, H: int, W: int, dtype: torch.dtype | None = None,
+               device: torch.device | str | None = None) -> Tensor:
+    """The ray K^-1 [u, v, 1] through every pixel centre (z = 1, so a point at depth d is d times it).
+    The pixel grid is made in `dtype` on `device` (default: the intrinsics'); the result has the
+    promoted dtype of the grid and the intrinsics.
+
+    Shapes:
+        intrinsics: (..., 4) -> (..., H, W, 3)
+    """
+    check_trailing("intrinsics", intrinsics, 4)
+    grid = pixel_grid(H, W, dtype=intrinsics.dtype if dtype is None else dtype,
+                      device=intrinsics.device if device is None else device)
     fx, fy, cx, cy = (c[..., None, None] for c in intrinsics.unbind(-1))
     x = (grid[..., 0] - cx) / fx
     y = (grid[..., 1] - cy) / fy
@@ -179,10 +190,10 @@ def backproject(depth: Tensor, intrinsics: Tensor) -> Tensor:
         depth: (..., H, W), intrinsics: (..., 4) -> (..., H, W, 3) (leading dims broadcast)
     """
     _check_image("depth", depth)
-    _check("intrinsics", intrinsics, 4)
-    _check_broadcast("depth", depth, "intrinsics", intrinsics[..., None, :], ndim=2)
+    check_trailing("intrinsics", intrinsics, 4)
+    check_broadcast("depth", depth, "intrinsics", intrinsics[..., None, :], ndim=2)
     H, W = depth.shape[-2:]
-    return _rays(intrinsics, H, W, depth.dtype, depth.device) * depth.unsqueeze(-1)
+    return pixel_rays(intrinsics, H, W, depth.dtype, depth.device) * depth.unsqueeze(-1)
 
 
 def backproject_inv(inv_depth: Tensor, intrinsics: Tensor) -> Tensor:
@@ -195,10 +206,10 @@ def backproject_inv(inv_depth: Tensor, intrinsics: Tensor) -> Tensor:
         inv_depth: (..., H, W), intrinsics: (..., 4) -> (..., H, W, 3) (leading dims broadcast)
     """
     _check_image("inv_depth", inv_depth)
-    _check("intrinsics", intrinsics, 4)
-    _check_broadcast("inv_depth", inv_depth, "intrinsics", intrinsics[..., None, :], ndim=2)
+    check_trailing("intrinsics", intrinsics, 4)
+    check_broadcast("inv_depth", inv_depth, "intrinsics", intrinsics[..., None, :], ndim=2)
     H, W = inv_depth.shape[-2:]
-    return _rays(intrinsics, H, W, inv_depth.dtype, inv_depth.device) / inv_depth.unsqueeze(-1)
+    return pixel_rays(intrinsics, H, W, inv_depth.dtype, inv_depth.device) / inv_depth.unsqueeze(-1)
 
 
 @overload
@@ -216,9 +227,9 @@ def project(points: Tensor, intrinsics: Tensor, jacobian: bool = False) -> Tenso
         points: (..., 3), intrinsics: (..., 4) -> uv (..., 2) and, if jacobian, J (..., 2, 3)
         (leading dims broadcast)
     """
-    _check("points", points, 3)
-    _check("intrinsics", intrinsics, 4)
-    _check_broadcast("points", points, "intrinsics", intrinsics)
+    check_trailing("points", points, 3)
+    check_trailing("intrinsics", intrinsics, 4)
+    check_broadcast("points", points, "intrinsics", intrinsics)
     X, Y, Z = points.unbind(-1)
     fx, fy, cx, cy = intrinsics.unbind(-1)
     iz = 1.0 / Z
@@ -242,9 +253,9 @@ def relative_pose(poses_cw_i: Tensor, poses_cw_j: Tensor) -> Tensor:
     Shapes:
         poses_cw_i: (..., 7), poses_cw_j: (..., 7) -> (..., 7) (leading dims broadcast)
     """
-    _check("poses_cw_i", poses_cw_i, 7)
-    _check("poses_cw_j", poses_cw_j, 7)
-    _check_broadcast("poses_cw_i", poses_cw_i, "poses_cw_j", poses_cw_j)
+    check_trailing("poses_cw_i", poses_cw_i, 7)
+    check_trailing("poses_cw_j", poses_cw_j, 7)
+    check_broadcast("poses_cw_i", poses_cw_i, "poses_cw_j", poses_cw_j)
     return se3_mul(poses_cw_j, se3_inv(poses_cw_i))
 
 
@@ -254,7 +265,7 @@ def pose_to_rt(T: Tensor) -> Tensor:
     Shapes:
         T: (..., 7) -> (..., 3, 4)
     """
-    _check("T", T, 7)
+    check_trailing("T", T, 7)
     return torch.cat([quat_to_matrix(T[..., 3:]), T[..., :3, None]], dim=-1)
 
 
@@ -274,11 +285,11 @@ def reproject(
     """
     _check_image("inv_depth", inv_depth)
     T_ij = relative_pose(poses_cw_i, poses_cw_j)
-    _check("intrinsics", intrinsics, 4)
-    _check_broadcast("inv_depth", inv_depth, "poses", T_ij[..., None, :], ndim=2)
-    _check_broadcast("inv_depth", inv_depth, "intrinsics", intrinsics[..., None, :], ndim=2)
+    check_trailing("intrinsics", intrinsics, 4)
+    check_broadcast("inv_depth", inv_depth, "poses", T_ij[..., None, :], ndim=2)
+    check_broadcast("inv_depth", inv_depth, "intrinsics", intrinsics[..., None, :], ndim=2)
     H, W = inv_depth.shape[-2:]
-    rays = _rays(intrinsics, H, W, inv_depth.dtype, inv_depth.device)
+    rays = pixel_rays(intrinsics, H, W, inv_depth.dtype, inv_depth.device)
     R, t = quat_to_matrix(T_ij[..., 3:]), T_ij[..., :3]
     X = torch.einsum("...ij,...hwj->...hwi", R, rays) + t[..., None, None, :] * inv_depth.unsqueeze(-1)
     coords = project(X, intrinsics[..., None, None, :])
@@ -307,7 +318,7 @@ def in_image(coords: Tensor, H: int, W: int, margin: float = 0.0) -> Tensor:
     Shapes:
         coords: (..., 2) = [u, v] -> bool (...)
     """
-    _check("coords", coords, 2)
+    check_trailing("coords", coords, 2)
     u, v = coords.unbind(-1)
     return (u >= margin) & (u <= W - 1 - margin) & (v >= margin) & (v <= H - 1 - margin)
 

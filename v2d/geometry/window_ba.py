@@ -1,11 +1,11 @@
 """Joint Gauss-Newton over a window's poses and per-pixel inverse depths (dense bundle adjustment).
 
-`v2d.geometry.gauss_newton` optimises poses with the depth fixed and `v2d.geometry.depth_refine`
-inverse depths with the poses fixed; alternating the two is block coordinate descent, which creeps
-along the direction where depth and translation change together (the window's scale: scaling every
-inverse depth by s and every translation by 1/s leaves the flow residuals unchanged, only the depth
-prior notices). This module takes the Gauss-Newton step in both at once, as DROID-SLAM's dense BA
-does, so that direction is solved for instead of crawled along.
+`v2d.geometry.gauss_newton` optimises poses with the depth fixed; alternating it with a per-pixel
+inverse-depth step with the poses fixed (this solver with every pose fixed) is block coordinate
+descent, which creeps along the direction where depth and translation change together (the window's
+scale: scaling every inverse depth by s and every translation by 1/s leaves the flow residuals
+unchanged, only the depth prior notices). This module takes the Gauss-Newton step in both at once,
+as DROID-SLAM's dense BA does, so that direction is solved for instead of crawled along.
 
 Problem. Nodes 0..K-1 are keyframes with an inverse-depth map, nodes K..N-1 frames without one
 (only targets of edges). Edge e goes from keyframe i = ii[e] to node j = jj[e]. For every (strided)
@@ -64,11 +64,11 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor
 
 from kernels.errors import ShapeError
-from v2d.geometry.camera import _rays
-from v2d.geometry.depth_refine import _upsample
+from v2d.geometry.camera import pixel_rays
 from v2d.geometry.lie import quat_to_matrix, se3_adjoint, se3_exp, se3_inv, se3_mul
 from v2d.geometry.robust import cauchy_weight
 
@@ -95,7 +95,7 @@ class WindowBAOptions:
         min_inv_depth: inverse-depth floor (1 / farthest depth).
         max_step: largest change of inverse depth per step, relative to its current value.
         stride: optimise every stride-th pixel (rows and columns); the relative change is carried to
-            the pixels between by bilinear interpolation (as `depth_refine`).
+            the pixels between by bilinear interpolation.
         fixed_poses: the first `fixed_poses` nodes keep their pose (gauge).
         max_translation_step, max_rotation_step: largest translation (scene units) and rotation
             (radians) update of one pose in one step. A longer pose step is scaled down as a whole,
@@ -211,7 +211,7 @@ def window_bundle_adjust(poses_cw: Tensor, inv_depth: Tensor, intrinsics: Tensor
     Kf, H, W = inv_depth.shape
     s = opts.stride
     intr = intrinsics.detach().to(f64)
-    rays = _rays(intr, H, W, f64, inv_depth.device)[::s, ::s].reshape(-1, 3)  # (P, 3)
+    rays = pixel_rays(intr, H, W, f64, inv_depth.device)[::s, ::s].reshape(-1, 3)  # (P, 3)
     # non-finite inputs: a prior or prior weight that is not finite is no prior; a starting inverse
     # depth that is not finite starts at the prior (or the floor)
     pri_full = prior.detach().to(f64)
@@ -320,6 +320,18 @@ def _step(poses: Tensor, rho: Tensor, intr: Tensor, rays: Tensor, ii: Tensor, jj
         upd = se3_mul(se3_exp(dx[f:]), poses[f:])
         new_poses[f:] = torch.cat([upd[:, :3], upd[:, 3:] / upd[:, 3:].norm(dim=-1, keepdim=True)], dim=-1)
     return new_poses, new_rho
+
+
+def _upsample(x: Tensor, s: int, H: int, W: int) -> Tensor:
+    """Bilinear interpolation of x sampled at pixels (s i, s j) onto every pixel of (H, W) (edge values beyond).
+
+    Shapes: x (h, w) -> (H, W)
+    """
+    h, w = x.shape
+    v = (torch.arange(H, dtype=x.dtype, device=x.device) / s).clamp(max=h - 1)
+    u = (torch.arange(W, dtype=x.dtype, device=x.device) / s).clamp(max=w - 1)
+    grid = torch.stack(torch.meshgrid(u / max(w - 1, 1) * 2 - 1, v / max(h - 1, 1) * 2 - 1, indexing="xy"), dim=-1)
+    return F.grid_sample(x[None, None], grid[None], mode="bilinear", align_corners=True)[0, 0]
 
 
 def _step_scale(dx: Tensor, opts: WindowBAOptions) -> Tensor:

@@ -31,7 +31,7 @@ from __future__ import annotations
 import logging
 import re
 from collections.abc import Iterable, Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -72,17 +72,17 @@ class Sequence:
     depth_scale: float = 1e-3
     poses_wc: np.ndarray | None = None
     video: Path | None = None
-    _frames: list[np.ndarray] | None = field(default=None, repr=False)
 
     def __len__(self) -> int:
         return len(self.timestamps)
 
     def image(self, k: int) -> np.ndarray:
-        """Frame k as (H, W, 3) uint8 RGB (a video is decoded whole and cached: use `iter_frames` to stream)."""
+        """Frame k as (H, W, 3) uint8 RGB. A video is decoded up to frame k on every call: use
+        `iter_frames` for many frames."""
         if self.video is not None:
-            if self._frames is None:
-                self._frames = _read_video(self.video)
-            return self._frames[k]
+            for _, _, rgb in _stream_video(self.video, [k]):
+                return rgb
+            raise InputError(f"{self.video}: cannot read video frame {k}")
         return read_image(self.images[k])
 
     def depth(self, k: int) -> np.ndarray | None:
@@ -177,24 +177,6 @@ def _stream_video(path: Path, indices: list[int]) -> Iterator[tuple[int, str, np
             yield k, f"{path}, video frame {k}", cv2.cvtColor(bgr, cv2.COLOR_BGR2RGB)
     finally:
         cap.release()
-
-
-def _read_video(path: Path) -> list[np.ndarray]:
-    import cv2
-
-    cap = cv2.VideoCapture(str(path))
-    frames = []
-    try:
-        while True:
-            ok, img = cap.read()
-            if not ok:
-                break
-            frames.append(cv2.cvtColor(img, cv2.COLOR_BGR2RGB))
-    finally:
-        cap.release()
-    if not frames:
-        raise InputError(f"cannot read any frame from video {path}")
-    return frames
 
 
 def _numbers(path: Path, count: int | None = None) -> np.ndarray:

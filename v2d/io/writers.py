@@ -3,16 +3,21 @@
 Every file is written to a temporary file in the same directory and moved into place with
 `os.replace`, so a crash or a full disk never leaves a half-written file under the final name.
 `staged_output` does the same for a whole output directory: a run writes into a staging
-directory that replaces the outputs only when the run succeeds.
+directory that replaces the outputs only when the run succeeds; staging directories left by killed
+runs into the same output are removed by the next one.
 """
 
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import json
+import logging
 import math
 import os
+import re
 import shutil
+import socket
 import tempfile
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -25,6 +30,8 @@ from v2d.errors import InputError
 __all__ = ["atomic_write", "write_bytes", "write_text", "write_json", "write_npy", "write_depth_png",
            "write_image_png", "write_image_jpg", "write_tum", "ensure_dir", "staged_output", "check_output_path",
            "atomic_write_named"]
+
+_log = logging.getLogger(__name__)
 
 
 def ensure_dir(path: str | Path) -> Path:
@@ -193,16 +200,24 @@ def staged_output(out_dir: str | Path) -> Iterator[Path]:
     """Context manager: write a run's outputs into the yielded staging directory; they reach out_dir on success.
 
     Checks first that out_dir (or its nearest existing parent) is a writable directory (InputError
-    otherwise), so enter it before any heavy work. The stage is a hidden `.NAME.partial-*` directory
-    next to out_dir (inside out_dir when that already exists but its parent is not writable or is on
-    another filesystem). On success, a new out_dir is the renamed stage; into an existing out_dir
-    each top-level entry is moved, a directory (e.g. `depth/`) replacing the old one as a whole so
-    old and new outputs never mix; other files in out_dir are kept. On any exception (also
-    KeyboardInterrupt) the stage and the parents created for it are removed, out_dir is untouched,
-    and the exception propagates.
+    otherwise), so enter it before any heavy work. The stage is a hidden directory
+    `.NAME.partial-HOST-BOOT-PID-START-XXXXXXXX` next to out_dir (inside out_dir when that already
+    exists but its parent is not writable or is on another filesystem): HOST names the machine and
+    PID namespace, BOOT the boot, PID and START (clock ticks after boot) the process that owns it.
+    On success, a new out_dir is the renamed stage; into an existing out_dir each top-level entry is
+    moved, a directory (e.g. `depth/`) replacing the old one as a whole so old and new outputs never
+    mix; other files in out_dir are kept. On any exception (also KeyboardInterrupt) the stage and the
+    parents created for it are removed, out_dir is untouched, and the exception propagates.
+
+    A process killed outright (SIGKILL, power loss) cannot remove its stage; the next staged_output
+    into the same out_dir does, logging each at INFO: a directory of exactly that name pattern for
+    this NAME whose owner is gone (no process PID started at START on this machine, or the machine
+    has rebooted since). Stages of live runs, of other machines or PID namespaces and anything else
+    are left alone; without /proc (not Linux) nothing is removed.
     """
     out_dir = Path(out_dir)
     _check_writable(out_dir)
+    _remove_stale_stages(out_dir)
     missing = [p for p in out_dir.parents if not p.exists()]  # deepest first
     stage = None
 
@@ -216,7 +231,9 @@ def staged_output(out_dir: str | Path) -> Iterator[Path]:
     try:
         for p in reversed(missing):
             p.mkdir(exist_ok=True)
-        stage = Path(tempfile.mkdtemp(dir=_stage_parent(out_dir), prefix=f".{out_dir.name}.partial-"))
+        host, boot, start = _identity()
+        stage = Path(tempfile.mkdtemp(dir=_stage_parent(out_dir),
+                                      prefix=f".{out_dir.name}.partial-{host}-{boot}-{os.getpid()}-{start}-"))
         os.chmod(stage, 0o777 & ~_umask())  # mkdtemp creates 0700; a new out_dir gets the usual permissions
     except OSError as exc:
         discard()
@@ -227,6 +244,77 @@ def staged_output(out_dir: str | Path) -> Iterator[Path]:
     except BaseException:
         discard()
         raise
+
+
+def _read(path: str) -> str | None:
+    try:
+        return Path(path).read_text().strip()
+    except OSError:
+        return None
+
+
+def _process(pid: int) -> tuple[str, int] | None:
+    """(state, start time in clock ticks after boot) of a process, from /proc; None when there is none."""
+    stat = _read(f"/proc/{pid}/stat")
+    if stat is None:
+        return None
+    fields = stat.rsplit(")", 1)[1].split()  # after "pid (comm)": the command name may hold spaces
+    return fields[0], int(fields[19])
+
+
+def _identity() -> tuple[str, str, int]:
+    """This process's (host, boot, start) as written into its stage names: 8 hex digits for the machine
+    and PID namespace (PIDs compare only within one), 8 for the boot, and its start time (0 without /proc)."""
+    try:
+        pid_ns = os.readlink("/proc/self/ns/pid")
+    except OSError:
+        pid_ns = ""
+    machine = f"{_read('/etc/machine-id')}|{socket.gethostname()}|{pid_ns}"
+    boot = (_read("/proc/sys/kernel/random/boot_id") or "0" * 8).replace("-", "")[:8]
+    me = _process(os.getpid())
+    return hashlib.sha1(machine.encode()).hexdigest()[:8], boot, me[1] if me else 0
+
+
+def _stale_reason(host: str, boot: str, pid: int, start: int, me: tuple[str, str, int]) -> str | None:
+    """Why the process that named a stage (host, boot, pid, start) is gone, or None when it may be alive;
+    `me` is `_identity()`."""
+    if host != me[0] or me[2] == 0:
+        return None  # another machine or PID namespace, or no /proc: no way to tell
+    if boot != me[1]:
+        return "the machine rebooted since"
+    owner = _process(pid)
+    if owner is None or owner[1] != start:
+        return f"process {pid} is gone"
+    if owner[0] in ("Z", "X"):
+        return f"process {pid} is dead (a zombie)"
+    return None
+
+
+def _remove_stale_stages(out_dir: Path) -> None:
+    """Remove the stages of out_dir whose owning process is gone (see `staged_output`), logging each."""
+    fields = r"([0-9a-f]{8})-([0-9a-f]{8})-(\d+)-(\d+)-[a-z0-9_]{8}"  # host, boot, pid, start, mkdtemp's
+    pattern = re.compile(rf"\.{re.escape(out_dir.name)}\.partial-{fields}")
+    me = _identity()
+    for where in dict.fromkeys((out_dir.parent, out_dir)):  # beside out_dir, or inside it (see _stage_parent)
+        try:
+            entries = list(os.scandir(where))
+        except OSError:
+            continue
+        for entry in entries:
+            m = pattern.fullmatch(entry.name)
+            if m is None or not entry.is_dir(follow_symlinks=False):
+                continue
+            reason = _stale_reason(m[1], m[2], int(m[3]), int(m[4]), me)
+            if reason is None:
+                continue
+            try:
+                shutil.rmtree(entry.path)
+            except FileNotFoundError:
+                continue  # another run removed it first
+            except OSError as exc:
+                _log.warning("cannot remove the stale staging directory %s: %s", entry.path, exc.strerror or exc)
+                continue
+            _log.info("removed the stale staging directory %s of a killed run (%s)", entry.path, reason)
 
 
 def _check_writable(out_dir: Path) -> None:

@@ -12,7 +12,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-__all__ = ["ConvNormAct", "ResidualBlock", "Hourglass", "StackedHourglass"]
+__all__ = ["Conv3dCL", "ConvNormAct", "ResidualBlock", "Hourglass", "StackedHourglass", "norm_layer"]
 
 
 class Conv3dCL(nn.Conv3d):
@@ -31,7 +31,12 @@ def _conv(dims: int) -> type[nn.Module]:
     return {2: nn.Conv2d, 3: Conv3dCL}[dims]
 
 
-def _norm(dims: int, channels: int, norm: str) -> nn.Module:
+def norm_layer(dims: int, channels: int, norm: str) -> nn.Module:
+    """The normalisation of `channels` channels in 2D or 3D: "none" (identity), "group" (GroupNorm with
+    min(8, channels // 4) groups, at least 1) or "batch" (BatchNorm2d/3d); ValueError otherwise.
+
+    Shapes: (B, channels, *S) -> same, S = (H, W) or (D, H, W).
+    """
     if norm == "none":
         return nn.Identity()
     if norm == "group":
@@ -52,7 +57,7 @@ class ConvNormAct(nn.Sequential):
     ) -> None:
         layers = [
             _conv(dims)(c_in, c_out, kernel, stride=stride, padding=kernel // 2, bias=norm == "none"),
-            _norm(dims, c_out, norm),
+            norm_layer(dims, c_out, norm),
         ]
         if act:
             layers.append(nn.ReLU(inplace=True))

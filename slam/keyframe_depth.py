@@ -80,7 +80,10 @@ class KeyframeDepth:
 
     def compute(self, kid: int, images: dict[int, np.ndarray]) -> None:
         """The depth module on keyframe kid with up to `depth_views` of `images` (not lost, not kid's
-        own frame) spread over them; the map's depth and prior of kid are replaced."""
+        own frame) spread over them; the map's depth and prior of kid are replaced.
+
+        Shapes: images {frame index: (H, W, 3) uint8}; writes depth, prior (H, W) float32.
+        """
         kf = self.map.keyframe(kid)
         cand = [f for f in images if f != kf.frame and not self.map.frame(f).lost]
         if not cand:

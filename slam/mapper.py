@@ -120,7 +120,10 @@ class Mapper:
 
     def new_keyframe(self, f: int, image: np.ndarray, motion_feats: torch.Tensor | None) -> int:
         """Make tracked frame f a keyframe; its initial depth is the current keyframe's depth
-        splatted into it (holes filled with the median), so tracking can go on before it is mapped."""
+        splatted into it (holes filled with the median), so tracking can go on before it is mapped.
+
+        Shapes: image (H, W, 3) uint8; motion_feats (F, H/4, W/4) or None -> keyframe id.
+        """
         state = self.map.frame(f)
         prev = self.map.keyframe(state.keyframe)
         intr = self.map.intrinsics.float()
@@ -135,7 +138,10 @@ class Mapper:
     @torch.no_grad()
     def restart(self, f: int, image: np.ndarray, motion_feats: torch.Tensor | None) -> int:
         """Re-initialise at frame f after a long loss: the window is retired and f becomes a keyframe
-        with single-image depth scaled to the last keyframe's median, at f's (held) pose."""
+        with single-image depth scaled to the last keyframe's median, at f's (held) pose.
+
+        Shapes: image (H, W, 3) uint8; motion_feats (F, H/4, W/4) or None -> keyframe id.
+        """
         last = self.map.keyframe(self.map.window()[-1])
         depth = self.depth.single_image(image, float(last.depth.median()))
         pose = self.map.frame_pose(f)

@@ -82,8 +82,11 @@ class Tracker:
 
     def track(self, f: int, image: np.ndarray, ref: KeyframeView, rel_init: torch.Tensor,
               intrinsics: torch.Tensor) -> TrackResult:
-        """Align frame f to keyframe `ref`, from rel_init (7,) = T_frame T_kf^-1; retried from the
-        keyframe's pose when the first result is lost."""
+        """Align frame f to keyframe `ref`, from rel_init = T_frame T_kf^-1; retried from the
+        keyframe's pose when the first result is lost.
+
+        Shapes: image (H, W, 3) uint8; rel_init (7,) float64; intrinsics (4,) -> TrackResult.
+        """
         rel, q, coords = self._align(f, image, ref, rel_init, intrinsics)
         lost = self.is_lost(q)
         if lost:  # re-initialise against the keyframe: start from its pose

@@ -5,7 +5,7 @@ trajectory), runs the SLAM front end on it with the shipped weights and the rend
 and scores the result against the synthetic ground truth: ATE RMSE after Sim3 alignment (evo),
 the ground-truth path length, and the keyframes' depth AbsRel after per-frame median scaling.
 The outputs are those of `v2d run` (trajectory.txt, depth/, images/, cloud.ply, summary.json)
-plus trajectory_gt.txt and demo.png (`slam.vis.render_headless`: cloud, keyframe cameras, both
+plus trajectory_gt.txt and demo.png (`slam.vis_render.render_headless`: cloud, keyframe cameras, both
 trajectories).
 """
 
@@ -70,7 +70,7 @@ def run_demo(cfg: RunConfig, out_dir: str | Path, progress: bool = True) -> dict
         summary = write_outputs(stage, result, timestamps, cfg, facts, extra, names=idx)
         # A picture of the result (`v2d vis --headless`). The scores do not depend on it, so a machine
         # where Open3D cannot render (no EGL, no libusb) still gets the demo's outputs.
-        from slam.vis import render_headless
+        from slam.vis_render import render_headless
         from v2d.errors import V2DError
         from v2d.io.results import load_run
 

@@ -26,7 +26,7 @@ from __future__ import annotations
 import dataclasses
 import logging
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -86,14 +86,15 @@ def _resize(image: np.ndarray, size: tuple[int, int]) -> np.ndarray:
     return cv2.resize(image, (size[1], size[0]), interpolation=cv2.INTER_AREA)
 
 
-def track_frames(frames: Iterable[np.ndarray], count: int, cfg: RunConfig, size: tuple[int, int],
-                 intrinsics: np.ndarray | None, out: Path | None, names: list[int] | None = None,
+def track_frames(frames: Iterable[np.ndarray], count: int | None, cfg: RunConfig, size: tuple[int, int],
+                 intrinsics: np.ndarray | None, out: Path | None, names: Sequence[int] | None = None,
                  progress: bool = True, on_keyframe: Callable[[int, np.ndarray], None] | None = None,
                  device: str | torch.device = "cpu") -> tuple[SlamResult, dict[str, Any]]:
     """Run the front end over `frames` (any size, resized to `size`); write each keyframe's depth to
     out/depth/NAME.png (16-bit mm) and .npy (float32), and its colour image to out/images/NAME.jpg.
 
     Shapes: frames: (H0, W0, 3) uint8 RGB each; intrinsics (4,) at (H0, W0), or None (uncalibrated).
+    `count` is the progress bar's total (None: unknown, e.g. a video's frames are not counted).
     `names[f]` is frame f's input index (depth file names; default f). `on_keyframe(f, depth)` sees
     each keyframe's final depth (H, W) too (the demo evaluates it); it and the depth writer run in
     the mapper's thread when `slam.concurrent`. Returns the result and run facts.
@@ -153,7 +154,7 @@ def track_frames(frames: Iterable[np.ndarray], count: int, cfg: RunConfig, size:
 
 
 def write_outputs(out: Path, result: SlamResult, timestamps: np.ndarray, cfg: RunConfig, facts: dict[str, Any],
-                  extra: dict[str, Any] | None = None, names: list[int] | None = None) -> dict[str, Any]:
+                  extra: dict[str, Any] | None = None, names: Sequence[int] | None = None) -> dict[str, Any]:
     """Write trajectory.txt, cloud.ply and summary.json (depth/ and images/ are written while tracking).
 
     `names[f]` is frame f's input index, as given to `track_frames` (default f).
@@ -223,17 +224,22 @@ def run_slam(source: str | Path, out_dir: str | Path, cfg: RunConfig, opts: RunO
     with staged_output(out_dir) as stage:
         t0 = time.perf_counter()
         seq = open_sequence(source, opts.intrinsics, require_intrinsics=False)
-        indices = select_frames(len(seq), opts.stride, opts.max_frames)
-        if len(indices) < 2:
+        # A video's length is unknown until it is streamed (counting it would decode it twice): its
+        # selection is open-ended and track_frames checks that it gave at least 2 frames.
+        indices = select_frames(seq.num_frames, opts.stride, opts.max_frames)
+        if seq.num_frames is not None and len(indices) < 2:
             raise InputError(f"{source}: {len(indices)} frame(s) selected (of {len(seq)}, stride {opts.stride}); "
                              "SLAM needs at least 2")
+        total = len(indices) if seq.num_frames is not None else \
+            len(select_frames(seq.frame_count_estimate or 0, opts.stride, opts.max_frames)) or None
         intr = None if opts.uncalibrated else seq.intrinsics
         frames = (rgb for _, rgb in iter_frames(seq, indices))
-        result, facts = track_frames(frames, len(indices), cfg, size, intr, stage, names=indices,
+        result, facts = track_frames(frames, total, cfg, size, intr, stage, names=indices,
                                      progress=opts.progress, device=opts.device)
         n = facts["frames"]
-        timestamps = np.asarray(seq.timestamps, dtype=np.float64)[indices[:n]]
-        extra = {"input": {"path": str(source), "layout": seq.layout, "input_frames": len(seq),
+        timestamps = seq.frame_timestamps(indices[:n])
+        # input_frames: None when a video was not streamed to its end (--max-frames) and so not counted
+        extra = {"input": {"path": str(source), "layout": seq.layout, "input_frames": seq.num_frames,
                            "stride": opts.stride, "max_frames": opts.max_frames}}
         facts["seconds_total"] = time.perf_counter() - t0
         summary = write_outputs(stage, result, timestamps, cfg, facts, extra, names=indices)

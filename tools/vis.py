@@ -43,7 +43,7 @@ def add_parser(sub: argparse._SubParsersAction, parents: list[argparse.ArgumentP
 
 
 def run(args: argparse.Namespace, cfg: RunConfig) -> int:
-    from slam import vis
+    from slam import vis_mesh, vis_render
     from v2d.errors import InputError
     from v2d.io.results import load_run
     from v2d.io.trajectory import read_trajectory
@@ -56,7 +56,7 @@ def run(args: argparse.Namespace, cfg: RunConfig) -> int:
     if args.voxel is not None and args.mesh is None:
         raise InputError("--voxel needs --mesh")
     # Cheap checks first, so that a typo costs no rendering or TSDF fusion and leaves no partial outputs.
-    vis.check_image_size(args.width, args.height)
+    vis_render.check_image_size(args.width, args.height)
     if args.headless is not None:
         check_output_path(args.headless, ".png", "--headless")
     if args.mesh is not None:
@@ -65,7 +65,7 @@ def run(args: argparse.Namespace, cfg: RunConfig) -> int:
             raise InputError(f"--voxel {args.voxel}: expected a positive size")
     interactive = args.headless is None and args.mesh is None
     if interactive:
-        vis.require_display()
+        vis_render.require_display()
     gt = None
     if args.gt is not None:
         try:
@@ -77,14 +77,15 @@ def run(args: argparse.Namespace, cfg: RunConfig) -> int:
         gt = outputs.root / GT_DEFAULT_NAME
 
     if interactive:
-        vis.show_interactive(outputs, gt, args.width, args.height)
+        vis_render.show_interactive(outputs, gt, args.width, args.height)
         return 0
     report = {}
     if args.headless is not None:  # first: it is the cheaper one, and it checks --keyframe and the ground truth
-        report["render"] = vis.render_headless(outputs, args.headless, args.width, args.height, gt, args.keyframe)
+        report["render"] = vis_render.render_headless(outputs, args.headless, args.width, args.height, gt,
+                                                      args.keyframe)
     if args.mesh is not None:
-        mesh, report["mesh"] = vis.tsdf_mesh(outputs, args.voxel)
-        vis.write_mesh(mesh, args.mesh)
+        mesh, report["mesh"] = vis_mesh.tsdf_mesh(outputs, args.voxel)
+        vis_mesh.write_mesh(mesh, args.mesh)
         report["mesh"]["ply"] = args.mesh
     print(json.dumps(report, indent=2))
     return 0

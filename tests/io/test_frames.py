@@ -54,7 +54,7 @@ def test_streams_the_selected_frames_in_order_resized(source):
     seq = open_sequence(source, require_intrinsics=False)
     assert len(seq) == N and seq.intrinsics is None
     np.testing.assert_array_equal(seq.timestamps, np.arange(N))
-    idx = select_frames(len(seq), stride=3)
+    idx = list(select_frames(len(seq), stride=3))  # a range
     assert idx == [0, 3, 6]
     frames = list(iter_frames(seq, idx))
     assert [k for k, _ in frames] == idx
@@ -64,6 +64,54 @@ def test_streams_the_selected_frames_in_order_resized(source):
     small = list(iter_frames(seq, [1, 8], size=(32, 40)))
     assert [k for k, _ in small] == [1, 8] and all(rgb.shape == (32, 40, 3) for _, rgb in small)
     assert [_brightness(rgb) for _, rgb in small] == [1, 8]
+
+
+def count_decoding(monkeypatch) -> list[int]:
+    """Patch cv2.VideoCapture to count the frames each capture decodes (successful grab and read
+    calls); returns the counts, one per capture in opening order."""
+    real = cv2.VideoCapture
+    counts: list[int] = []
+
+    class CountingCapture:
+        def __init__(self, *args) -> None:
+            self._cap, self._i = real(*args), len(counts)
+            counts.append(0)
+
+        def grab(self) -> bool:
+            ok = self._cap.grab()
+            counts[self._i] += ok
+            return ok
+
+        def read(self) -> tuple[bool, np.ndarray | None]:
+            ok, bgr = self._cap.read()
+            counts[self._i] += ok
+            return ok, bgr
+
+        def __getattr__(self, name: str):
+            return getattr(self._cap, name)
+
+    monkeypatch.setattr(cv2, "VideoCapture", CountingCapture)
+    return counts
+
+
+def test_video_length_is_learnt_by_streaming_it_once(tmp_path, monkeypatch):
+    """Opening a video decodes nothing; an open-ended selection streams it once, to its end, and then
+    its length is known; --max-frames stops the decoding at the last selected frame."""
+    path = write_video(tmp_path / "clip.avi")
+    counts = count_decoding(monkeypatch)
+    seq = open_sequence(path, require_intrinsics=False)
+    assert seq.num_frames is None and seq.frame_count_estimate == N and counts == [0]
+    assert [k for k, _ in iter_frames(seq, select_frames(seq.num_frames, stride=4))] == [0, 4, 8]
+    assert counts == [0, N]  # every frame decoded once
+    assert seq.num_frames == N and len(seq) == N and len(counts) == 2
+    np.testing.assert_array_equal(seq.frame_timestamps([0, 4, 8]), [0, 4, 8])
+
+    seq = open_sequence(path, require_intrinsics=False)
+    assert [k for k, _ in iter_frames(seq, select_frames(None, stride=2, max_frames=3))] == [0, 2, 4]
+    assert counts[-1] == 5 and seq.num_frames is None  # stopped at frame 4, length still unknown
+    with pytest.raises(InputError, match=r"must increase and be >= 0, got \[-1, 2\]"):
+        list(iter_frames(seq, [-1, 2]))
+    assert len(seq) == N and counts[-1] == N  # len() counts on demand, with a pass of its own
 
 
 def test_one_video_frame_is_the_streamed_frame(tmp_path):
@@ -138,10 +186,12 @@ def test_tum_without_intrinsics(tmp_path):
 
 
 def test_select_frames():
-    assert select_frames(10) == list(range(10))
-    assert select_frames(10, stride=4) == [0, 4, 8]
-    assert select_frames(10, stride=2, max_frames=3, start=1) == [1, 3, 5]
-    assert select_frames(3, start=5) == []
+    assert list(select_frames(10)) == list(range(10))
+    assert list(select_frames(10, stride=4)) == [0, 4, 8]
+    assert list(select_frames(10, stride=2, max_frames=3, start=1)) == [1, 3, 5]
+    assert list(select_frames(3, start=5)) == []
+    assert list(select_frames(None, stride=3, max_frames=4, start=2)) == [2, 5, 8, 11]  # length unknown
+    assert select_frames(None, stride=3)[:3] == range(0, 9, 3)  # open-ended, not expanded
     for kwargs, quoted in (({"stride": 0}, "got 0"), ({"start": -1}, "got -1"), ({"max_frames": 0}, "got 0")):
         with pytest.raises(InputError, match=quoted):
             select_frames(10, **kwargs)

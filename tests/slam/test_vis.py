@@ -1,4 +1,5 @@
-"""slam.vis: frustum and view geometry, ground-truth alignment, cloud checks, offscreen renders, TSDF mesh.
+"""slam.vis_scene, vis_render and vis_mesh: frustum and view geometry, ground-truth alignment, cloud
+checks, offscreen renders, TSDF mesh.
 
 Runs are fake: output directories written from a synthetic sequence's exact depths and poses
 (`make_fake_run`), so no SLAM runs here. Open3D renders offscreen through its EGL fallback.
@@ -14,7 +15,7 @@ import numpy as np
 import pytest
 from scipy.spatial.transform import Rotation
 
-from slam import vis
+from slam import vis_mesh, vis_render, vis_scene
 from slam.fusion import write_ply
 from tests.fake_run import write_fake_run
 from v2d.data.synthetic import SyntheticSequence, render_sequence
@@ -45,7 +46,7 @@ def gt_points(seq: SyntheticSequence, frames: list[int]) -> tuple[np.ndarray, np
         d = np.asarray(seq.depths[f], dtype=np.float64)
         ok = d > 0
         cam = np.stack([(u - cx) / fx * d, (v - cy) / fy * d, d], axis=-1)[ok]
-        T_wc = vis.pose_matrices(se3_inv(seq.poses_cw[f]).numpy()[None])[0]
+        T_wc = vis_scene.pose_matrices(se3_inv(seq.poses_cw[f]).numpy()[None])[0]
         pts.append(cam @ T_wc[:3, :3].T + T_wc[:3, 3])
         cols.append(np.asarray(seq.images[f])[ok] / 255.0)
     return np.concatenate(pts), np.concatenate(cols)
@@ -93,7 +94,7 @@ def test_pose_matrices_act_like_the_lie_group():
     q = Rotation.random(5, random_state=1).as_quat()
     poses = np.concatenate([rng.normal(size=(5, 3)), q], axis=1)
     p = rng.normal(size=(5, 3))
-    T = vis.pose_matrices(poses)
+    T = vis_scene.pose_matrices(poses)
     import torch
 
     expected = se3_act(torch.from_numpy(poses), torch.from_numpy(p)).numpy()
@@ -102,11 +103,11 @@ def test_pose_matrices_act_like_the_lie_group():
 
 
 def test_frustum_apex_is_the_camera_centre_and_corners_project_to_the_image_corners():
-    T_wc = vis.pose_matrices(np.concatenate([[0.3, -1.2, 2.0], Rotation.from_euler("xyz", [10, -35, 70],
+    T_wc = vis_scene.pose_matrices(np.concatenate([[0.3, -1.2, 2.0], Rotation.from_euler("xyz", [10, -35, 70],
                                                                                     degrees=True).as_quat()]))[0]
     intr = np.array([120.0, 110.0, 70.0, 45.0])  # principal point off centre
     size = (90, 160)
-    pts = vis.frustum_points(T_wc, intr, size, depth=0.7)
+    pts = vis_scene.frustum_points(T_wc, intr, size, depth=0.7)
     assert pts.shape == (5, 3)
     assert np.allclose(pts[0], T_wc[:3, 3])
     T_cw = np.linalg.inv(T_wc)
@@ -114,15 +115,15 @@ def test_frustum_apex_is_the_camera_centre_and_corners_project_to_the_image_corn
     assert np.allclose(cam[:, 2], 0.7)
     uv = np.stack([intr[0] * cam[:, 0] / cam[:, 2] + intr[2], intr[1] * cam[:, 1] / cam[:, 2] + intr[3]], axis=1)
     assert np.allclose(uv, [[-0.5, -0.5], [159.5, -0.5], [159.5, 89.5], [-0.5, 89.5]])
-    assert {tuple(e) for e in vis.FRUSTUM_LINES} >= {(0, 1), (0, 2), (0, 3), (0, 4)}  # apex to every corner
+    assert {tuple(e) for e in vis_scene.FRUSTUM_LINES} >= {(0, 1), (0, 2), (0, 3), (0, 4)}  # apex to every corner
 
 
 def test_overview_looks_at_the_centre_and_sees_every_camera(run_dir):
-    scene = vis.build_scene(load_run(run_dir))
+    scene = vis_scene.build_scene(load_run(run_dir))
     w, h = RENDER
-    E = vis.overview_extrinsic(scene, w, h)
+    E = vis_render.overview_extrinsic(scene, w, h)
     assert np.allclose(E[:3, :3] @ E[:3, :3].T, np.eye(3), atol=1e-9)
-    f = (h / 2) / np.tan(np.radians(vis.VIEW_FOV_DEG) / 2)
+    f = (h / 2) / np.tan(np.radians(vis_render.VIEW_FOV_DEG) / 2)
 
     def project(p):
         c = p @ E[:3, :3].T + E[:3, 3]
@@ -164,7 +165,7 @@ def test_align_ground_truth_undoes_a_sim3_and_matches_timestamps():
     t_gt = np.concatenate([t + 0.002, t + 1 / 60.0])
     gt_all = np.concatenate([gt, gt + [[10, 10, 10, 0, 0, 0, 0]]])
     order = np.argsort(t_gt)
-    aligned = vis.align_ground_truth(out, t_gt[order], gt_all[order])
+    aligned = vis_scene.align_ground_truth(out, t_gt[order], gt_all[order])
     assert aligned.shape == (40, 3)
     assert np.allclose(aligned, est[:, :3], atol=1e-6)
 
@@ -172,26 +173,26 @@ def test_align_ground_truth_undoes_a_sim3_and_matches_timestamps():
 def test_align_ground_truth_needs_matching_timestamps():
     est = _helix(10)
     with pytest.raises(InputError, match="none of its timestamps"):
-        vis.align_ground_truth(_fake_outputs(np.arange(10.0), est), np.arange(10.0) + 100, est)
+        vis_scene.align_ground_truth(_fake_outputs(np.arange(10.0), est), np.arange(10.0) + 100, est)
     with pytest.raises(InputError, match="2 of its timestamps match"):
-        vis.align_ground_truth(_fake_outputs(np.arange(10.0), est), np.arange(8.0, 18.0), est)
+        vis_scene.align_ground_truth(_fake_outputs(np.arange(10.0), est), np.arange(8.0, 18.0), est)
 
 
 def test_read_cloud_accepts_an_empty_cloud_and_rejects_corrupt_files(tmp_path, run_dir):
     empty = tmp_path / "empty.ply"
     write_ply(empty, np.zeros((0, 3)), np.zeros((0, 3)))
-    assert len(vis.read_cloud(empty).points) == 0
+    assert len(vis_scene.read_cloud(empty).points) == 0
     good = (run_dir / "cloud.ply").read_bytes()
-    assert len(vis.read_cloud(run_dir / "cloud.ply").points) == len(gt_points(sequence(), KEYFRAMES)[0])
+    assert len(vis_scene.read_cloud(run_dir / "cloud.ply").points) == len(gt_points(sequence(), KEYFRAMES)[0])
     cases = {"truncated": good[: len(good) // 2], "truncated ": good[:-3], "not a PLY": b"\x00garbage" * 20,
              "not a PLY ": b"", "corrupt PLY header": good[:40]}
     for needle, data in cases.items():
         path = tmp_path / "bad.ply"
         path.write_bytes(data)
         with pytest.raises(InputError, match=needle.strip()):
-            vis.read_cloud(path)
+            vis_scene.read_cloud(path)
     with pytest.raises(InputError, match="missing"):
-        vis.read_cloud(tmp_path / "none.ply")
+        vis_scene.read_cloud(tmp_path / "none.ply")
 
 
 # --------------------------------------------------------------------------------------------------
@@ -201,29 +202,29 @@ def test_read_cloud_accepts_an_empty_cloud_and_rejects_corrupt_files(tmp_path, r
 def test_headless_render_is_not_blank_and_has_the_requested_size(run_dir, tmp_path):
     png = tmp_path / "view.png"
     w, h = RENDER
-    stats = vis.render_headless(load_run(run_dir), png, w, h)
+    stats = vis_render.render_headless(load_run(run_dir), png, w, h)
     img = cv2.imread(str(png), cv2.IMREAD_COLOR)
     assert img.shape == (h, w, 3)
     assert img.std() > 20  # not a flat image
     assert stats["object_fraction"] > 0.1  # the cloud covers a good part of the view
     assert stats["points"] > 1000 and stats["keyframes"] == len(KEYFRAMES) and stats["gt_poses"] == 0
-    assert _colour_pixels(png, vis.COLOUR_ESTIMATE) > 0
+    assert _colour_pixels(png, vis_scene.COLOUR_ESTIMATE) > 0
     assert not list(tmp_path.glob(".*.tmp"))
 
 
 def test_render_shows_the_ground_truth_the_highlight_and_the_cloud(run_dir, seq, tmp_path):
     run = load_run(run_dir)
     w, h = RENDER
-    without = vis.render_headless(run, tmp_path / "a.png", w, h)
-    with_gt = vis.render_headless(run, tmp_path / "b.png", w, h, gt=run_dir / "trajectory_gt.txt")
+    without = vis_render.render_headless(run, tmp_path / "a.png", w, h)
+    with_gt = vis_render.render_headless(run, tmp_path / "b.png", w, h, gt=run_dir / "trajectory_gt.txt")
     assert with_gt["gt_poses"] == FRAMES
-    assert _colour_pixels(tmp_path / "b.png", vis.COLOUR_GROUND_TRUTH) > 20
-    assert _colour_pixels(tmp_path / "a.png", vis.COLOUR_GROUND_TRUTH) < 3
-    assert _colour_pixels(tmp_path / "a.png", vis.COLOUR_HIGHLIGHT) < 3
-    vis.render_headless(run, tmp_path / "c.png", w, h, keyframe=2)
-    assert _colour_pixels(tmp_path / "c.png", vis.COLOUR_HIGHLIGHT) > 50
+    assert _colour_pixels(tmp_path / "b.png", vis_scene.COLOUR_GROUND_TRUTH) > 20
+    assert _colour_pixels(tmp_path / "a.png", vis_scene.COLOUR_GROUND_TRUTH) < 3
+    assert _colour_pixels(tmp_path / "a.png", vis_scene.COLOUR_HIGHLIGHT) < 3
+    vis_render.render_headless(run, tmp_path / "c.png", w, h, keyframe=2)
+    assert _colour_pixels(tmp_path / "c.png", vis_scene.COLOUR_HIGHLIGHT) > 50
     no_cloud = make_fake_run(tmp_path / "nocloud", seq, cloud=False)
-    cameras_only = vis.render_headless(load_run(no_cloud), tmp_path / "d.png", w, h)
+    cameras_only = vis_render.render_headless(load_run(no_cloud), tmp_path / "d.png", w, h)
     assert cameras_only["points"] == 0
     assert 0 < cameras_only["object_fraction"] < without["object_fraction"] / 3
 
@@ -231,19 +232,20 @@ def test_render_shows_the_ground_truth_the_highlight_and_the_cloud(run_dir, seq,
 def test_viewer_keys_step_through_the_keyframes(run_dir):
     """The interactive viewer's set-up and key callbacks, in an offscreen window (only `vis.run()` and
     the display check are left untested)."""
-    scene = vis.build_scene(load_run(run_dir), highlight=0)
+    scene = vis_scene.build_scene(load_run(run_dir), highlight=0)
     w, h = RENDER
-    overview = vis.overview_extrinsic(scene, w, h)
-    window = vis.open_window(scene, w, h, overview, visible=False, keys=True)
+    overview = vis_render.overview_extrinsic(scene, w, h)
+    window = vis_render.open_window(scene, w, h, overview, visible=False, keys=True)
     try:
-        keys = vis.attach_keys(window, scene, overview)
+        keys = vis_render.attach_keys(window, scene, overview)
         ctl = window.get_view_control()
         first = np.asarray(scene.highlight.vertices).copy()
         assert keys["next"](window) and scene.highlighted == 1
-        assert np.allclose(ctl.convert_to_pinhole_camera_parameters().extrinsic, vis.keyframe_extrinsic(scene, 1))
+        assert np.allclose(ctl.convert_to_pinhole_camera_parameters().extrinsic,
+                           vis_render.keyframe_extrinsic(scene, 1))
         assert not np.allclose(np.asarray(scene.highlight.vertices), first)  # the frustum moved
         buf = np.asarray(window.capture_screen_float_buffer(do_render=True))
-        assert ((np.abs(buf - vis.COLOUR_HIGHLIGHT) < COLOUR_TOL).all(-1)).sum() > 50
+        assert ((np.abs(buf - vis_scene.COLOUR_HIGHLIGHT) < COLOUR_TOL).all(-1)).sum() > 50
         keys["previous"](window)
         keys["previous"](window)
         assert scene.highlighted == len(KEYFRAMES) - 1  # cyclic
@@ -256,11 +258,11 @@ def test_viewer_keys_step_through_the_keyframes(run_dir):
 def test_render_rejects_bad_paths_and_keyframes(run_dir, tmp_path):
     run = load_run(run_dir)
     with pytest.raises(InputError, match=r"\.png"):
-        vis.render_headless(run, tmp_path / "view.jpg")
+        vis_render.render_headless(run, tmp_path / "view.jpg")
     with pytest.raises(InputError, match="does not exist"):
-        vis.render_headless(run, tmp_path / "no" / "view.png")
+        vis_render.render_headless(run, tmp_path / "no" / "view.png")
     with pytest.raises(InputError, match="keyframe 9"):
-        vis.render_headless(run, tmp_path / "view.png", keyframe=9)
+        vis_render.render_headless(run, tmp_path / "view.png", keyframe=9)
     assert not (tmp_path / "view.png").exists()
 
 
@@ -271,7 +273,7 @@ def test_render_rejects_bad_paths_and_keyframes(run_dir, tmp_path):
 def test_tsdf_mesh_lies_on_the_surface(run_dir, seq, tmp_path):
     import open3d as o3d
 
-    mesh, stats = vis.tsdf_mesh(load_run(run_dir))
+    mesh, stats = vis_mesh.tsdf_mesh(load_run(run_dir))
     assert stats["vertices"] > 500 and stats["triangles"] > 500 and stats["coloured"]
     assert mesh.has_vertex_colors()
     surface = o3d.geometry.PointCloud(o3d.utility.Vector3dVector(gt_points(seq, list(range(FRAMES)))[0]))
@@ -282,7 +284,7 @@ def test_tsdf_mesh_lies_on_the_surface(run_dir, seq, tmp_path):
     voxel = stats["voxel"]
     assert np.median(dist) < 0.4 * voxel, (np.median(dist), voxel)
     assert np.percentile(dist, 90) < 1.0 * voxel, (np.percentile(dist, 90), voxel)
-    path = vis.write_mesh(mesh, tmp_path / "mesh.ply")
+    path = vis_mesh.write_mesh(mesh, tmp_path / "mesh.ply")
     back = o3d.io.read_triangle_mesh(str(path))
     assert len(back.triangles) == stats["triangles"]
     assert not list(tmp_path.glob(".mesh.ply.*"))
@@ -290,13 +292,13 @@ def test_tsdf_mesh_lies_on_the_surface(run_dir, seq, tmp_path):
 
 def test_tsdf_mesh_scales_with_the_scene(run_dir, seq, tmp_path):
     """A run in other units (depths and poses x10) gives the same mesh, x10: nothing assumes metres."""
-    small = vis.tsdf_mesh(load_run(run_dir))[1]
+    small = vis_mesh.tsdf_mesh(load_run(run_dir))[1]
     scaled = make_fake_run(tmp_path / "x10", seq, depth_scale=10.0)
     t = load_run(scaled)
     poses = t.poses_wc.copy()
     poses[:, :3] *= 10
     write_tum(scaled / "trajectory.txt", t.timestamps, poses)
-    big = vis.tsdf_mesh(load_run(scaled))[1]
+    big = vis_mesh.tsdf_mesh(load_run(scaled))[1]
     assert big["voxel"] == pytest.approx(10 * small["voxel"])
     assert big["triangles"] == pytest.approx(small["triangles"], rel=0.05)
 
@@ -304,14 +306,14 @@ def test_tsdf_mesh_scales_with_the_scene(run_dir, seq, tmp_path):
 def test_tsdf_mesh_without_valid_depth_is_an_input_error(seq, tmp_path):
     run = make_fake_run(tmp_path / "run", seq, depth_scale=0.0)
     with pytest.raises(InputError, match="no keyframe has a valid depth"):
-        vis.tsdf_mesh(load_run(run))
+        vis_mesh.tsdf_mesh(load_run(run))
 
 
 def test_write_mesh_checks_the_path(run_dir, tmp_path):
-    mesh, _ = vis.tsdf_mesh(load_run(run_dir))
+    mesh, _ = vis_mesh.tsdf_mesh(load_run(run_dir))
     with pytest.raises(InputError, match=r"\.ply"):
-        vis.write_mesh(mesh, tmp_path / "mesh.obj")
+        vis_mesh.write_mesh(mesh, tmp_path / "mesh.obj")
     blocker = tmp_path / "file"
     blocker.write_text("x")
     with pytest.raises(InputError, match="not a directory"):
-        vis.write_mesh(mesh, blocker / "mesh.ply")
+        vis_mesh.write_mesh(mesh, blocker / "mesh.ply")

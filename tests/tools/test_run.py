@@ -15,6 +15,7 @@ import numpy as np
 import pytest
 from evo.tools import file_interface
 
+from tests.io.test_frames import count_decoding
 from tests.tools.cli_errors import one_line_error
 from tools.cli import main
 from v2d.data.synthetic import render_sequence
@@ -76,19 +77,38 @@ def test_run_image_folder_writes_every_output(tmp_path, seq, capsys):
     _no_leftovers(tmp_path)
 
 
-@needs_weights
-def test_run_video_uncalibrated_warns(tmp_path, seq, caplog):
-    video = tmp_path / "clip.avi"
-    writer = cv2.VideoWriter(str(video), cv2.VideoWriter_fourcc(*"MJPG"), 30, (W, H))
-    for im in seq.images:
+def _video(path: Path, images) -> Path:
+    writer = cv2.VideoWriter(str(path), cv2.VideoWriter_fourcc(*"MJPG"), 30, (W, H))
+    for im in images:
         writer.write(np.ascontiguousarray(np.asarray(im)[..., ::-1]))
     writer.release()
+    return path
+
+
+@needs_weights
+def test_run_video_uncalibrated_warns(tmp_path, seq, caplog):
+    video = _video(tmp_path / "clip.avi", seq.images)
     out = tmp_path / "out"
     assert main(["run", str(video), "--out", str(out), "--resize", f"{H}x{W}", "--max-frames", "10"]) == 0
     assert any("uncalibrated" in r.getMessage() for r in caplog.records if r.levelname == "WARNING")
     summary = json.loads((out / "summary.json").read_text())
     assert summary["frames"] == 10 and summary["intrinsics"]["calibrated"] is False
     assert file_interface.read_tum_trajectory_file(str(out / "trajectory.txt")).num_poses == 10
+
+
+@needs_weights
+def test_run_video_decodes_each_frame_once(tmp_path, seq, monkeypatch):
+    """Opening the video decodes nothing and the run streams it once, learning its length at the end
+    (no counting pass); the stride is honoured and the timestamps are frame indices."""
+    video = _video(tmp_path / "clip.avi", seq.images)
+    counts = count_decoding(monkeypatch)
+    out = tmp_path / "out"
+    assert main(["run", str(video), "--out", str(out), "--resize", f"{H}x{W}", "--stride", "3", "-q"]) == 0
+    assert counts == [0, len(seq.images)]  # one opening to check the file, one decoding pass
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["frames"] == 8 and summary["input"]["input_frames"] == len(seq.images)
+    traj = file_interface.read_tum_trajectory_file(str(out / "trajectory.txt"))
+    assert np.allclose(traj.timestamps, np.arange(0, 24, 3))
 
 
 @needs_weights

@@ -17,7 +17,9 @@ Image folders, videos and TUM sequences may come without intrinsics when the cal
 
 `iter_frames(seq, indices, size)` streams the selected frames (a video is decoded in one pass and
 never held in memory); `select_frames`, `parse_size` and `parse_intrinsics` turn command-line
-choices into frame indices, an image size and intrinsics.
+choices into frame indices, an image size and intrinsics. A video's frame count is not known when
+it is opened (containers only estimate it): `Sequence.num_frames` is None until a stream reaches the
+video's end, so a run decodes it once; `len(seq)` counts it on demand (a decoding pass of its own).
 
 `SequenceClips` cuts clips (keyframe + neighbours, `ClipConfig`) from a sequence, resized to the
 training size with the intrinsics scaled to match, in the same dict format as `SyntheticClips`.
@@ -30,6 +32,7 @@ from __future__ import annotations
 
 import logging
 import re
+import sys
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -59,28 +62,50 @@ class Sequence:
         images: N image paths, or None for a video (`video` holds its path).
         depths: N depth-map paths (or None), with `depth_scale` metres per stored unit.
         poses_wc: (N, 4, 4) float64 camera-to-world matrices, or None.
-        timestamps: (N,) float64 seconds (the frame index when the dataset has none).
+        timestamps: (N,) float64 seconds (the frame index when the dataset has none), or None for a
+            video whose frames are not counted yet (its timestamps are the frame indices).
         intrinsics: (4,) float64 fx, fy, cx, cy at the images' size, or None when unknown.
         layout: detected layout name.
+        frame_count_estimate: a video container's frame count (CAP_PROP_FRAME_COUNT, often
+            approximate), or None; for progress bars only.
     """
 
     images: list[Path] | None
     intrinsics: np.ndarray | None
-    timestamps: np.ndarray
+    timestamps: np.ndarray | None
     layout: str
     depths: list[Path] | None = None
     depth_scale: float = 1e-3
     poses_wc: np.ndarray | None = None
     video: Path | None = None
+    frame_count_estimate: int | None = None
+
+    @property
+    def num_frames(self) -> int | None:
+        """The number of frames if known without decoding: None for a video not yet streamed to its end."""
+        return None if self.timestamps is None else len(self.timestamps)
 
     def __len__(self) -> int:
+        """The number of frames; a video's is counted on demand (a decoding pass, once)."""
+        if self.timestamps is None:
+            self.timestamps = np.arange(_count_video_frames(self.video), dtype=np.float64)
         return len(self.timestamps)
+
+    def frame_timestamps(self, indices: Iterable[int]) -> np.ndarray:
+        """Timestamps of the frames `indices` (a video's are the frame indices: no counting needed).
+
+        Shapes: -> (len(indices),) float64
+        """
+        indices = np.asarray(list(indices), dtype=np.int64)
+        if self.video is not None:
+            return indices.astype(np.float64)
+        return np.asarray(self.timestamps, dtype=np.float64)[indices]
 
     def image(self, k: int) -> np.ndarray:
         """Frame k as (H, W, 3) uint8 RGB. A video is decoded up to frame k on every call: use
         `iter_frames` for many frames."""
         if self.video is not None:
-            for _, _, rgb in _stream_video(self.video, [k]):
+            for _, _, rgb in _stream_video(self, [k]):
                 return rgb
             raise InputError(f"{self.video}: cannot read video frame {k}")
         return read_image(self.images[k])
@@ -144,6 +169,19 @@ def _open_video(path: Path):  # -> cv2.VideoCapture
     return cap
 
 
+def _frame_count_estimate(path: Path) -> int | None:
+    """The container's frame count (no decoding; often approximate), or None when it gives none.
+    InputError when OpenCV cannot open the video."""
+    import cv2
+
+    cap = _open_video(path)
+    try:
+        n = cap.get(cv2.CAP_PROP_FRAME_COUNT)
+    finally:
+        cap.release()
+    return int(n) if n > 0 else None
+
+
 def _count_video_frames(path: Path) -> int:
     """Exact frame count: containers' frame counts are estimates, so decode once (without keeping frames)."""
     cap = _open_video(path)
@@ -158,17 +196,28 @@ def _count_video_frames(path: Path) -> int:
     return n
 
 
-def _stream_video(path: Path, indices: list[int]) -> Iterator[tuple[int, str, np.ndarray]]:
-    """(k, name, rgb) for the wanted frames in one decoding pass; stops early if the video ends early."""
+def _stream_video(seq: Sequence, indices: Iterable[int]) -> Iterator[tuple[int, str, np.ndarray]]:
+    """(k, name, rgb) for the wanted frames (increasing) of a video in one decoding pass.
+
+    The stream ends with the video: normally when its length was not known (which it then records in
+    `seq.timestamps`), with a warning when it was (the file changed since it was counted). InputError
+    when the video has no frame at all.
+    """
     import cv2
 
+    path = seq.video
     cap = _open_video(path)
     try:
         pos = 0  # index of the frame the next grab() returns
         for k in indices:
             while pos <= k:
                 if not cap.grab():
-                    _log.warning("%s: video ended after %d frames, before frame %d", path, pos, k)
+                    if pos == 0:
+                        raise InputError(f"cannot read any frame from video {path}")
+                    if seq.timestamps is None:
+                        seq.timestamps = np.arange(pos, dtype=np.float64)
+                    else:
+                        _log.warning("%s: video ended after %d frames, before frame %d", path, pos, k)
                     return
                 pos += 1
             ok, bgr = cap.retrieve()
@@ -345,8 +394,9 @@ def open_sequence(path: str | Path, intrinsics: np.ndarray | str | Path | None =
 
     `intrinsics` (fx, fy, cx, cy, or a file) overrides the dataset's; image folders, videos and TUM
     sequences need it (or an `intrinsics.txt` next to the images) unless `require_intrinsics` is
-    False, in which case `seq.intrinsics` is None without them. A video is not decoded into memory:
-    it is decoded once to count its frames exactly (timestamps are frame indices).
+    False, in which case `seq.intrinsics` is None without them. A video is only opened here, not
+    decoded: its frame count is unknown (`Sequence.num_frames` is None) until it is streamed to its
+    end or `len(seq)` counts it; its timestamps are frame indices.
     """
     path = Path(path)
     if isinstance(intrinsics, str | Path):
@@ -360,8 +410,8 @@ def open_sequence(path: str | Path, intrinsics: np.ndarray | str | Path | None =
     if path.is_file():
         if path.suffix.lower() not in VIDEO_SUFFIXES:
             raise InputError(f"{path}: not a video file ({', '.join(VIDEO_SUFFIXES)}) or a folder")
-        seq = Sequence(images=None, video=path, intrinsics=None, layout="video",
-                       timestamps=np.arange(_count_video_frames(path), dtype=np.float64))
+        seq = Sequence(images=None, video=path, intrinsics=None, layout="video", timestamps=None,
+                       frame_count_estimate=_frame_count_estimate(path))
         return _with_intrinsics(seq, intrinsics, path.with_name("intrinsics.txt"), require_intrinsics)
     if any(path.glob("frame-*.color.*")):
         seq = _open_7scenes(path)
@@ -397,9 +447,12 @@ def iter_frames(seq: Sequence, indices: Iterable[int], size: tuple[int, int] | N
                 ) -> Iterator[tuple[int, np.ndarray]]:
     """Yield (k, rgb) for each frame index k, reading one frame at a time.
 
-    `indices` must be strictly increasing and within [0, len(seq)). A video is decoded in a single
-    pass (skipped frames are grabbed, not converted) and memory does not grow with its length; if it
-    ends before the last wanted frame, iteration stops there (a warning is logged; count what you get).
+    `indices` must be strictly increasing, from 0, and below `seq.num_frames` when that is known. A
+    range is not expanded, so a video of unknown length is read with an open-ended range
+    (`select_frames(None, ...)`): the stream ends with the video, whose length is then known. A video
+    is decoded in a single pass (skipped frames are grabbed, not converted) and memory does not grow
+    with its length; if a video of known length ends before the last wanted frame, iteration stops
+    there (a warning is logged; count what you get).
     Every frame must have the size of the first one yielded (checked before resizing); `size` =
     (height, width) resizes with area interpolation. InputError for unreadable or mixed-size frames.
 
@@ -407,12 +460,16 @@ def iter_frames(seq: Sequence, indices: Iterable[int], size: tuple[int, int] | N
     """
     import cv2
 
-    indices = [int(k) for k in indices]
-    if any(b <= a for a, b in zip(indices, indices[1:], strict=False)) or \
-            (indices and not 0 <= indices[0] <= indices[-1] < len(seq)):
-        raise InputError(f"frame indices must increase and lie in [0, {len(seq)}), got {_short(indices)}")
+    if not isinstance(indices, range):
+        indices = [int(k) for k in indices]
+    n = seq.num_frames
+    increasing = indices.step > 0 if isinstance(indices, range) else \
+        all(b > a for a, b in zip(indices, indices[1:], strict=False))
+    if not increasing or (len(indices) and (indices[0] < 0 or (n is not None and indices[-1] >= n))):
+        where = "be >= 0" if n is None else f"lie in [0, {n})"
+        raise InputError(f"frame indices must increase and {where}, got {_short(indices)}")
     if seq.video is not None:
-        frames = _stream_video(seq.video, indices)
+        frames = _stream_video(seq, indices)
     else:
         frames = ((k, str(seq.images[k]), read_image(seq.images[k])) for k in indices)
     hw0 = None
@@ -427,19 +484,24 @@ def iter_frames(seq: Sequence, indices: Iterable[int], size: tuple[int, int] | N
         yield k, rgb
 
 
-def _short(values: list[int]) -> str:
+def _short(values: list[int] | range) -> str:
     return str(values) if len(values) <= 8 else f"[{', '.join(map(str, values[:8]))}, ...] ({len(values)} values)"
 
 
-def select_frames(num_frames: int, stride: int = 1, max_frames: int | None = None, start: int = 0) -> list[int]:
-    """Frame indices start, start + stride, ... below num_frames, at most max_frames of them."""
+def select_frames(num_frames: int | None, stride: int = 1, max_frames: int | None = None, start: int = 0
+                  ) -> range:
+    """Frame indices start, start + stride, ... below num_frames, at most max_frames of them.
+
+    `num_frames` None (a video's length, unknown before it is streamed) leaves the range open-ended
+    (up to sys.maxsize) unless max_frames bounds it: `iter_frames` then stops where the video ends.
+    """
     if stride < 1:
         raise InputError(f"stride must be >= 1, got {stride}")
     if start < 0:
         raise InputError(f"start frame must be >= 0, got {start}")
     if max_frames is not None and max_frames < 1:
         raise InputError(f"max_frames must be >= 1 (or None for all), got {max_frames}")
-    return list(range(start, num_frames, stride))[:max_frames]
+    return range(start, sys.maxsize if num_frames is None else num_frames, stride)[:max_frames]
 
 
 def parse_size(text: str) -> tuple[int, int]:

@@ -39,7 +39,7 @@ STAGES = [
     ("    edge gating (induced flow)", "slam/mapper.py", "_gate_pairs"),
     ("    retiring keyframes", "slam/mapper.py", "_retire"),
     ("  Gauss-Newton layer (all callers)", "v2d/geometry/gauss_newton.py", "gauss_newton"),
-    ("  texture test", "slam/tracker.py", "texture"),
+    ("  texture test", "slam/measurements.py", "texture"),
     ("writing outputs", "slam/run.py", "write_outputs"),
 ]
 

@@ -262,8 +262,8 @@ def test_write_error_is_one_line_and_leaves_nothing(tmp_path, seq, capsys, monke
 
 @needs_weights
 def test_run_trajectory_matches_ground_truth(tmp_path, seq):
-    """End to end with the default (concurrent) engine: the written trajectory.txt, compared with the
-    rendered ground truth by evo after Sim3 alignment."""
+    """End to end with the default engine: the written trajectory.txt, compared with the rendered
+    ground truth by evo after Sim3 alignment."""
     from v2d.geometry.lie import se3_inv
     from v2d.metrics import trajectory_ate
 
@@ -288,7 +288,8 @@ def test_mapper_failure_is_one_line_and_leaves_nothing(tmp_path, seq, capsys, mo
     monkeypatch.setattr(Mapper, "map_keyframes", broken)
     src = _folder(tmp_path / "imgs", seq.images, seq.intrinsics.tolist())
     out = tmp_path / "out"
-    assert main(["run", str(src), "--out", str(out), "--resize", f"{H}x{W}", "-q"]) == 1
+    assert main(["run", str(src), "--out", str(out), "--resize", f"{H}x{W}", "-q", "--set",
+                 "slam.concurrent=true"]) == 1
     one_line_error(capsys, "mapping failed: RuntimeError: cost volume exploded")
     assert not out.exists()
     _no_leftovers(tmp_path)
@@ -303,7 +304,8 @@ def test_ctrl_c_stops_the_run_and_leaves_no_output(tmp_path, seq):
     out = tmp_path / "out"
     root = Path(__file__).resolve().parents[2]
     proc = subprocess.Popen([sys.executable, "-m", "tools.cli", "run", str(src), "--out", str(out),
-                             "--resize", f"{H}x{W}"], cwd=root, stderr=subprocess.PIPE, text=True)
+                             "--resize", f"{H}x{W}", "--set", "slam.concurrent=true"], cwd=root,
+                            stderr=subprocess.PIPE, text=True)
     deadline = time.monotonic() + 120
     while time.monotonic() < deadline and not list(tmp_path.glob(".*partial-*/depth/*.npy")):
         time.sleep(0.05)  # the first keyframe left the window: tracking and mapping are both running

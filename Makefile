@@ -8,7 +8,7 @@ STAMP := $(VENV)/.v2d-installed
 SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 APT_PACKAGES := libusb-1.0-0 libgomp1
 
-.PHONY: demo test bench cuda-check lint system-deps clean
+.PHONY: demo test bench suite cuda-check lint system-deps clean
 
 $(STAMP): requirements.txt requirements-dev.txt setup.py $(wildcard kernels/csrc/*)
 	@$(MAKE) --no-print-directory system-deps
@@ -36,6 +36,11 @@ bench: $(STAMP)
 	mkdir -p bench_out
 	$(BIN)/python -m bench.kernels --json bench_out/kernels.json
 	$(BIN)/python -m bench.model --json bench_out/model.json
+
+# The validation suite (bench/suite.py): real and synthetic hard sequences beside COLMAP; about an hour.
+suite: $(STAMP)
+	mkdir -p bench_out
+	$(BIN)/python -m bench.suite --json bench_out/suite.json
 
 cuda-check: $(STAMP)
 	$(BIN)/python tools/cuda_check.py

@@ -73,7 +73,8 @@ class SlamConfig:
         buffer_frames: most recent frames whose images are kept for cost volumes (memory bound).
         lost_confidence, lost_overlap: tracking is lost below this mean confidence or overlap.
         lost_residual: tracking is lost above this confidence-weighted RMS flow residual (px).
-        relocalise_after: frames lost in a row before re-initialising at the current frame.
+        relocalise_after: frames lost in a row (every feature registration failing too) before a
+            new map segment starts at the current frame.
         static_flow: frames whose flow w.r.t. the previous frame is below this (px) are static.
         static_run: static frames in a row that make a warning (so does half the video).
         min_texture: mean image gradient (grey levels per pixel) below which a frame is textureless.
@@ -97,6 +98,22 @@ class SlamConfig:
             7-Scenes 0-499/2 3.861 vs 3.860 cm ATE, 0-299/1 3.03 vs 3.00 cm, demo 0.115 % both,
             16-17 % faster end to end (with window_stride 2).
         window_stride: the same for the window optimisation.
+        keyframe_overlap: a frame becomes a keyframe when the overlap with the current keyframe
+            predicted for the next frame (constant velocity) falls below this, so fast motion gets
+            denser keyframes before tracking runs out of shared view (`keyframe_flow` still applies).
+        reloc_features: ORB keypoints per image for sparse registration (`slam.relocaliser`).
+        reloc_ratio: Lowe's ratio test of the ORB matches.
+        reloc_min_inliers: PnP-RANSAC inliers a registration needs.
+        reloc_min_inlier_ratio: inliers over ratio-test matches a registration needs.
+        reloc_reprojection: PnP-RANSAC inlier threshold (px).
+        reloc_candidates: keyframes beyond the window tried by appearance when relocalising (and
+            when looking for a loop at a new keyframe).
+        restart_min_features: ORB keypoints a lost frame needs before a new map segment may start
+            at it (after `relocalise_after` lost frames): a hand over the lens, a blank wall or a
+            blurred frame is no place to start a map, and waiting for a textured view costs nothing
+            that a restart would have saved.
+        loop_min_gap: keyframes between two of one segment before a match between them counts as a
+            loop (closer ones are the window's and the proximity edges' business).
     """
 
     init_frames: int = 5
@@ -137,6 +154,15 @@ class SlamConfig:
     flow_cache_mb: int = 256
     track_stride: int = 2
     window_stride: int = 2
+    keyframe_overlap: float = 0.7
+    reloc_features: int = 1000
+    reloc_ratio: float = 0.8
+    reloc_min_inliers: int = 30
+    reloc_min_inlier_ratio: float = 0.25
+    reloc_reprojection: float = 3.0
+    reloc_candidates: int = 3
+    restart_min_features: int = 200
+    loop_min_gap: int = 20
 
     RANGES: ClassVar[Ranges] = {
         "init_frames": at_least(2),
@@ -174,6 +200,15 @@ class SlamConfig:
         "flow_cache_mb": at_least(16),
         "track_stride": at_least(1),
         "window_stride": at_least(1),
+        "keyframe_overlap": NON_NEGATIVE,
+        "reloc_features": at_least(50),
+        "reloc_ratio": POSITIVE,
+        "reloc_min_inliers": at_least(6),
+        "reloc_min_inlier_ratio": NON_NEGATIVE,
+        "reloc_reprojection": POSITIVE,
+        "reloc_candidates": NON_NEGATIVE,
+        "restart_min_features": NON_NEGATIVE,
+        "loop_min_gap": at_least(1),
     }
     RELATIONS: ClassVar[Relations] = (
         Relation(lambda c: c.window_fixed < c.window, "window_fixed must be smaller than window"),

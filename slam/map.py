@@ -24,7 +24,7 @@ import numpy as np
 import torch
 
 from v2d.errors import V2DError
-from v2d.geometry.lie import se3_identity, se3_inv, se3_mul
+from v2d.geometry.lie import matrix_to_quat, quat_to_matrix, se3_exp, se3_identity, se3_inv, se3_log, se3_mul
 
 __all__ = ["Map", "Keyframe", "KeyframeView", "FrameState", "TrackQuality", "normalized_pose", "release_heap"]
 
@@ -81,6 +81,7 @@ class FrameState:
     static: bool = False
     textureless: bool = False
     is_keyframe: bool = False
+    interpolated: bool = False  # lost, then given a pose between its tracked neighbours (`Map.bridge`)
 
 
 @dataclass
@@ -101,6 +102,7 @@ class Keyframe:
     small_depth: np.ndarray | None = None
     small_image: np.ndarray | None = None
     motion_feats: torch.Tensor | None = None
+    segment: int = 0  # map segment: a restart after a long loss begins a new one (own pose and scale)
 
 
 @dataclass(frozen=True)
@@ -135,6 +137,8 @@ class Map:
         self._images: OrderedDict[int, np.ndarray] = OrderedDict()  # frame index -> image
         self._edges: set[tuple[int, int]] = set()  # keyframe pairs (a, b) with a flow edge a -> b
         self._last_good = 0  # newest frame that was not lost
+        self._segments = 1  # segment ids handed out
+        self._loops: set[tuple[int, int]] = set()  # keyframe pairs found to see the same place
 
     # ------------------------------------------------------------------------------------ reads
     @property
@@ -251,6 +255,88 @@ class Map:
                 self._last_good = f
             self._images[f] = image
             return f
+
+    def bridge(self, f: int) -> list[int]:
+        """Frame f was tracked (or relocalised) after a run of lost frames: give each of them the pose
+        interpolated on SE(3) between the last frame tracked before the run and f (by frame index:
+        constant velocity across the gap), mark them `interpolated` and no longer lost. Returns
+        their indices."""
+        with self._lock:
+            run = []
+            g = f - 1
+            while g >= 0 and self._frames[g].lost:
+                if self._frames[g].is_keyframe:  # a restart inside the run: another segment's scale
+                    return []
+                run.append(g)
+                g -= 1
+            if not run or g < 0:
+                return []
+            a, b = self._pose(g), self._pose(f)
+            step = se3_log(se3_mul(b, se3_inv(a)))
+            for h in run:
+                pose = se3_mul(se3_exp(step * ((h - g) / (f - g))), a)
+                st = self._frames[h]
+                rel = normalized_pose(se3_mul(pose, se3_inv(self._keyframes[st.keyframe].pose_cw)))
+                self._frames[h] = dataclasses.replace(st, rel_cw=rel, lost=False, interpolated=True)
+            return sorted(run)
+
+    def _pose(self, f: int) -> torch.Tensor:
+        st = self._frames[f]
+        return se3_mul(st.rel_cw, self._keyframes[st.keyframe].pose_cw)
+
+    def add_loop(self, a: int, b: int) -> None:
+        """Record that keyframes a and b see the same place (loop detection, segment merging)."""
+        with self._lock:
+            self._loops.add((min(a, b), max(a, b)))
+
+    def loops(self) -> set[tuple[int, int]]:
+        with self._lock:
+            return set(self._loops)
+
+    def new_segment(self) -> int:
+        """A new segment id (for the keyframe of a restart)."""
+        with self._lock:
+            self._segments += 1
+            return self._segments - 1
+
+    def segments(self) -> dict[int, list[int]]:
+        """Segment id -> its keyframe ids, oldest first."""
+        with self._lock:
+            out: dict[int, list[int]] = {}
+            for kid, kf in enumerate(self._keyframes):
+                out.setdefault(kf.segment, []).append(kid)
+            return out
+
+    def merge_segment(self, segment: int, into: int, rotation: torch.Tensor, translation: torch.Tensor,
+                      scale: float) -> None:
+        """Re-express segment `segment` in the world and scale of segment `into` and join them.
+
+        The similarity maps a world point of `segment` to `into`'s: X' = scale R X + t. Keyframe poses
+        become R_k' = R_k R^T, t_k' = scale t_k - R_k' t; depths (and priors, strided copies) and the
+        translations of frames relative to the segment's keyframes are multiplied by `scale`.
+
+        Shapes: rotation (3, 3); translation (3,) float64.
+        """
+        with self._lock:
+            R = rotation.to(self._intr)
+            t = translation.to(self._intr)
+            moved = set()
+            for kid, kf in enumerate(self._keyframes):
+                if kf.segment != segment:
+                    continue
+                moved.add(kid)
+                Rk = quat_to_matrix(kf.pose_cw[3:]) @ R.T
+                tk = scale * kf.pose_cw[:3] - Rk @ t
+                changes: dict = {"pose_cw": normalized_pose(torch.cat([tk, matrix_to_quat(Rk)])), "segment": into}
+                for name in ("depth", "prior", "small_depth"):
+                    value = getattr(kf, name)
+                    if value is not None:
+                        changes[name] = value * scale
+                self._keyframes[kid] = dataclasses.replace(kf, **changes)
+            for f, st in enumerate(self._frames):
+                if st.keyframe in moved:
+                    rel = torch.cat([st.rel_cw[:3] * scale, st.rel_cw[3:]])
+                    self._frames[f] = dataclasses.replace(st, rel_cw=rel)
 
     def drop_last_frame(self) -> None:
         """Forget the newest frame (it is tracked again, against a new keyframe)."""

@@ -30,29 +30,27 @@ from __future__ import annotations
 
 import dataclasses
 import logging
-import math
 from collections.abc import Callable
 from dataclasses import dataclass
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 
 from slam.config import RunConfig
 from slam.flowcache import FlowCache
 from slam.fusion import splat_depth
 from slam.keyframe_depth import KeyframeDepth
 from slam.map import Keyframe, Map, normalized_pose, release_heap
-from slam.measurements import images_to_tensor, motion_features, robust_weights, subsample
-from v2d.geometry.camera import backproject, pixel_grid, project
-from v2d.geometry.lie import se3_act, se3_identity, se3_inv, se3_mul
+from slam.measurements import images_to_tensor, induced_motion, motion_features, robust_weights, subsample
+from slam.relocaliser import Registration
+from v2d.geometry.lie import quat_to_matrix, se3_identity, se3_inv, se3_mul
 from v2d.geometry.window_ba import WindowBAOptions, window_bundle_adjust
 from v2d.model import V2D
 
 __all__ = ["Mapper", "KeyframeJob"]
 
 _log = logging.getLogger(__name__)
-
-_FLOW_STRIDE = 4  # pixel stride of the induced-flow estimate that gates edges (a mean needs no full resolution)
 
 
 @dataclass(frozen=True)
@@ -118,21 +116,29 @@ class Mapper:
             self.map.set_intrinsics(intr)
         return {i: poses[c] for c, i in enumerate(chosen)}, depth.float()
 
-    def new_keyframe(self, f: int, image: np.ndarray, motion_feats: torch.Tensor | None) -> int:
-        """Make tracked frame f a keyframe; its initial depth is the current keyframe's depth
-        splatted into it (holes filled with the median), so tracking can go on before it is mapped.
+    def new_keyframe(self, f: int, image: np.ndarray, motion_feats: torch.Tensor | None, source: int | None = None
+                     ) -> int:
+        """Make tracked frame f a keyframe; its initial depth is a keyframe's depth splatted into it
+        (the frame's own keyframe, or `source`, e.g. the keyframe it was relocalised against; a
+        retired one gives its strided copy), holes filled with the median, so tracking can go on
+        before it is mapped.
 
         Shapes: image (H, W, 3) uint8; motion_feats (F, H/4, W/4) or None -> keyframe id.
         """
         state = self.map.frame(f)
-        prev = self.map.keyframe(state.keyframe)
+        src = self.map.keyframe(state.keyframe if source is None else source)
+        if src.depth is not None:
+            depth_src = src.depth
+        else:  # retired: its strided copy, nearest-upsampled
+            small = torch.as_tensor(src.small_depth, device=self.device)
+            depth_src = F.interpolate(small[None, None], size=(self.H, self.W), mode="nearest")[0, 0]
         intr = self.map.intrinsics.float()
-        depth = splat_depth(prev.depth, se3_identity(dtype=torch.float32, device=self.device), state.rel_cw.float(),
-                            intr)
+        rel = normalized_pose(se3_mul(self.map.frame_pose(f), se3_inv(src.pose_cw)))
+        depth = splat_depth(depth_src, se3_identity(dtype=torch.float32, device=self.device), rel.float(), intr)
         valid = depth > 0
-        fill = depth[valid].median() if bool(valid.any()) else prev.depth.median()
-        kf = Keyframe(frame=f, pose_cw=prev.pose_cw, image=image, depth=torch.where(valid, depth, fill), valid=valid,
-                      motion_feats=motion_feats)
+        fill = depth[valid].median() if bool(valid.any()) else depth_src[depth_src > 0].median()
+        kf = Keyframe(frame=f, pose_cw=src.pose_cw, image=image, depth=torch.where(valid, depth, fill), valid=valid,
+                      motion_feats=motion_feats, segment=src.segment)
         return self.map.add_keyframe(kf, f, at_frame_pose=True)  # the pose is read with the map locked
 
     @torch.no_grad()
@@ -148,8 +154,36 @@ class Mapper:
         for k in self.map.window():
             self._retire(k)
         kf = Keyframe(frame=f, pose_cw=pose, image=image, depth=depth, prior=depth,
-                      valid=torch.ones_like(depth, dtype=torch.bool), motion_feats=motion_feats)
+                      valid=torch.ones_like(depth, dtype=torch.bool), motion_feats=motion_feats,
+                      segment=self.map.new_segment())
         return self.map.add_keyframe(kf, f)
+
+    def merge(self, kid: int, reg: Registration) -> bool:
+        """Keyframe `kid` (of a newer segment) was registered against keyframe `reg.kid` of an older
+        one: move kid's segment into the older one's world and scale (a similarity) and join them.
+
+        The scale is the median ratio, over the registration's inliers, of their depth in the older
+        segment (the PnP points) to kid's own depth at those pixels. Returns False (nothing changed)
+        when the ratio cannot be measured.
+        """
+        new, old = self.map.keyframe(kid), self.map.keyframe(reg.kid)
+        if new.depth is None or new.segment == old.segment:
+            return False
+        h, w = new.depth.shape
+        c = np.clip(np.round(reg.pixels[:, 0]).astype(int), 0, w - 1)
+        r = np.clip(np.round(reg.pixels[:, 1]).astype(int), 0, h - 1)
+        z_new = new.depth.cpu().numpy()[r, c]
+        ok = (z_new > 0) & (reg.points[:, 2] > 0) & new.valid.cpu().numpy()[r, c]
+        if ok.sum() < self.sc.reloc_min_inliers // 2:
+            return False
+        scale = float(np.median(reg.points[ok, 2] / z_new[ok]))
+        pose_old = se3_mul(reg.rel_cw, old.pose_cw)  # kid's camera in the older segment's world
+        R_n, R_o = quat_to_matrix(new.pose_cw[3:]), quat_to_matrix(pose_old[3:])
+        R = R_o.T @ R_n
+        t = R_o.T @ (scale * new.pose_cw[:3] - pose_old[:3])
+        self.map.merge_segment(new.segment, old.segment, R, t, scale)
+        self.map.add_loop(reg.kid, kid)
+        return True
 
     # ------------------------------------------------------------------------------------ per keyframe
     def map_keyframes(self, jobs: list[KeyframeJob]) -> None:
@@ -326,22 +360,7 @@ class Mapper:
         for a in range(len(kfs)):
             mine = [b for a2, b in candidates if a2 == a]
             if mine:
-                flows = self._induced_flow(kfs[a], se3_mul(poses[mine], se3_inv(poses[a])[None]), intrinsics)
+                flows, _ = induced_motion(kfs[a].depth, se3_mul(poses[mine], se3_inv(poses[a])[None]), intrinsics,
+                                          self.cfg.gn.min_depth)
                 pairs += [(a, b) for b, fl in zip(mine, flows.tolist(), strict=True) if fl <= max_flow]
         return pairs
-
-    def _induced_flow(self, kf: Keyframe, rel: torch.Tensor, intrinsics: torch.Tensor) -> torch.Tensor:
-        """Mean flow (px) keyframe kf's depth induces under rel = T_other * T_kf^-1 (strided estimate).
-
-        Shapes: rel (M, 7) -> (M,) float32; inf where no point stays in front.
-        """
-        s = _FLOW_STRIDE  # pixel (i, j) of the strided grid is (s i, s j), so fx/s, cx/s
-        intr = intrinsics.float() / s
-        depth = kf.depth[::s, ::s].clamp_min(1e-3)
-        q = se3_act(rel.float()[..., None, None, :], backproject(depth, intr))  # (M, h, w, 3)
-        ok = q[..., 2] > self.cfg.gn.min_depth
-        grid = pixel_grid(*depth.shape, dtype=depth.dtype, device=depth.device)
-        dist = (project(q, intr) - grid).norm(dim=-1)
-        n = ok.sum((-2, -1))
-        mean = torch.where(ok, dist, torch.zeros_like(dist)).sum((-2, -1)) / n.clamp_min(1)
-        return torch.where(n > 0, mean * s, torch.full_like(mean, math.inf))

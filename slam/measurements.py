@@ -8,10 +8,11 @@ import numpy as np
 import torch
 
 from v2d.geometry import cauchy_weight
-from v2d.geometry.camera import reproject, valid_reprojection
+from v2d.geometry.camera import backproject, pixel_grid, project, reproject, valid_reprojection
+from v2d.geometry.lie import se3_act
 from v2d.model import V2D, normalize_images
 
-__all__ = ["images_to_tensor", "motion_features", "robust_weights", "subsample", "texture"]
+__all__ = ["images_to_tensor", "induced_motion", "motion_features", "robust_weights", "subsample", "texture"]
 
 
 def images_to_tensor(images: list[np.ndarray], device: torch.device) -> torch.Tensor:
@@ -68,3 +69,27 @@ def subsample(targets: torch.Tensor, weights: torch.Tensor, inv: torch.Tensor, i
         return targets, weights, inv, intrinsics
     s = stride
     return (targets[..., ::s, ::s, :] / s, weights[..., ::s, ::s, :], inv[..., ::s, ::s], intrinsics / s)
+
+
+def induced_motion(depth: torch.Tensor, rel: torch.Tensor, intrinsics: torch.Tensor, min_depth: float, stride: int = 4
+                   ) -> tuple[torch.Tensor, torch.Tensor]:
+    """How far a keyframe's pixels move, and how many stay in view, under relative poses: the mean
+    flow (px, over the pixels that stay in front) and the overlap (fraction of pixels in front and
+    inside the image), estimated on every `stride`-th pixel (a mean needs no full resolution).
+
+    Shapes: depth (H, W); rel (M, 7) = T_other T_keyframe^-1; intrinsics (4,) -> flow (M,) float32
+    (inf where no point stays in front), overlap (M,) float32.
+    """
+    s = stride  # pixel (i, j) of the strided grid is (s i, s j), so fx/s, cx/s
+    intr = intrinsics.float() / s
+    d = depth[::s, ::s].float().clamp_min(1e-3)
+    h, w = d.shape
+    q = se3_act(rel.float()[..., None, None, :], backproject(d, intr))  # (M, h, w, 3)
+    ok = q[..., 2] > min_depth
+    uv = project(q, intr)
+    dist = (uv - pixel_grid(h, w, dtype=d.dtype, device=d.device)).norm(dim=-1)
+    n = ok.sum((-2, -1))
+    mean = torch.where(ok, dist, torch.zeros_like(dist)).sum((-2, -1)) / n.clamp_min(1)
+    inside = ok & (uv[..., 0] >= -0.5) & (uv[..., 0] <= w - 0.5) & (uv[..., 1] >= -0.5) & (uv[..., 1] <= h - 0.5)
+    flow = torch.where(n > 0, mean * s, torch.full_like(mean, float("inf")))
+    return flow, inside.float().mean((-2, -1))

@@ -178,7 +178,8 @@ def write_outputs(out: Path, result: SlamResult, timestamps: np.ndarray, cfg: Ru
     write_ply(out / "cloud.ply", points, colors)
     frames = result.frames
     marked = {name: [f for f, st in enumerate(frames) if getattr(st, attr)]
-              for name, attr in (("lost", "lost"), ("static", "static"), ("textureless", "textureless"))}
+              for name, attr in (("lost", "lost"), ("interpolated", "interpolated"), ("static", "static"),
+                                    ("textureless", "textureless"))}
     tracked = [st.quality for st in frames if not st.is_keyframe and not st.lost]
     summary = {
         "version": __version__,
@@ -188,8 +189,16 @@ def write_outputs(out: Path, result: SlamResult, timestamps: np.ndarray, cfg: Ru
         "keyframe_frames": result.keyframe_frames,  # rows of trajectory.txt
         "keyframe_files": [keyframe_name(names[f] if names else f) for f in result.keyframe_frames],
         "lost_frames": len(marked["lost"]),
+        "interpolated_frames": len(marked["interpolated"]),  # lost, then bridged after tracking resumed
         "marked_frames": marked,
         "restarts": result.restarts,
+        # a restart begins a new map segment (own pose and scale) until it is merged into an earlier one
+        "segments": len(result.segments),
+        "segment_keyframes": result.segments,  # rows of trajectory.txt of each segment's keyframes
+        "segment_merges": result.merges,
+        "loops": result.loops,
+        "recovered_frames": result.recovered,
+        "relocalisations": result.relocalised,
         "points": int(points.shape[0]),
         "cloud_voxel": voxel,
         "seconds": facts["seconds"],  # model loading to the last frame's tracking

@@ -37,17 +37,18 @@ import logging
 import os
 import threading
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 import torch
 
 from slam.config import RunConfig
 from slam.flowcache import FlowCache
-from slam.map import FrameState, Keyframe, Map, TrackQuality, normalized_pose
+from slam.map import FrameState, Keyframe, KeyframeView, Map, TrackQuality, normalized_pose
 from slam.mapper import KeyframeJob, Mapper
 from slam.measurements import texture
-from slam.tracker import Tracker
+from slam.relocaliser import KeyframeIndex
+from slam.tracker import Tracker, TrackResult
 from slam.worker import MapperWorker
 from v2d.errors import ConfigError, ShapeError, V2DError
 from v2d.geometry.lie import se3_identity, se3_inv, se3_mul
@@ -79,6 +80,11 @@ class SlamResult:
     intrinsics: torch.Tensor
     restarts: int
     warnings: list[str]
+    recovered: int = 0  # lost frames whose dense tracking resumed from a feature registration
+    relocalised: int = 0  # frames registered by features only (each became a keyframe)
+    segments: list[list[int]] = field(default_factory=list)  # each segment's keyframe frames
+    merges: int = 0  # segments joined to an earlier one
+    loops: int = 0  # keyframe pairs found to see the same place
 
 
 class _ThreadPlan:
@@ -142,6 +148,7 @@ class SlamSystem:
         self.flows = FlowCache(cfg.motion.dis, self.device, self.sc.flow_cache_mb * 2**20)
         self.tracker = Tracker(model, cfg, self.flows, size, self.device)
         self.mapper = Mapper(model, cfg, self.map, self.flows, size, calibrated, self.device, on_keyframe, self.warn)
+        self.index = KeyframeIndex(cfg, size)
         self._threads: _ThreadPlan | None = None  # set while the mapper thread runs
         self.worker: MapperWorker[KeyframeJob] | None = None  # started after initialisation
         self._pending: list[np.ndarray] = []  # frames before initialisation
@@ -149,6 +156,10 @@ class SlamSystem:
         self.lost_run = 0  # frames lost in a row
         self.lost_count = 0
         self.restarts = 0
+        self.recovered = 0  # lost frames whose dense tracking succeeded from a feature registration
+        self.relocalised = 0  # lost frames registered by features only (they became keyframes)
+        self.merges = 0  # map segments joined to an earlier one
+        self._lost_features = 0  # ORB keypoints of the newest lost frame
         self.finished = False
         self._closed = False
 
@@ -205,7 +216,9 @@ class SlamSystem:
             keyframe_frames=[k.frame for k in kfs], keyframe_poses_cw=torch.stack([k.pose_cw for k in kfs]),
             cloud_depths=[k.small_depth for k in kfs], cloud_images=[k.small_image for k in kfs],
             cloud_stride=self.sc.cloud_stride, intrinsics=self.map.intrinsics.clone(), restarts=self.restarts,
-            warnings=list(self.warnings))
+            warnings=list(self.warnings), recovered=self.recovered, relocalised=self.relocalised,
+            segments=[[kfs[k].frame for k in ks] for ks in self.map.segments().values()], merges=self.merges,
+            loops=len(self.map.loops()))
 
     def close(self) -> None:
         """Stop the mapper thread and restore thread settings. Idempotent; after an error or Ctrl-C it
@@ -236,9 +249,10 @@ class SlamSystem:
         self.map.add_frame(FrameState(keyframe=0, rel_cw=ident, is_keyframe=True,
                                       quality=TrackQuality(confidence=1.0, overlap=1.0),
                                       textureless=texture(frames[0]) < self.sc.min_texture), frames[0])
-        self.map.add_keyframe(Keyframe(frame=0, pose_cw=ident, image=frames[0], depth=depth, prior=depth,
-                                       valid=torch.ones_like(depth, dtype=torch.bool),
-                                       motion_feats=self.tracker.keyframe_features(frames[0])), 0)
+        kid = self.map.add_keyframe(Keyframe(frame=0, pose_cw=ident, image=frames[0], depth=depth, prior=depth,
+                                             valid=torch.ones_like(depth, dtype=torch.bool),
+                                             motion_feats=self.tracker.keyframe_features(frames[0])), 0)
+        self.index.add(kid, frames[0])
         self._start_worker()
         self._init_poses = poses
         for image in frames[1:]:
@@ -264,24 +278,32 @@ class SlamSystem:
             guess = se3_mul(se3_mul(prev, se3_inv(before)), prev)
             rel_init = normalized_pose(se3_mul(guess, se3_inv(ref.pose_cw)))
         track = self.tracker.track(f, image, ref, rel_init, self.map.intrinsics)
+        reloc = None
+        if track.lost:
+            track, reloc = self._recover(f, image, ref, track)
         q, lost = track.quality, track.lost
         state = FrameState(keyframe=ref.id, rel_cw=track.rel_cw, quality=q, lost=lost,
                            static=self.tracker.is_static(track), textureless=texture(image) < self.sc.min_texture)
+        after_loss = not lost and self.lost_run > 0
         if lost:  # the map gives it the last good pose
             self.lost_run += 1
             self.lost_count += 1
         else:
             self.lost_run = 0
         self.map.add_frame(state, image)
+        if after_loss:  # the frames lost in between get poses between their tracked neighbours
+            self.lost_count -= len(self.map.bridge(f))
         keyframes = self.map.window_frames()  # only f or f - 1 can still become a keyframe
         self.flows.drop(lambda g: g >= f - 1 or g in keyframes, raw_only=True)
         s = self.sc
         kf_flow = s.keyframe_flow * self.tracker.px
         good = q.confidence >= s.min_confidence and q.overlap >= s.min_overlap
         prev_state = self.map.frame(f - 1) if f >= 1 else None
-        if lost and self.lost_run >= s.relocalise_after:
-            self._restart(f, image)
-        elif not lost and good and q.flow > kf_flow:
+        if reloc is not None:  # registered by features only: tracking resumes from a keyframe made here
+            self._keyframe(f, image, source=reloc)
+        elif lost and self.lost_run >= s.relocalise_after and self._lost_features >= s.restart_min_features:
+            self._restart(f, image)  # a hand over the lens or a blank wall is no place to start a map
+        elif not lost and good and self._needs_keyframe(ref, track, kf_flow):
             self._keyframe(f, image)
         elif (not lost and not good and q.flow > kf_flow * s.promote_flow and may_promote and prev_state is not None
               and not prev_state.is_keyframe and not prev_state.lost and self.map.image(f - 1) is not None
@@ -294,19 +316,83 @@ class SlamSystem:
         self.map.trim_images(s.buffer_frames)
         return self.map.frame(f)
 
-    def _keyframe(self, f: int, image: np.ndarray) -> None:
-        kid = self.mapper.new_keyframe(f, image, self.tracker.keyframe_features(image))
+    def _needs_keyframe(self, ref: KeyframeView, track: TrackResult, kf_flow: float) -> bool:
+        """A new keyframe when the flow to the keyframe passes `keyframe_flow` (the spacing of slow
+        motion), or when the overlap predicted for the next frame (constant velocity) falls below
+        `keyframe_overlap`: fast motion gets keyframes before tracking runs out of shared view."""
+        if track.quality.flow > kf_flow:
+            return True
+        recent = self.map.recent_poses(2)
+        if len(recent) < 2:
+            return False
+        step = se3_mul(recent[-1], se3_inv(recent[0]))
+        _, overlap = self.tracker.predict(ref, normalized_pose(se3_mul(step, track.rel_cw)), self.map.intrinsics)
+        return overlap < self.sc.keyframe_overlap
+
+    def _recover(self, f: int, image: np.ndarray, ref: KeyframeView, track: TrackResult
+                 ) -> tuple[TrackResult, int | None]:
+        """Dense tracking lost frame f: register it by features against the window's keyframes
+        (newest first) and the keyframes that look most like it. Dense tracking from the registered
+        pose, when it succeeds, gives the frame's pose; otherwise the registered pose does and the
+        keyframe it was registered against is returned (the frame becomes a keyframe)."""
+        feats = self.index.features(image)
+        self._lost_features = len(feats.keypoints)
+        window = self.map.window()
+        kids = window[::-1] + [k for k, _ in self.index.similar(feats, set(window), self.sc.reloc_candidates)]
+        reg = self.index.register(feats, self.map.keyframes(kids), kids, self.map.intrinsics)
+        if reg is None:
+            return track, None
+        pose = se3_mul(reg.rel_cw, self.map.keyframe(reg.kid).pose_cw)
+        rel = normalized_pose(se3_mul(pose, se3_inv(ref.pose_cw)))
+        dense = self.tracker.track(f, image, ref, rel, self.map.intrinsics, retry=False)
+        if not dense.lost:
+            self.recovered += 1
+            return dense, None
+        self.relocalised += 1
+        return self.tracker.sparse_result(ref, rel, self.map.intrinsics, reg.inliers / reg.matches,
+                                          reg.reprojection_px), reg.kid
+
+    def _keyframe(self, f: int, image: np.ndarray, source: int | None = None) -> None:
+        kid = self.mapper.new_keyframe(f, image, self.tracker.keyframe_features(image), source)
+        feats = self.index.add(kid, image)
         self.tracker.new_reference()
         self.worker.submit(KeyframeJob(kid, self.map.images(), refine_previous=self.sc.depth_timing == "both"))
+        self._find_loop(kid, feats)
+
+    def _find_loop(self, kid: int, feats: object) -> None:
+        """Loop detection at a new keyframe: the keyframes of other segments, and those of its own
+        segment at least `slam.loop_min_gap` keyframes older, that look most like it are registered
+        against it. A match in another segment merges the two (`Mapper.merge`); one in its own
+        segment is a loop (an edge for the global bundle adjustment)."""
+        seg = self.map.keyframe(kid).segment
+        segments = self.map.segments()
+        candidates = {k for sg, ks in segments.items() for k in ks
+                      if sg != seg or k < kid - self.sc.loop_min_gap}
+        if not candidates:
+            return
+        exclude = set(range(self.map.num_keyframes())) - candidates
+        kids = [k for k, _ in self.index.similar(feats, exclude, self.sc.reloc_candidates)]
+        reg = self.index.register(feats, self.map.keyframes(kids), kids, self.map.intrinsics)
+        if reg is None:
+            return
+        if self.map.keyframe(reg.kid).segment == seg:
+            self.map.add_loop(reg.kid, kid)
+            return
+        self.worker.wait()  # the mapper must not write the segment while it moves
+        if self.mapper.merge(kid, reg):
+            self.merges += 1
+            _log.info("keyframe %d relocalised against keyframe %d of an earlier map segment: merged", kid, reg.kid)
 
     def _restart(self, f: int, image: np.ndarray) -> None:
         """Re-initialise at frame f after `relocalise_after` lost frames (the mapper finishes first)."""
         self.worker.wait()
-        self.mapper.restart(f, image, self.tracker.keyframe_features(image))
+        kid = self.mapper.restart(f, image, self.tracker.keyframe_features(image))
+        self.index.add(kid, image)
         self.restarts += 1
         self.lost_run = 0
         self.tracker.new_reference()
-        self.warn("tracking was lost; re-initialised with single-image depth (the trajectory's scale may jump)")
+        self.warn("tracking was lost and relocalisation failed; started a new map segment with single-image depth "
+                  "(its scale differs until it is merged: see summary.json's segments)")
 
     def _report_flags(self) -> None:
         frames = self.map.frames()
@@ -316,6 +402,10 @@ class SlamSystem:
         flat = sum(s.textureless for s in frames)
         if lost:
             self.warn(f"tracking was lost on {lost} of {n} frames (they hold the last good pose)")
+        bridged = sum(s.interpolated for s in frames)
+        if bridged:
+            self.warn(f"{bridged} of {n} frames could not be tracked; their poses are interpolated between the "
+                      "tracked frames around them")
         run = longest = 0
         for st in frames:
             run = run + 1 if st.static else 0

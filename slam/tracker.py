@@ -26,7 +26,7 @@ import torch.nn.functional as F
 from slam.config import RunConfig
 from slam.flowcache import FlowCache
 from slam.map import KeyframeView, TrackQuality, normalized_pose
-from slam.measurements import images_to_tensor, motion_features, robust_weights, subsample
+from slam.measurements import images_to_tensor, induced_motion, motion_features, robust_weights, subsample
 from v2d.geometry.camera import pixel_grid, reproject, scale_intrinsics, valid_reprojection
 from v2d.geometry.lie import se3_identity
 from v2d.model import V2D
@@ -39,12 +39,12 @@ class TrackResult:
     """A frame aligned to a keyframe.
 
     Shapes: rel_cw (7,) float64 = T_frame T_keyframe^-1; coords (H, W, 2): the keyframe pixels'
-    coordinates in the frame (network-size pixels).
+    coordinates in the frame (network-size pixels), None for a sparse (feature) registration.
     """
 
     rel_cw: torch.Tensor
     quality: TrackQuality
-    coords: torch.Tensor
+    coords: torch.Tensor | None
     lost: bool
 
 
@@ -81,15 +81,15 @@ class Tracker:
         return motion_features(self.model, image, self.device) if self.source == "learned" else None
 
     def track(self, f: int, image: np.ndarray, ref: KeyframeView, rel_init: torch.Tensor,
-              intrinsics: torch.Tensor) -> TrackResult:
-        """Align frame f to keyframe `ref`, from rel_init = T_frame T_kf^-1; retried from the
-        keyframe's pose when the first result is lost.
+              intrinsics: torch.Tensor, retry: bool = True) -> TrackResult:
+        """Align frame f to keyframe `ref`, from rel_init = T_frame T_kf^-1; with `retry`, again from
+        the keyframe's pose when the first result is lost.
 
         Shapes: image (H, W, 3) uint8; rel_init (7,) float64; intrinsics (4,) -> TrackResult.
         """
         rel, q, coords = self._align(f, image, ref, rel_init, intrinsics)
         lost = self.is_lost(q)
-        if lost:  # re-initialise against the keyframe: start from its pose
+        if lost and retry:  # re-initialise against the keyframe: start from its pose
             rel2, q2, coords2 = self._align(f, image, ref, se3_identity(dtype=torch.float64, device=self.device),
                                             intrinsics)
             if not self.is_lost(q2) or q2.residual < q.residual:
@@ -97,9 +97,22 @@ class Tracker:
             lost = self.is_lost(q)
         return TrackResult(rel, q, coords, lost)
 
+    def predict(self, ref: KeyframeView, rel: torch.Tensor, intrinsics: torch.Tensor) -> tuple[float, float]:
+        """The mean flow (px) and the overlap keyframe `ref` would have with a frame at rel = T_frame
+        T_kf^-1 (e.g. the next frame's constant-velocity pose). Shapes: rel (7,); intrinsics (4,)."""
+        flow, overlap = induced_motion(ref.depth, rel[None], intrinsics, self.cfg.gn.min_depth)
+        return float(flow[0]), float(overlap[0])
+
+    def sparse_result(self, ref: KeyframeView, rel: torch.Tensor, intrinsics: torch.Tensor, confidence: float,
+                      residual: float) -> TrackResult:
+        """A pose found by sparse registration (dense tracking failed there), with the flow and overlap
+        the keyframe's depth predicts at it. Shapes: rel (7,) float64; intrinsics (4,)."""
+        flow, overlap = self.predict(ref, rel, intrinsics)
+        return TrackResult(normalized_pose(rel), TrackQuality(flow, confidence, overlap, residual), None, False)
+
     def is_static(self, result: TrackResult) -> bool:
         """Whether the keyframe's pixels barely moved since the previous tracked frame."""
-        if result.lost:
+        if result.lost or result.coords is None:
             self._prev_coords = None
             return False
         prev, self._prev_coords = self._prev_coords, result.coords

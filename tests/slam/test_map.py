@@ -8,7 +8,7 @@ import numpy as np
 import torch
 
 from slam.map import FrameState, Keyframe, Map
-from v2d.geometry.lie import se3_exp, se3_identity, se3_inv, se3_mul
+from v2d.geometry.lie import matrix_to_quat, quat_to_matrix, se3_exp, se3_identity, se3_inv, se3_mul
 
 H, W = 8, 12
 
@@ -171,3 +171,59 @@ def test_reads_while_another_thread_adds_updates_and_retires_keyframes():
     assert reads[0] >= 29
     assert m.num_frames() == 300 and len(m.window()) <= 3
     assert len(m.images()) <= 8
+
+
+def test_a_lost_run_is_bridged_between_its_tracked_neighbours():
+    m = _map_with_keyframe()
+    img = np.zeros((H, W, 3), np.uint8)
+    m.add_frame(FrameState(keyframe=0, rel_cw=_pose(1.0)), img)  # frame 1 tracked at x = 1
+    for _ in range(3):  # frames 2-4 lost: they hold frame 1's pose
+        m.add_frame(FrameState(keyframe=0, rel_cw=_pose(99.0), lost=True), img)
+    assert torch.allclose(m.frame_pose(3), _pose(1.0))
+    m.add_frame(FrameState(keyframe=0, rel_cw=_pose(5.0)), img)  # frame 5 tracked again at x = 5
+    assert m.bridge(5) == [2, 3, 4]
+    for f, x in ((2, 2.0), (3, 3.0), (4, 4.0)):  # constant velocity across the gap
+        assert torch.allclose(m.frame_pose(f), _pose(x), atol=1e-9)
+        assert m.frame(f).interpolated and not m.frame(f).lost
+    assert m.bridge(5) == []  # nothing left to bridge
+
+
+def test_no_bridge_across_a_restart():
+    m = _map_with_keyframe()
+    img = np.zeros((H, W, 3), np.uint8)
+    m.add_frame(FrameState(keyframe=0, rel_cw=_pose(1.0)), img)
+    m.add_frame(FrameState(keyframe=0, rel_cw=_pose(1.0), lost=True), img)
+    m.add_keyframe(Keyframe(frame=2, pose_cw=_pose(1.0), image=img, depth=torch.ones(H, W),
+                            valid=torch.ones(H, W, dtype=torch.bool)), 2)  # a restart at the lost frame 2
+    m.add_frame(FrameState(keyframe=1, rel_cw=_pose(0.5)), img)
+    assert m.bridge(3) == [] and m.frame(2).lost
+
+
+def test_merging_a_segment_applies_the_similarity_to_poses_depths_and_frames():
+    """Segment 1 is the world of segment 0 seen through a similarity (scale 0.5): merging with that
+    similarity gives back segment-0 poses, depths at segment 0's scale, and frames that follow."""
+    m = _map_with_keyframe()
+    img = np.zeros((H, W, 3), np.uint8)
+    true_kf = se3_exp(torch.tensor([0.3, -0.2, 1.0, 0.1, 0.4, -0.2], dtype=torch.float64))
+    true_frame = se3_exp(torch.tensor([0.5, 0.1, 1.2, 0.2, 0.3, -0.1], dtype=torch.float64))
+    # the segment's world: X_seg = G^-1(X) with G(X) = s R X + t
+    s, R = 2.0, quat_to_matrix(se3_exp(torch.tensor([0, 0, 0, 0.3, -0.5, 0.2], dtype=torch.float64))[3:])
+    t = torch.tensor([1.0, -2.0, 0.5], dtype=torch.float64)
+
+    def in_segment(pose):  # camera of `pose` in the segment's world, at the segment's scale (1 / s)
+        Rk = quat_to_matrix(pose[3:]) @ R
+        return torch.cat([(pose[:3] + quat_to_matrix(pose[3:]) @ t) / s, matrix_to_quat(Rk)])
+
+    m.add_frame(FrameState(keyframe=0, rel_cw=se3_identity(dtype=torch.float64), lost=True), img)
+    seg = m.new_segment()
+    m.add_keyframe(Keyframe(frame=1, pose_cw=in_segment(true_kf), image=img, depth=torch.full((H, W), 0.5),
+                            valid=torch.ones(H, W, dtype=torch.bool), segment=seg), 1)
+    m.add_frame(FrameState(keyframe=1, rel_cw=se3_mul(in_segment(true_frame), se3_inv(in_segment(true_kf)))), img)
+    assert len(m.segments()) == 2
+    m.merge_segment(seg, 0, R, t, s)
+    assert list(m.segments()) == [0]
+    assert torch.allclose(m.keyframe(1).pose_cw[:3], true_kf[:3], atol=1e-9)
+    assert torch.allclose(quat_to_matrix(m.keyframe(1).pose_cw[3:]), quat_to_matrix(true_kf[3:]), atol=1e-9)
+    assert torch.allclose(m.keyframe(1).depth, torch.full((H, W), 1.0))
+    assert torch.allclose(m.frame_pose(2)[:3], true_frame[:3], atol=1e-9)
+    assert torch.allclose(m.keyframe(0).pose_cw, se3_identity(dtype=torch.float64))  # segment 0 untouched

@@ -134,20 +134,21 @@ def test_textureless_stretch_completes_without_nan(seq, model):
     assert all(np.isfinite(d).all() for d in res.cloud_depths)
 
 
-def test_lost_frames_are_reported_and_tracking_recovers(seq, model):
+def test_lost_frames_are_bridged_once_tracking_recovers(seq, model):
     frames = list(np.asarray(seq.images)[:20])
     rng = np.random.default_rng(0)
     noise = [rng.integers(0, 256, (H, W, 3), dtype=np.uint8) for _ in range(3)]
     frames[12:15] = noise  # three frames of another "scene"
     _, res = _run(model, _cfg(), frames, seq.intrinsics)
-    lost = [f for f, s in enumerate(res.frames) if s.lost]
-    assert set(lost) >= {12, 13, 14} and all(f in (12, 13, 14) for f in lost)
-    # they hold the last good pose (frame 11's, which the window may refine a little afterwards)
-    assert all(torch.allclose(res.poses_cw[f], res.poses_cw[12], atol=1e-9) for f in lost)
-    assert torch.allclose(res.poses_cw[12], res.poses_cw[11], atol=1e-2)
-    assert not any(s.lost for s in res.frames[15:])  # recovered against the last good keyframe
+    assert [f for f, s in enumerate(res.frames) if s.interpolated] == [12, 13, 14]
+    assert not any(s.lost for s in res.frames)  # recovered against the last good keyframe, the gap bridged
+    # the bridged poses lie between their tracked neighbours (interpolated when frame 15 was tracked;
+    # the window may refine 11 and 15 a little afterwards)
+    c = se3_inv(res.poses_cw)[:, :3]
+    gap = float((c[15] - c[11]).norm())
+    assert float((c[13] - (c[11] + c[15]) / 2).norm()) < 0.25 * gap + 1e-3
     assert torch.isfinite(res.poses_cw).all()
-    assert any("lost" in w for w in res.warnings)
+    assert any("interpolated" in w for w in res.warnings)
 
 
 def test_long_loss_restarts(seq, model):

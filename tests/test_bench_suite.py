@@ -1,0 +1,74 @@
+"""bench/suite.py: sequences are materialised as renumbered image folders with the right ground truth
+(strides, played backwards), and the summary counts what the robustness targets count."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import cv2
+import numpy as np
+import pytest
+import torch
+from scipy.spatial.transform import Rotation
+
+from bench import suite
+from v2d.data.synthetic import render_sequence
+from v2d.geometry.lie import se3_inv
+
+FRAMES = 9
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory) -> tuple[Path, np.ndarray]:
+    """A 7-Scenes layout folder under DATA/seq; returns (DATA, GT camera->world (N, 7))."""
+    root = tmp_path_factory.mktemp("suite")
+    path = root / "seq"
+    path.mkdir()
+    seq = render_sequence(seed=1, num_frames=FRAMES, height=48, width=64)
+    wc = se3_inv(torch.as_tensor(seq.poses_cw)).numpy()
+    for k in range(FRAMES):
+        stem = path / f"frame-{k:06d}"
+        cv2.imwrite(f"{stem}.color.png", np.ascontiguousarray(np.asarray(seq.images[k])[..., ::-1]))
+        cv2.imwrite(f"{stem}.depth.png", (np.asarray(seq.depths[k]) * 1000).astype(np.uint16))
+        m = np.eye(4)
+        m[:3, :3] = Rotation.from_quat(wc[k, 3:]).as_matrix()
+        m[:3, 3] = wc[k, :3]
+        np.savetxt(f"{stem}.pose.txt", m)
+    fx, fy, cx, cy = np.asarray(seq.intrinsics).tolist()
+    np.savetxt(path / "camera-intrinsics.txt", [[fx, 0, cx], [0, fy, cy], [0, 0, 1]])
+    return root, wc
+
+
+@pytest.mark.parametrize("reverse", [False, True])
+def test_real_sequences_are_renumbered_folders_with_their_ground_truth(data, tmp_path, reverse):
+    root, wc = data
+    prep = suite._real("seq", stride=2, reverse=reverse)(root, tmp_path)
+    chosen = list(range(0, FRAMES, 2))[:: -1 if reverse else 1]
+    images = sorted(p.name for p in prep.folder.iterdir() if p.name != "intrinsics.txt")
+    assert images == [f"{k:06d}.png" for k in range(len(chosen))]
+    for k, f in enumerate(chosen):  # the k-th image is source frame f, with f's pose and depth
+        src = cv2.imread(str(root / "seq" / f"frame-{f:06d}.color.png"))
+        assert np.array_equal(cv2.imread(str(prep.folder / f"{k:06d}.png")), src)
+        assert np.allclose(prep.gt_wc[k, :3], wc[f, :3], atol=1e-6)
+        assert prep.depth(k).shape == (48, 64) and (prep.depth(k) > 0).all()
+    assert len(np.loadtxt(prep.folder / "intrinsics.txt")) == 4
+
+
+def _row(name: str, kind: str, ate: float, colmap: float | None, lost: int = 0, segments: int = 1) -> dict:
+    row = {"name": name, "kind": kind, "v2d": {"this": {"ate_cm": ate, "lost": lost, "segments": segments}}}
+    if colmap is not None:
+        row["colmap"] = {"ate_cm": colmap, "registered": 5, "frames": 5}
+    return row
+
+
+def test_summary_counts_wins_losses_and_segments():
+    rows = [_row("7s-s2", "real", 2.0, 3.0), _row("7s-s8", "real", 3.0, 2.0, lost=2),
+            _row("scannet", "real", 10.0, 20.0, segments=3), _row("syn-fast", "synthetic", 1.0, None, lost=4),
+            _row("syn-rotation", "synthetic", 9.0, None, lost=7)]
+    s = suite.summarise(rows, "this")
+    assert s["wins_vs_colmap"] == "2/3" and s["wins"] == ["7s-s2", "scannet"]
+    assert s["lost_total"] == 6  # the real sequences and syn-fast; syn-rotation is not a must-survive case
+    assert s["multi_segment"] == ["scannet"]
+    assert s["stride8_over_stride2"] == pytest.approx(1.5)
+    table = suite.format_table(rows + [{"name": "x", "kind": "real", "v2d": {"this": {"error": "boom"}}}], ["this"])
+    assert "error: boom" in table and table.count("\n") == len(rows) + 2

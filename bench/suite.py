@@ -22,7 +22,9 @@ Each sequence is materialised once as an image folder (symlinks to the real fram
 ones) with `intrinsics.txt`, and run as a user runs it: `v2d run FOLDER --out OUT --resize 240x320`
 in a fresh subprocess, the dataset's intrinsics given. Per sequence: ATE RMSE after Sim3 alignment
 over every frame of trajectory.txt (a lost frame counts with the pose the run wrote for it), RPE
-per frame (translation cm, rotation deg; evo, after the same alignment), lost frames, map segments
+per frame (translation cm, rotation deg; evo, after the same alignment), the RMS orientation error
+relative to the first frame (rot deg: what remains measurable under pure rotation, where no Sim3
+alignment exists), lost frames, map segments
 (`summary.json`), frames/s end to end (wall time of the whole command, global optimisation
 included), keyframe depth AbsRel (median-scaled, against the ground truth resized to 240x320,
 where there is ground truth), and COLMAP (pycolmap: SIFT, sequential matching, incremental
@@ -158,14 +160,26 @@ def _trajectory_metrics(out: Path, gt_wc: np.ndarray) -> dict:
     from v2d.metrics import evaluate_trajectory
 
     t, p = read_trajectory(out / "trajectory.txt", "tum")
+    rot = {"rot_deg": _rotation_error_deg(p, gt_wc[: len(p)])}
     try:
         res, _ = evaluate_trajectory(t, p, np.arange(len(gt_wc), dtype=np.float64), gt_wc, align="sim3")
     except V2DError as exc:  # a degenerate (e.g. static) estimate
-        return {"ate_cm": float("nan"), "rpe_cm": float("nan"), "rpe_deg": float("nan"), "ate_error": str(exc)}
+        return {"ate_cm": float("nan"), "rpe_cm": float("nan"), "rpe_deg": float("nan"), "ate_error": str(exc)} | rot
     rpe = res["rpe_frame"]
     trans, rot = rpe.get("trans_rmse"), rpe.get("rot_deg_rmse")
     return {"ate_cm": 100 * res["ate_rmse"], "rpe_cm": float("nan") if trans is None else 100 * trans,
-            "rpe_deg": float("nan") if rot is None else rot, "path_m": res["path_length"], "scale": res["scale"]}
+            "rpe_deg": float("nan") if rot is None else rot, "path_m": res["path_length"], "scale": res["scale"]} | rot
+
+
+def _rotation_error_deg(est_wc: np.ndarray, gt_wc: np.ndarray) -> float:
+    """RMS angle (deg) between estimated and true orientations, each relative to its first frame: the
+    measure that remains when the camera does not move (pure rotation: no Sim3 alignment exists).
+    Shapes: (N, 7) camera->world [t, qx, qy, qz, qw]."""
+    from scipy.spatial.transform import Rotation
+
+    e, g = Rotation.from_quat(est_wc[:, 3:]), Rotation.from_quat(gt_wc[:, 3:])
+    err = (g[0].inv() * g).inv() * (e[0].inv() * e)
+    return float(np.degrees(np.sqrt(np.mean(err.magnitude() ** 2))))
 
 
 def _abs_rel(out: Path, prep: Prepared) -> float | None:
@@ -257,7 +271,7 @@ def _median_row(runs: list[dict]) -> dict:
     if any("error" in r for r in runs):
         return next(r for r in runs if "error" in r)
     out = dict(runs[-1])
-    for key in ("fps", "wall_s", "cpu_s", "ate_cm", "rpe_cm", "rpe_deg", "abs_rel"):
+    for key in ("fps", "wall_s", "cpu_s", "ate_cm", "rpe_cm", "rpe_deg", "rot_deg", "abs_rel"):
         vals = [r[key] for r in runs if r.get(key) is not None]
         if vals:
             out[key] = statistics.median(vals)
@@ -270,8 +284,9 @@ def _f(x: float | None, fmt: str) -> str:
 
 def format_table(rows: list[dict], codes: list[str]) -> str:
     """One line per sequence and code: v2d's figures, then COLMAP's (registered / frames, ATE)."""
-    head = (f"{'sequence':12s} {'code':8s} {'frames':>6s} {'ATE cm':>8s} {'RPE cm':>7s} {'RPE deg':>7s} {'lost':>5s} "
-            f"{'segs':>4s} {'kf':>4s} {'fr/s':>6s} {'AbsRel':>7s} {'COLMAP reg':>10s} {'COLMAP ATE':>10s}")
+    head = (f"{'sequence':12s} {'code':8s} {'frames':>6s} {'ATE cm':>8s} {'RPE cm':>7s} {'RPE deg':>7s} "
+            f"{'rot deg':>7s} {'lost':>5s} {'segs':>4s} {'kf':>4s} {'fr/s':>6s} {'AbsRel':>7s} {'COLMAP reg':>10s} "
+            f"{'COLMAP ATE':>10s}")
     lines = [head, "-" * len(head)]
     for row in rows:
         cm = row.get("colmap", {})
@@ -283,7 +298,8 @@ def format_table(rows: list[dict], codes: list[str]) -> str:
                 continue
             lines.append(
                 f"{row['name']:12s} {code:8s} {r.get('frames', 0):6d} {_f(r.get('ate_cm'), '8.2f')} "
-                f"{_f(r.get('rpe_cm'), '7.2f')} {_f(r.get('rpe_deg'), '7.2f')} {r.get('lost', 0):5d} "
+                f"{_f(r.get('rpe_cm'), '7.2f')} {_f(r.get('rpe_deg'), '7.2f')} {_f(r.get('rot_deg'), '7.2f')} "
+                f"{r.get('lost', 0):5d} "
                 f"{r.get('segments', 0):4d} {r.get('keyframes', 0):4d} {_f(r.get('fps'), '6.2f')} "
                 f"{_f(r.get('abs_rel'), '7.3f')} {reg:>10s} {_f(cm.get('ate_cm'), '10.2f')}")
     return "\n".join(lines)

@@ -72,3 +72,17 @@ def test_summary_counts_wins_losses_and_segments():
     assert s["stride8_over_stride2"] == pytest.approx(1.5)
     table = suite.format_table(rows + [{"name": "x", "kind": "real", "v2d": {"this": {"error": "boom"}}}], ["this"])
     assert "error: boom" in table and table.count("\n") == len(rows) + 2
+
+
+def test_rotation_error_is_relative_to_the_first_frame():
+    gt = Rotation.from_rotvec(np.outer(np.linspace(0, 0.5, 5), [0, 1, 0]))
+    world = Rotation.from_rotvec([0.3, -0.2, 1.0])  # another world frame: no error
+
+    def poses(rot):
+        return np.concatenate([np.zeros((len(rot), 3)), rot.as_quat()], axis=1)
+
+    assert suite._rotation_error_deg(poses(world * gt), poses(gt)) < 1e-6
+    off = [world * r for r in gt]
+    off[4] = off[4] * Rotation.from_rotvec([np.radians(10.0), 0, 0])  # the last frame 10 deg off
+    est = Rotation.from_quat(np.stack([r.as_quat() for r in off]))
+    assert suite._rotation_error_deg(poses(est), poses(gt)) == pytest.approx(10.0 / np.sqrt(5), rel=1e-6)

@@ -11,8 +11,10 @@ import pytest
 from slam.config import RunConfig
 from slam.system import SlamSystem
 from v2d.config import load_config
+from v2d.data.scenarios import render_scenario
 from v2d.data.synthetic import render_sequence
 from v2d.geometry.lie import se3_inv, se3_log, se3_mul
+from v2d.metrics import trajectory_ate
 from v2d.model import SHIPPED_WEIGHTS, load_model
 
 H, W = 120, 160
@@ -68,3 +70,28 @@ def test_keyframes_by_predicted_overlap(seq, model):
     assert any(s.lost for s in off.frames)
     assert len(on.keyframe_frames) >= 3 and on.restarts == 0
     assert not any(s.lost for s in on.frames)
+
+
+def _ate_percent(res, seq) -> float:
+    n = len(res.frames)
+    ts = np.arange(n, dtype=np.float64)
+    ate = trajectory_ate(ts, se3_inv(res.poses_cw).numpy(), ts, se3_inv(seq.poses_cw[:n]).numpy())
+    return 100 * ate["ate_rmse"] / ate["path_length"]
+
+
+@pytest.mark.parametrize("case", ["fast", "blocked"])
+def test_hard_cases_complete_in_one_segment(model, case):
+    """Fast hand-held motion (8 cm, 4 deg per frame) and a hand over the lens for 20 frames: one map,
+    no frame left lost, bounded error."""
+    sc = render_scenario(case, 60, seed=0, height=H, width=W)
+    _, res = _run(model, _cfg(), np.asarray(sc.sequence.images), sc.sequence.intrinsics)
+    assert len(res.segments) == 1 and res.restarts == 0
+    assert not any(s.lost for s in res.frames)
+    assert _ate_percent(res, sc.sequence) < 5.0
+
+
+def test_a_loop_back_to_the_start_is_detected(model):
+    sc = render_scenario("loop", 90, seed=0, height=H, width=W)
+    _, res = _run(model, _cfg("slam.loop_min_gap=5"), np.asarray(sc.sequence.images), sc.sequence.intrinsics)
+    assert res.loops >= 1
+    assert len(res.segments) == 1 and not any(s.lost for s in res.frames)

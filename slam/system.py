@@ -42,6 +42,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+from slam.backend import GlobalBA, GlobalBAReport
 from slam.config import RunConfig
 from slam.flowcache import FlowCache
 from slam.map import FrameState, Keyframe, Map, TrackQuality, normalized_pose
@@ -66,7 +67,8 @@ class SlamResult:
 
     Shapes: poses_cw (N, 7) float64 for every frame; keyframe_frames (K,) frame indices;
     keyframe_poses_cw (K, 7); cloud_depths K x (h, w) float32 and cloud_images K x (h, w, 3)
-    uint8 at stride `cloud_stride`; intrinsics (4,) float64 at the network size.
+    uint8 at stride `cloud_stride`; intrinsics (4,) float64 at the network size. `global_ba` is the
+    backend's report (None with `slam.global_ba: false`); poses and cloud depths are after it.
     """
 
     poses_cw: torch.Tensor
@@ -79,6 +81,7 @@ class SlamResult:
     intrinsics: torch.Tensor
     restarts: int
     warnings: list[str]
+    global_ba: GlobalBAReport | None = None
 
 
 class _ThreadPlan:
@@ -187,7 +190,8 @@ class SlamSystem:
         return self._process(image)
 
     def finish(self) -> SlamResult:
-        """Flush initialisation (short videos), wait for the mapper, finalise the window, return the result."""
+        """Flush initialisation (short videos), wait for the mapper, finalise the window, run the global
+        bundle adjustment (`slam.global_ba`, `slam.backend`), return the result."""
         if self.finished or self._closed:
             raise V2DError("finish: this run has already finished")
         if not self.initialised:
@@ -198,6 +202,7 @@ class SlamSystem:
         self.finished = True
         self.close()  # the mapper thread is done: the last steps get every core
         self.mapper.finish(self.map.num_frames() - 1, self.map.images())
+        backend = GlobalBA(self.cfg, self.device, self.warn).run(self.map) if self.sc.global_ba else None
         self._report_flags()
         kfs = self.map.keyframes()
         return SlamResult(
@@ -205,7 +210,7 @@ class SlamSystem:
             keyframe_frames=[k.frame for k in kfs], keyframe_poses_cw=torch.stack([k.pose_cw for k in kfs]),
             cloud_depths=[k.small_depth for k in kfs], cloud_images=[k.small_image for k in kfs],
             cloud_stride=self.sc.cloud_stride, intrinsics=self.map.intrinsics.clone(), restarts=self.restarts,
-            warnings=list(self.warnings))
+            warnings=list(self.warnings), global_ba=backend)
 
     def close(self) -> None:
         """Stop the mapper thread and restore thread settings. Idempotent; after an error or Ctrl-C it

@@ -160,15 +160,16 @@ def _trajectory_metrics(out: Path, gt_wc: np.ndarray) -> dict:
     from v2d.metrics import evaluate_trajectory
 
     t, p = read_trajectory(out / "trajectory.txt", "tum")
-    rot = {"rot_deg": _rotation_error_deg(p, gt_wc[: len(p)])}
+    orient = {"rot_deg": _rotation_error_deg(p, gt_wc[: len(p)])}
     try:
         res, _ = evaluate_trajectory(t, p, np.arange(len(gt_wc), dtype=np.float64), gt_wc, align="sim3")
     except V2DError as exc:  # a degenerate (e.g. static) estimate
-        return {"ate_cm": float("nan"), "rpe_cm": float("nan"), "rpe_deg": float("nan"), "ate_error": str(exc)} | rot
+        return {"ate_cm": float("nan"), "rpe_cm": float("nan"), "rpe_deg": float("nan"), "ate_error": str(exc)} | orient
     rpe = res["rpe_frame"]
     trans, rot = rpe.get("trans_rmse"), rpe.get("rot_deg_rmse")
     return {"ate_cm": 100 * res["ate_rmse"], "rpe_cm": float("nan") if trans is None else 100 * trans,
-            "rpe_deg": float("nan") if rot is None else rot, "path_m": res["path_length"], "scale": res["scale"]} | rot
+            "rpe_deg": float("nan") if rot is None else rot, "path_m": res["path_length"],
+            "scale": res["scale"]} | orient
 
 
 def _rotation_error_deg(est_wc: np.ndarray, gt_wc: np.ndarray) -> float:

@@ -136,9 +136,9 @@ class Map:
         self._window: list[int] = []  # keyframe ids, oldest first
         self._images: OrderedDict[int, np.ndarray] = OrderedDict()  # frame index -> image
         self._edges: set[tuple[int, int]] = set()  # keyframe pairs (a, b) with a flow edge a -> b
+        self._loops: set[tuple[int, int]] = set()  # keyframe pairs (a < b) seen to overlap (loop closures)
         self._last_good = 0  # newest frame that was not lost
         self._segments = 1  # segment ids handed out
-        self._loops: set[tuple[int, int]] = set()  # keyframe pairs found to see the same place
 
     # ------------------------------------------------------------------------------------ reads
     @property
@@ -236,6 +236,11 @@ class Map:
         with self._lock:
             return set(self._edges)
 
+    def loops(self) -> set[tuple[int, int]]:
+        """Keyframe pairs (a, b), a < b, recorded by `add_loop` (the global bundle adjustment's loop edges)."""
+        with self._lock:
+            return set(self._loops)
+
     # ------------------------------------------------------------------------------------ tracker writes
     def add_frame(self, state: FrameState, image: np.ndarray) -> int:
         """Append the next frame's state and buffer its image; returns its index. A lost frame holds
@@ -283,15 +288,6 @@ class Map:
     def _pose(self, f: int) -> torch.Tensor:
         st = self._frames[f]
         return se3_mul(st.rel_cw, self._keyframes[st.keyframe].pose_cw)
-
-    def add_loop(self, a: int, b: int) -> None:
-        """Record that keyframes a and b see the same place (loop detection, segment merging)."""
-        with self._lock:
-            self._loops.add((min(a, b), max(a, b)))
-
-    def loops(self) -> set[tuple[int, int]]:
-        with self._lock:
-            return set(self._loops)
 
     def new_segment(self) -> int:
         """A new segment id (for the keyframe of a restart)."""
@@ -404,6 +400,15 @@ class Map:
             st = self._frames[f]
             rel = normalized_pose(se3_mul(pose_cw, se3_inv(self._keyframes[st.keyframe].pose_cw)))
             self._frames[f] = dataclasses.replace(st, rel_cw=rel)
+
+    def add_loop(self, a: int, b: int) -> None:
+        """Record that keyframes a and b see the same place (a loop closure or relocalisation), so the
+        global bundle adjustment joins them with a flow edge whatever their current poses say."""
+        with self._lock:
+            n = len(self._keyframes)
+            if a == b or not (0 <= a < n and 0 <= b < n):
+                raise V2DError(f"add_loop: expected two different keyframe ids in [0, {n}), got ({a}, {b})")
+            self._loops.add((min(a, b), max(a, b)))
 
     def set_edges(self, pairs: Iterable[tuple[int, int]]) -> None:
         with self._lock:

@@ -12,7 +12,13 @@ streams the selected frames (resized to the network size, intrinsics scaled with
   (float32) for each keyframe, named by input frame index;
 - `cloud.ply`: the keyframes' depth fused into a coloured cloud, each point checked against
   neighbouring keyframes (`slam.fusion.fuse_keyframes`);
-- `summary.json`: counts, lost/static/textureless frames, warnings, timing, intrinsics, config.
+- `summary.json`: counts, lost/static/textureless frames, warnings, timing, intrinsics, config, and
+  the global bundle adjustment's report (`global_ba`).
+
+With `slam.global_ba` (`slam.backend`), the run ends with a global bundle adjustment that moves the
+keyframes and corrects their depth at the cloud's size; the depth files, written when each keyframe
+left the window, are then corrected by the upsampled ratio (`write_outputs`). `seconds` and `fps`
+exclude the adjustment (`global_ba.seconds`).
 
 All of it is staged in a hidden directory next to `out_dir` and moved into place only when the
 run succeeds (`v2d.io.writers.staged_output`): a failed run leaves nothing behind.
@@ -35,6 +41,7 @@ import numpy as np
 import torch
 
 from kernels import ops
+from slam.backend import upsample_ratio
 from slam.config import RunConfig
 from slam.map import release_heap
 from slam.system import SlamResult, SlamSystem
@@ -148,7 +155,7 @@ def track_frames(frames: Iterable[np.ndarray], count: int | None, cfg: RunConfig
         bar.close()
         if system is not None:
             system.close()  # after an error or Ctrl-C: stops the mapper thread
-    seconds = time.perf_counter() - t0
+    seconds = time.perf_counter() - t0 - (result.global_ba.seconds if result.global_ba else 0.0)
     facts = {"seconds": seconds, "fps": n / seconds, "frames": n, "calibrated": calibrated}
     return result, facts
 
@@ -163,6 +170,7 @@ def write_outputs(out: Path, result: SlamResult, timestamps: np.ndarray, cfg: Ru
 
     sc = cfg.slam
     release_heap()
+    _correct_depths(out, result, names)
     poses_wc = se3_inv(result.poses_cw)
     write_tum(out / "trajectory.txt", timestamps, poses_wc.numpy())
     s = result.cloud_stride
@@ -214,11 +222,28 @@ def write_outputs(out: Path, result: SlamResult, timestamps: np.ndarray, cfg: Ru
             "mean_residual_px": float(np.mean([q.residual for q in tracked])) if tracked else None,
         },
         "warnings": result.warnings,
+        "global_ba": result.global_ba.as_dict() if result.global_ba else {"enabled": False},
         "config": to_dict(cfg),
     }
     summary.update(extra or {})
     write_json(out / "summary.json", summary)
     return summary
+
+
+def _correct_depths(out: Path, result: SlamResult, names: Sequence[int] | None) -> None:
+    """Apply the global bundle adjustment's depth corrections to the keyframes' depth files: each
+    keyframe's new / old inverse-depth ratio, upsampled bilinearly from the cloud's grid to full size,
+    divides depth/NAME.npy, and depth/NAME.png is written again from the result."""
+    report = result.global_ba
+    if report is None or not report.kept or not (out / "depth").is_dir():
+        return
+    for kid, ratio in report.depth_ratio.items():
+        name = keyframe_name(names[result.keyframe_frames[kid]] if names else result.keyframe_frames[kid])
+        depth = np.load(out / "depth" / f"{name}.npy")
+        scale = upsample_ratio(ratio, result.cloud_stride, depth.shape)
+        depth = np.where(depth > 0, depth / scale, 0.0).astype(np.float32)
+        write_npy(out / "depth" / f"{name}.npy", depth)
+        write_depth_png(out / "depth" / f"{name}.png", depth)
 
 
 def run_slam(source: str | Path, out_dir: str | Path, cfg: RunConfig, opts: RunOptions = RunOptions()

@@ -42,6 +42,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
+from slam.backend import GlobalBA, GlobalBAReport
 from slam.config import RunConfig
 from slam.flowcache import FlowCache
 from slam.map import FrameState, Keyframe, KeyframeView, Map, TrackQuality, normalized_pose
@@ -67,7 +68,8 @@ class SlamResult:
 
     Shapes: poses_cw (N, 7) float64 for every frame; keyframe_frames (K,) frame indices;
     keyframe_poses_cw (K, 7); cloud_depths K x (h, w) float32 and cloud_images K x (h, w, 3)
-    uint8 at stride `cloud_stride`; intrinsics (4,) float64 at the network size.
+    uint8 at stride `cloud_stride`; intrinsics (4,) float64 at the network size. `global_ba` is the
+    backend's report (None with `slam.global_ba: false`); poses and cloud depths are after it.
     """
 
     poses_cw: torch.Tensor
@@ -85,6 +87,7 @@ class SlamResult:
     segments: list[list[int]] = field(default_factory=list)  # each segment's keyframe frames
     merges: int = 0  # segments joined to an earlier one
     loops: int = 0  # keyframe pairs found to see the same place
+    global_ba: GlobalBAReport | None = None
 
 
 class _ThreadPlan:
@@ -198,7 +201,8 @@ class SlamSystem:
         return self._process(image)
 
     def finish(self) -> SlamResult:
-        """Flush initialisation (short videos), wait for the mapper, finalise the window, return the result."""
+        """Flush initialisation (short videos), wait for the mapper, finalise the window, run the global
+        bundle adjustment (`slam.global_ba`, `slam.backend`), return the result."""
         if self.finished or self._closed:
             raise V2DError("finish: this run has already finished")
         if not self.initialised:
@@ -209,6 +213,7 @@ class SlamSystem:
         self.finished = True
         self.close()  # the mapper thread is done: the last steps get every core
         self.mapper.finish(self.map.num_frames() - 1, self.map.images())
+        backend = GlobalBA(self.cfg, self.device, self.warn).run(self.map) if self.sc.global_ba else None
         self._report_flags()
         kfs = self.map.keyframes()
         return SlamResult(
@@ -218,7 +223,7 @@ class SlamSystem:
             cloud_stride=self.sc.cloud_stride, intrinsics=self.map.intrinsics.clone(), restarts=self.restarts,
             warnings=list(self.warnings), recovered=self.recovered, relocalised=self.relocalised,
             segments=[[kfs[k].frame for k in ks] for ks in self.map.segments().values()], merges=self.merges,
-            loops=len(self.map.loops()))
+            loops=len(self.map.loops()), global_ba=backend)
 
     def close(self) -> None:
         """Stop the mapper thread and restore thread settings. Idempotent; after an error or Ctrl-C it

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 
 from slam.config import RunConfig
@@ -28,6 +29,9 @@ def add_parser(sub: argparse._SubParsersAction, parents: list[argparse.ArgumentP
     p.add_argument("--uncalibrated", action="store_true",
                    help="ignore any intrinsics; start from fx = fy = 1.2 * width and optimise the focal length "
                    "(also the behaviour when no intrinsics are found)")
+    p.add_argument("--no-global-ba", action="store_true",
+                   help="skip the global bundle adjustment of every keyframe at the end of the run "
+                   "(same as --set slam.global_ba=false)")
     p.add_argument("--device", default="cpu", metavar="DEVICE",
                    help="where the networks and the map run: cpu (default), cuda or cuda:N")
     p.set_defaults(handler=run)
@@ -39,6 +43,8 @@ def run(args: argparse.Namespace, cfg: RunConfig) -> int:
     from v2d.io.datasets import parse_intrinsics, parse_size
 
     device = _device(args.device)
+    if args.no_global_ba:
+        cfg = dataclasses.replace(cfg, slam=dataclasses.replace(cfg.slam, global_ba=False))
     if args.intrinsics is not None and args.uncalibrated:
         raise InputError("--intrinsics and --uncalibrated exclude each other")
     opts = RunOptions(

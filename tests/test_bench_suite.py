@@ -86,3 +86,17 @@ def test_rotation_error_is_relative_to_the_first_frame():
     off[4] = off[4] * Rotation.from_rotvec([np.radians(10.0), 0, 0])  # the last frame 10 deg off
     est = Rotation.from_quat(np.stack([r.as_quat() for r in off]))
     assert suite._rotation_error_deg(poses(est), poses(gt)) == pytest.approx(10.0 / np.sqrt(5), rel=1e-6)
+
+
+def test_trajectory_metrics_of_a_written_trajectory(data, tmp_path):
+    from v2d.io.writers import write_tum
+
+    _, wc = data
+    est = wc.copy()
+    est[:, :3] = 2.0 * est[:, :3] + 0.5  # another scale and origin: Sim3 alignment removes both
+    write_tum(tmp_path / "trajectory.txt", np.arange(FRAMES, dtype=np.float64), est)
+    m = suite._trajectory_metrics(tmp_path, wc)
+    assert m["ate_cm"] < 1e-3 and m["rot_deg"] < 1e-4 and m["scale"] == pytest.approx(0.5, rel=1e-6)
+    est[FRAMES - 1, :3] += 1.0  # one frame 1 unit off : a clear error
+    write_tum(tmp_path / "trajectory.txt", np.arange(FRAMES, dtype=np.float64), est)
+    assert suite._trajectory_metrics(tmp_path, wc)["ate_cm"] > 1.0

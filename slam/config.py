@@ -46,7 +46,8 @@ class SlamConfig:
         window_frames: frames between the last two keyframes optimised with the window.
         window_iterations: Gauss-Newton steps of the window optimisation.
         edge_max_flow: window edges whose predicted mean flow exceeds this (px) are left out (wide
-            baselines make classical flow unreliable).
+            baselines make classical flow searched from zero flow unreliable; the global bundle
+            adjustment's search is guided, and has no such limit).
         robust_scale: Cauchy scale (px) of the flow residual used to re-weight DIS targets.
         depth_views: frames besides the keyframe in a keyframe's cost volume.
         scale_lock: rescale each keyframe depth from the depth module (median ratio) to agree with
@@ -116,19 +117,21 @@ class SlamConfig:
             loop (closer ones are the window's and the proximity edges' business).
         global_ba: at the end of the run, one bundle adjustment over every keyframe's pose and depth
             at the cloud's size (`slam.backend`), its depth corrections applied to the written depth
-            files. 7-Scenes ATE / keyframe AbsRel, 0-499/2: 3.86 -> 3.42 cm / 0.118 -> 0.115;
-            0-299/1: 3.03 -> 2.41 cm / 0.122 -> 0.122; 5.3 / 2.1 s, 4.5 / 2.5 % of the run's time.
+            files. Suite (`bench/suite.py`), ATE / keyframe AbsRel without -> with: 7-Scenes 0-499/2
+            3.86 -> 3.28 cm / 0.118 -> 0.106, 0-499/1 3.99 -> 3.37 cm / 0.113 -> 0.104; 7 / 8 s,
+            about 8 % of the run's time (busy machine).
         global_ba_iterations: its Gauss-Newton steps (the Cauchy scale annealed from 4x over them).
             7-Scenes 0-499/2 2 / 4 / 6 steps 3.36 / 3.42 / 3.42 cm, 0-299/1 2.39 / 2.41 / 2.42 cm; a
             synthetic out-and-back loop with 2x scale drift (`Map.add_loop`) still gains from more:
             0.040 / 0.021 m after 4 / 6 steps (0.236 before).
-        global_ba_neighbours: temporal edges join each keyframe to this many next keyframes (those
-            within `edge_max_flow`; at `keyframe_flow` 16 px that is rarely more than 2).
+        global_ba_neighbours: temporal edges join each keyframe to this many next keyframes (any
+            that overlap: the backend's flow is searched around the current estimate, so it is not
+            limited by `edge_max_flow` as the window is).
         global_ba_overlap: predicted overlap (fraction of a keyframe's pixels seen in the other, the
             smaller of both directions) a non-temporal pair needs to become a proximity edge.
         global_ba_edges: proximity edges per keyframe at most (0 = none), the largest overlaps first.
-            On the synthetic out-and-back path (no loop recorded) 0.153 m ATE without them, 0.096 m
-            with; 7-Scenes finds few within `edge_max_flow` (2 on 0-499/2, its revisit is 40-50 px).
+            On a synthetic out-and-back path with 3 % scale drift per keyframe (no loop recorded):
+            keyframe ATE 0.236 m drifted, 0.109 m without them, 0.005 m with.
         global_ba_stride: every n-th pixel of the cloud-size depth is an unknown (the change carried
             to the others bilinearly). 1 / 2 / 4 on 7-Scenes 0-499/2: 3.41 / 3.42 / 3.44 cm in 12.1 /
             4.8 / 3.1 s (busy machine).

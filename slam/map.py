@@ -262,19 +262,19 @@ class Map:
             return f
 
     def bridge(self, f: int) -> list[int]:
-        """Frame f was tracked (or relocalised) after a run of lost frames: give each of them the pose
-        interpolated on SE(3) between the last frame tracked before the run and f (by frame index:
-        constant velocity across the gap), mark them `interpolated` and no longer lost. Returns
-        their indices."""
+        """Frame f has a pose after a run of lost frames (it was tracked or relocalised, or it is the
+        first keyframe of a segment just merged into the one before the run): give each of them the
+        pose interpolated on SE(3) between the last frame with a pose before the run and f (by frame
+        index: constant velocity across the gap), mark them `interpolated` and no longer lost.
+        Nothing happens when the two ends lie in different segments (different scales). Returns
+        the indices of the frames bridged."""
         with self._lock:
             run = []
             g = f - 1
-            while g >= 0 and self._frames[g].lost:
-                if self._frames[g].is_keyframe:  # a restart inside the run: another segment's scale
-                    return []
+            while g >= 0 and self._frames[g].lost and not self._frames[g].is_keyframe:
                 run.append(g)
                 g -= 1
-            if not run or g < 0:
+            if not run or g < 0 or self._segment_of(g) != self._segment_of(f):
                 return []
             a, b = self._pose(g), self._pose(f)
             step = se3_log(se3_mul(b, se3_inv(a)))
@@ -284,6 +284,9 @@ class Map:
                 rel = normalized_pose(se3_mul(pose, se3_inv(self._keyframes[st.keyframe].pose_cw)))
                 self._frames[h] = dataclasses.replace(st, rel_cw=rel, lost=False, interpolated=True)
             return sorted(run)
+
+    def _segment_of(self, f: int) -> int:
+        return self._keyframes[self._frames[f].keyframe].segment
 
     def _pose(self, f: int) -> torch.Tensor:
         st = self._frames[f]
@@ -355,7 +358,8 @@ class Map:
             kid = len(self._keyframes)
             self._keyframes.append(kf)
             self._window.append(kid)
-            self._frames[frame] = dataclasses.replace(self._frames[frame], keyframe=kid, is_keyframe=True,
+            # a keyframe has a pose of its own (a restart's frame was lost until it began a segment)
+            self._frames[frame] = dataclasses.replace(self._frames[frame], keyframe=kid, is_keyframe=True, lost=False,
                                                       rel_cw=se3_identity((), dtype=torch.float64, device=self.device))
             return kid
 

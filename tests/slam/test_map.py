@@ -188,15 +188,26 @@ def test_a_lost_run_is_bridged_between_its_tracked_neighbours():
     assert m.bridge(5) == []  # nothing left to bridge
 
 
-def test_no_bridge_across_a_restart():
+def test_no_bridge_across_a_restart_until_the_segments_are_merged():
     m = _map_with_keyframe()
     img = np.zeros((H, W, 3), np.uint8)
-    m.add_frame(FrameState(keyframe=0, rel_cw=_pose(1.0)), img)
+    m.add_frame(FrameState(keyframe=0, rel_cw=_pose(1.0)), img)  # frame 1 tracked at x = 1
+    for _ in range(2):  # frames 2, 3 lost
+        m.add_frame(FrameState(keyframe=0, rel_cw=_pose(1.0), lost=True), img)
     m.add_frame(FrameState(keyframe=0, rel_cw=_pose(1.0), lost=True), img)
-    m.add_keyframe(Keyframe(frame=2, pose_cw=_pose(1.0), image=img, depth=torch.ones(H, W),
-                            valid=torch.ones(H, W, dtype=torch.bool)), 2)  # a restart at the lost frame 2
+    seg = m.new_segment()
+    m.add_keyframe(Keyframe(frame=4, pose_cw=_pose(0.0), image=img, depth=torch.ones(H, W),
+                            valid=torch.ones(H, W, dtype=torch.bool), segment=seg), 4)  # a restart at frame 4
+    assert not m.frame(4).lost  # the segment's origin has a pose
     m.add_frame(FrameState(keyframe=1, rel_cw=_pose(0.5)), img)
-    assert m.bridge(3) == [] and m.frame(2).lost
+    assert m.bridge(5) == [] and m.bridge(4) == [] and m.frame(2).lost and m.frame(3).lost
+    # merged: the new segment's world is the old one's shifted by x = 4 (frame 4 at x = 4)
+    m.merge_segment(seg, 0, torch.eye(3, dtype=torch.float64), torch.tensor([-4.0, 0.0, 0.0], dtype=torch.float64),
+                    1.0)
+    assert torch.allclose(m.frame_pose(4), _pose(4.0), atol=1e-9)
+    assert m.bridge(4) == [2, 3]
+    for f, x in ((2, 2.0), (3, 3.0)):
+        assert torch.allclose(m.frame_pose(f), _pose(x), atol=1e-9) and m.frame(f).interpolated
 
 
 def test_merging_a_segment_applies_the_similarity_to_poses_depths_and_frames():

@@ -73,6 +73,26 @@ class FlowCache:
                         self._bytes -= _nbytes(self._entries.pop(key))
         return out
 
+    def guided_targets(self, a: int, b: int, image_a: np.ndarray, image_b: np.ndarray,
+                       init: Callable[[], tuple[np.ndarray, np.ndarray]]) -> tuple[torch.Tensor, torch.Tensor]:
+        """Like `targets`, but DIS searched around a guess of the two flows (`init()` -> flows a -> b
+        and b -> a, (H, W, 2) float32, called only when the pair is not cached yet): for pairs too far
+        apart for a search from zero flow. Cached apart from the unguided flows."""
+        hit = self._get(("guided", a, b))
+        if hit is not None:
+            return hit
+        guess_ab, guess_ba = init()
+        fwd = dis_flow(image_a, image_b, self.opts.preset, guess_ab)
+        bwd = dis_flow(image_b, image_a, self.opts.preset, guess_ba)
+        with self._lock:
+            self.flows_computed += 2
+        out = {}
+        for key, (f0, f1) in ((("guided", a, b), (fwd, bwd)), (("guided", b, a), (bwd, fwd))):
+            t, w = fb_targets(f0, f1, self.opts)
+            out[key] = (t.to(self.device), w.to(self.device))
+            self._put(key, out[key], t.nbytes + w.nbytes)
+        return out[("guided", a, b)]
+
     def drop(self, keep: Callable[[int], bool], raw_only: bool = False) -> None:
         """Drop every entry that involves a frame for which `keep(frame)` is False (with `raw_only`,
         only the raw flows: the targets of a tracked frame serve the window, its raw flows only an

@@ -7,7 +7,7 @@ import torch
 
 from slam.flowcache import FlowCache
 from v2d.data.synthetic import render_sequence
-from v2d.flow import DISOptions, dis_targets
+from v2d.flow import DISOptions, dis_flow, dis_targets, fb_targets
 
 
 def _images():
@@ -43,3 +43,27 @@ def test_drop_and_memory_bound():
     small.targets(2, 3, ims[2], ims[3])  # another 4: the oldest entries go
     assert (2, 3) in small.pairs() and (0, 1) not in small.pairs()
     assert small.targets(0, 1, ims[0], ims[1])[0].shape == (64, 96, 2)  # recomputed after eviction
+
+
+def test_guided_targets_search_around_the_guess_once_per_pair():
+    ims = _images()
+    cache = FlowCache(DISOptions(), torch.device("cpu"), max_bytes=2**30)
+    calls = []
+
+    def guess():
+        calls.append(1)
+        return np.full((64, 96, 2), 1.5, np.float32), np.full((64, 96, 2), -1.5, np.float32)
+
+    t, w = cache.guided_targets(0, 3, ims[0], ims[3], guess)
+    fwd = dis_flow(ims[0], ims[3], "medium", np.full((64, 96, 2), 1.5, np.float32))
+    bwd = dis_flow(ims[3], ims[0], "medium", np.full((64, 96, 2), -1.5, np.float32))
+    ref_t, ref_w = fb_targets(fwd, bwd)
+    assert torch.equal(t, ref_t) and torch.equal(w, ref_w)
+    back, _ = cache.guided_targets(3, 0, ims[3], ims[0], guess)  # the reverse direction came with it
+    assert torch.equal(back, fb_targets(bwd, fwd)[0])
+    assert cache.guided_targets(0, 3, ims[0], ims[3], guess)[0] is t
+    assert len(calls) == 1 and cache.flows_computed == 2
+    cache.targets(0, 3, ims[0], ims[3])  # the unguided flows are kept apart: computed now
+    assert cache.flows_computed == 4
+    cache.drop(lambda f: f != 3)
+    assert cache.pairs() == set()

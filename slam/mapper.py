@@ -317,9 +317,10 @@ class Mapper:
         up to keyframe `upto`, default all of it).
 
         Edges: every ordered pair of window keyframes whose predicted flow is within
-        `slam.edge_max_flow`, or that still overlaps (guided flow: `_gate_pairs`). The prior is each keyframe's depth as the depth module gave it (after
-        the scale lock and fusion; the current depth where the depth module failed), with a relative
-        standard deviation of `slam.ba_prior`; the oldest `slam.window_fixed` poses are held (gauge).
+        `slam.edge_max_flow`, or that still overlaps (guided flow: `_gate_pairs`). The prior is each
+        keyframe's depth as the depth module gave it (after the scale lock and fusion; the current
+        depth where the depth module failed), with a relative standard deviation of `slam.ba_prior`;
+        the oldest `slam.window_fixed` poses are held (gauge).
         """
         ids = self.map.window(upto)
         n = len(ids)

@@ -46,9 +46,10 @@ class SlamConfig:
         window_frames: frames between the last two keyframes optimised with the window.
         window_iterations: Gauss-Newton steps of the window optimisation.
         edge_max_flow: window edges whose predicted mean flow exceeds this (px) are left out (wide
-            baselines make classical flow searched from zero flow unreliable), except keyframe pairs
-            that still overlap by `global_ba_overlap`: their DIS is searched around the predicted
-            flow (the global bundle adjustment's search is always guided and has no such limit).
+            baselines make classical flow searched from zero flow unreliable), except that a keyframe
+            with fewer than `global_ba_neighbours` keyframe edges keeps that many pairs that still
+            overlap by `global_ba_overlap`, their DIS searched around the predicted flow (the global
+            bundle adjustment's search is always guided and has no such limit).
         robust_scale: Cauchy scale (px) of the flow residual used to re-weight DIS targets.
         depth_views: frames besides the keyframe in a keyframe's cost volume.
         scale_lock: rescale each keyframe depth from the depth module (median ratio) to agree with

@@ -8,13 +8,16 @@ Per keyframe (`map_keyframes`), in this order:
 
 1. Local window (`optimise_window`): global-mode Gauss-Newton over the last `slam.window`
    keyframes and up to `slam.window_frames` frames between the last two (every ordered keyframe
-   pair an edge, the last two keyframes to each frame; a keyframe pair whose predicted flow exceeds
-   `slam.edge_max_flow` but that still overlaps by `slam.global_ba_overlap` gets DIS searched
-   around the flow the current estimate predicts, other such edges are left out; the oldest
-   `slam.window_fixed` poses fixed; uncalibrated runs also optimise the focal length).
-   Guided far edges, suite ATE cm without -> with: 7-Scenes 0-499 stride 12 8.18 -> 3.19, stride 8
-   2.81 -> 3.49, stride 4 2.84 -> 2.87, stride 2 3.28 -> 3.15; synthetic fast 0.62 -> 0.58, blur
-   0.90 -> 0.89. Frames keep their pose relative to their keyframe.
+   pair an edge, the last two keyframes to each frame; edges whose predicted flow exceeds
+   `slam.edge_max_flow` are left out, except that a keyframe with fewer than
+   `slam.global_ba_neighbours` keyframe edges left (fast motion) keeps that many far pairs that
+   still overlap by `slam.global_ba_overlap`, the largest overlaps first, their DIS searched around
+   the flow the current estimate predicts; the oldest `slam.window_fixed` poses fixed; uncalibrated
+   runs also optimise the focal length). Suite ATE cm, no far edges / every overlapping far pair /
+   as many as needed: 7-Scenes 0-499 stride 12 8.18 / 3.19 / 3.22, stride 8 2.81 / 3.49 / 2.79,
+   stride 2 3.28 / 3.15 / 3.20; every far pair cost a third of the frame rate at stride 1 (4.75
+   frames/s), as many as needed runs at 7.08 (7.35 before the robustness work). Frames keep their
+   pose relative to their keyframe.
 2. Keyframe depth (`slam.keyframe_depth.KeyframeDepth`): the depth module on frames spread over
    the recorded ones, scale-locked to and fused with the window's splatted depth.
 3. Dense bundle adjustment (`bundle_adjust`, `slam.ba_iterations`, DIS flow only): the window
@@ -246,8 +249,9 @@ class Mapper:
         Nodes: the window's keyframes (the oldest `window_fixed` fixed) and up to `window_frames`
         frames recorded between the last two keyframes (free). Edges: every ordered keyframe pair,
         and each of the last two keyframes to each frame (frames have no depth, so they are only
-        targets), except edges whose predicted flow exceeds `edge_max_flow` (far keyframe pairs that
-        still overlap are kept, their flow searched around the prediction: `_gate_pairs`).
+        targets), except edges whose predicted flow exceeds `edge_max_flow` (a poorly connected
+        keyframe keeps far pairs that still overlap, their flow searched around the prediction:
+        `_gate_pairs`).
         """
         ids = self.map.window(job.kid)
         n = len(ids)
@@ -317,7 +321,7 @@ class Mapper:
         up to keyframe `upto`, default all of it).
 
         Edges: every ordered pair of window keyframes whose predicted flow is within
-        `slam.edge_max_flow`, or that still overlaps (guided flow: `_gate_pairs`). The prior is each
+        `slam.edge_max_flow`, and far pairs of poorly connected keyframes (`_gate_pairs`). The prior is each
         keyframe's depth as the depth module gave it (after the scale lock and fusion; the current
         depth where the depth module failed), with a relative standard deviation of `slam.ba_prior`;
         the oldest `slam.window_fixed` poses are held (gauge).
@@ -361,24 +365,31 @@ class Mapper:
 
     def _gate_pairs(self, kfs: list[Keyframe], poses: torch.Tensor, candidates: list[tuple[int, int]],
                     intrinsics: torch.Tensor) -> tuple[list[tuple[int, int]], set[tuple[int, int]]]:
-        """The candidate edges (a, b) to use, and those of them that are far: keyframe pairs whose flow,
-        predicted from keyframe a's depth, passes `slam.edge_max_flow` while they still overlap by
-        `slam.global_ba_overlap` (their DIS is searched around the predicted flow, `_pair_targets`).
-        Other edges beyond `edge_max_flow`, and NaN, are left out. Shapes: poses (N, 7), kfs[a] for
-        a < len(kfs)."""
+        """The candidate edges (a, b) to use, and those of them that are far. Near: the flow predicted
+        from keyframe a's depth is within `slam.edge_max_flow`. Far: keyframe a has fewer than
+        `slam.global_ba_neighbours` near keyframe edges, so it takes that many of the keyframe pairs
+        beyond `edge_max_flow` that still overlap by `slam.global_ba_overlap`, the largest overlaps
+        first (their DIS is searched around the predicted flow, `_pair_targets`). The rest, and NaN,
+        are left out. Shapes: poses (N, 7), kfs[a] for a < len(kfs)."""
         max_flow = self.sc.edge_max_flow * self.px
+        need = self.sc.global_ba_neighbours
         pairs, far = [], set()
         for a in range(len(kfs)):
             mine = [b for a2, b in candidates if a2 == a]
             if mine:
                 flows, overlap = induced_motion(kfs[a].depth, se3_mul(poses[mine], se3_inv(poses[a])[None]),
                                                 intrinsics, self.cfg.gn.min_depth)
-                for b, fl, ov in zip(mine, flows.tolist(), overlap.tolist(), strict=True):
-                    if fl <= max_flow:
-                        pairs.append((a, b))
-                    elif b < len(kfs) and ov >= self.sc.global_ba_overlap and np.isfinite(fl):
-                        pairs.append((a, b))
-                        far.add((a, b))
+                near = [b for b, fl in zip(mine, flows.tolist(), strict=True) if fl <= max_flow]
+                pairs += [(a, b) for b in near]
+                # a keyframe with fewer keyframe edges than that (fast motion) gets the far ones that
+                # overlap most; slow motion has enough near edges and pays nothing for this
+                have = sum(b < len(kfs) for b in near)
+                extra = sorted(((ov, b) for b, fl, ov in zip(mine, flows.tolist(), overlap.tolist(), strict=True)
+                                if b < len(kfs) and fl > max_flow and np.isfinite(fl)
+                                and ov >= self.sc.global_ba_overlap), reverse=True)[:max(0, need - have)]
+                for _, b in extra:
+                    pairs.append((a, b))
+                    far.add((a, b))
         return pairs, far
 
     def _pair_targets(self, kfs: list[Keyframe], poses: torch.Tensor, frames: list[int], images: list[np.ndarray],

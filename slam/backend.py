@@ -70,9 +70,10 @@ import torch
 
 from slam.config import RunConfig
 from slam.map import Keyframe, Map, normalized_pose
+from slam.measurements import predicted_flow
 from v2d.errors import V2DError
 from v2d.flow import dis_flow, fb_targets
-from v2d.geometry.camera import backproject, pixel_grid, project, reproject
+from v2d.geometry.camera import backproject, project, reproject
 from v2d.geometry.lie import se3_act, se3_inv, se3_mul
 from v2d.geometry.window_ba import WindowBAOptions, window_bundle_adjust
 
@@ -284,12 +285,8 @@ class GlobalBA:
         """
         dis = self.cfg.motion.dis
         ii, jj, ts, ws = [], [], [], []
-        h, w = inv.shape[-2:]
-        grid = pixel_grid(h, w, dtype=torch.float64, device=inv.device)
-
         def guess(a: int, b: int) -> np.ndarray:
-            coords, _ = reproject(inv[a], poses[a], poses[b], intr)
-            return (coords - grid).float().cpu().numpy()
+            return predicted_flow(inv[a], poses[a], poses[b], intr, self.cfg.gn.min_depth)
 
         for a, b in pairs:
             # the presets search from half the image size down; see the module docstring

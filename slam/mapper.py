@@ -49,9 +49,15 @@ from slam.flowcache import FlowCache
 from slam.fusion import splat_depth
 from slam.keyframe_depth import KeyframeDepth
 from slam.map import Keyframe, Map, normalized_pose, release_heap
-from slam.measurements import images_to_tensor, induced_motion, motion_features, robust_weights, subsample
+from slam.measurements import (
+    images_to_tensor,
+    induced_motion,
+    motion_features,
+    predicted_flow,
+    robust_weights,
+    subsample,
+)
 from slam.relocaliser import Registration
-from v2d.geometry.camera import pixel_grid, reproject
 from v2d.geometry.lie import quat_to_matrix, se3_identity, se3_inv, se3_mul
 from v2d.geometry.window_ba import WindowBAOptions, window_bundle_adjust
 from v2d.model import V2D
@@ -379,13 +385,13 @@ class Mapper:
             if mine:
                 flows, overlap = induced_motion(kfs[a].depth, se3_mul(poses[mine], se3_inv(poses[a])[None]),
                                                 intrinsics, self.cfg.gn.min_depth)
-                near = [b for b, fl in zip(mine, flows.tolist(), strict=True) if fl <= max_flow]
+                fl_ov = list(zip(mine, flows.tolist(), overlap.tolist(), strict=True))
+                near = [b for b, fl, _ in fl_ov if fl <= max_flow]
                 pairs += [(a, b) for b in near]
                 # a keyframe with fewer keyframe edges than that (fast motion) gets the far ones that
                 # overlap most; slow motion has enough near edges and pays nothing for this
                 have = sum(b < len(kfs) for b in near)
-                extra = sorted(((ov, b) for b, fl, ov in zip(mine, flows.tolist(), overlap.tolist(), strict=True)
-                                if b < len(kfs) and fl > max_flow and np.isfinite(fl)
+                extra = sorted(((ov, b) for b, fl, ov in fl_ov if b < len(kfs) and max_flow < fl < float("inf")
                                 and ov >= self.sc.global_ba_overlap), reverse=True)[:max(0, need - have)]
                 for _, b in extra:
                     pairs.append((a, b))
@@ -400,13 +406,8 @@ class Mapper:
             return self.flows.targets(frames[a], frames[b], images[a], images[b])
 
         def guess() -> tuple[np.ndarray, np.ndarray]:
-            out = []
-            for s, d in ((a, b), (b, a)):
-                coords, depth_d = reproject(1.0 / kfs[s].depth.clamp_min(1e-3), poses[s].float(), poses[d].float(),
-                                            self.map.intrinsics.float())
-                ok = (depth_d > self.cfg.gn.min_depth) & torch.isfinite(coords).all(-1)
-                grid = pixel_grid(*coords.shape[:2], dtype=coords.dtype, device=coords.device)
-                out.append(torch.where(ok[..., None], coords - grid, torch.zeros_like(coords)).cpu().numpy())
-            return out[0], out[1]
+            return tuple(predicted_flow(1.0 / kfs[s].depth.clamp_min(1e-3), poses[s].float(), poses[d].float(),
+                                        self.map.intrinsics.float(), self.cfg.gn.min_depth)
+                         for s, d in ((a, b), (b, a)))
 
         return self.flows.guided_targets(frames[a], frames[b], images[a], images[b], guess)

@@ -12,7 +12,8 @@ from v2d.geometry.camera import backproject, pixel_grid, project, reproject, val
 from v2d.geometry.lie import se3_act
 from v2d.model import V2D, normalize_images
 
-__all__ = ["images_to_tensor", "induced_motion", "motion_features", "robust_weights", "subsample", "texture"]
+__all__ = ["images_to_tensor", "induced_motion", "motion_features", "predicted_flow", "robust_weights", "subsample",
+           "texture"]
 
 
 def images_to_tensor(images: list[np.ndarray], device: torch.device) -> torch.Tensor:
@@ -69,6 +70,20 @@ def subsample(targets: torch.Tensor, weights: torch.Tensor, inv: torch.Tensor, i
         return targets, weights, inv, intrinsics
     s = stride
     return (targets[..., ::s, ::s, :] / s, weights[..., ::s, ::s, :], inv[..., ::s, ::s], intrinsics / s)
+
+
+def predicted_flow(inv_depth: torch.Tensor, pose_i: torch.Tensor, pose_j: torch.Tensor, intrinsics: torch.Tensor,
+                   min_depth: float) -> np.ndarray:
+    """The flow from frame i to frame j that i's inverse depth and the two poses predict (the guess a
+    guided DIS search starts from: `v2d.flow.dis_flow(init=...)`); 0 where the point falls behind
+    camera j or is not finite.
+
+    Shapes: inv_depth (H, W); pose_i, pose_j (7,) world->camera; intrinsics (4,) -> (H, W, 2) float32.
+    """
+    coords, depth_j = reproject(inv_depth, pose_i, pose_j, intrinsics)
+    ok = (depth_j > min_depth) & torch.isfinite(coords).all(-1)
+    grid = pixel_grid(*coords.shape[:2], dtype=coords.dtype, device=coords.device)
+    return torch.where(ok[..., None], coords - grid, torch.zeros_like(coords)).float().cpu().numpy()
 
 
 def induced_motion(depth: torch.Tensor, rel: torch.Tensor, intrinsics: torch.Tensor, min_depth: float, stride: int = 4

@@ -1,7 +1,9 @@
 """The validation suite: v2d on many sequences (real and synthetic hard cases) beside COLMAP.
 
-    python -m bench.suite --json bench_out/suite.json [--only NAME ...] [--skip-colmap]
-        [--baseline DIR] [--repeats 1] [--set KEY=VALUE ...] [--data ../shared/data]
+    python -m bench.suite --json bench_out/suite.json [--only NAME ...] [--held-out] [--skip-colmap]
+        [--baseline DIR] [--baseline-set KEY=VALUE ...] [--repeats 1] [--set KEY=VALUE ...] [--data ../shared/data]
+    python -m bench.suite --held-out --skip-colmap --set motion.flow_source=learned \
+        --baseline-set motion.flow_source=dis        # learned vs DIS motion, same code
     make suite
 
 One threshold tuned to one sequence is what this suite exists to prevent: every change to the
@@ -12,6 +14,8 @@ Sequences (`SEQUENCES`; `--only` picks some by name):
 - `7s-sK`: `../shared/data/7scenes-redkitchen`, frames 0-499 at stride K = 1, 2, 4, 8, 12 (stride 8
   moves about as fast as a hand-held phone turning in an office: ~3-4 cm and ~2 deg per frame;
   the dev set, so the table shows, not tunes, it); `7s-s2-rev`: stride 2 played backwards.
+- `7s-late-sK`: frames 250-499 only, at the same strides: held apart from the learned motion
+  update's training (`v2d train-motion` trains on frames 0-249).
 - `scannet`, `tum-cabinet`: every other real sequence in `../shared/data` (wide baselines: 16-19 cm
   and 7-12 deg between frames).
 - `syn-<case>`: the synthetic hard cases of `v2d.data.scenarios` (fast motion, pure rotation,
@@ -31,6 +35,11 @@ where there is ground truth), and COLMAP (pycolmap: SIFT, sequential matching, i
 mapping, the same frames at 240x320, known intrinsics; `bench.peers`' worker) as the peer column:
 its registered frames and ATE over them. COLMAP's results do not depend on v2d's code, so they are
 cached (`--colmap-cache`, keyed by the images' content, the intrinsics and pycolmap's version).
+
+`--held-out` keeps the sequences that hold no frame the shipped learned weights were trained on
+(7s-late-*, the other real sequences, the synthetic scene 0; training scenes are 1000 and up).
+`--baseline-set` runs a second configuration of this code (or of `--baseline`) alternately, and the
+summary compares the two (`compare`: median ATE ratio, sequences improved, lost frames).
 
 Timings need an otherwise idle machine; ATE, lost frames and segments are deterministic (the
 engine's synchronous mode) and do not.
@@ -79,6 +88,7 @@ class SuiteSequence:
     describe: str
     prepare: Callable[[Path, Path], Prepared]  # (data root, work folder) -> Prepared
     needs: str | None = None  # the data folder it reads (skipped when absent)
+    held_out: bool = False  # holds no frame the shipped learned weights were trained on (`--held-out`)
 
 
 def _wc_from_matrices(m: np.ndarray) -> np.ndarray:
@@ -95,13 +105,13 @@ def _write_intrinsics(folder: Path, intrinsics: np.ndarray) -> None:
 
 
 def _real(folder_name: str, stride: int = 1, last: int | None = None, reverse: bool = False,
-          intrinsics: tuple[float, ...] | None = None) -> Callable[[Path, Path], Prepared]:
+          intrinsics: tuple[float, ...] | None = None, first: int = 0) -> Callable[[Path, Path], Prepared]:
     def prepare(data: Path, work: Path) -> Prepared:
         from v2d.io.datasets import open_sequence
 
         seq = open_sequence(data / folder_name, None if intrinsics is None else np.array(intrinsics))
         n = len(seq) if last is None else min(len(seq), last + 1)
-        idx = list(range(0, n, stride))
+        idx = list(range(first, n, stride))
         if reverse:
             idx = idx[::-1]
         folder = work / "input"
@@ -142,11 +152,15 @@ SEQUENCES: list[SuiteSequence] = [
                     "7scenes-redkitchen") for k in (1, 2, 4, 8, 12)),
     SuiteSequence("7s-s2-rev", "real", "7-Scenes redkitchen 0-499, stride 2, backwards",
                   _real("7scenes-redkitchen", 2, 499, reverse=True), "7scenes-redkitchen"),
+    *(SuiteSequence(f"7s-late-s{k}", "real", f"7-Scenes redkitchen 250-499, stride {k}",
+                    _real("7scenes-redkitchen", k, 499, first=250), "7scenes-redkitchen", held_out=True)
+      for k in (1, 2, 4, 8, 12)),
     SuiteSequence("scannet", "real", "ScanNet scene0005_00, 58 frames 20 apart", _real("scannet-scene0005_00"),
-                  "scannet-scene0005_00"),
+                  "scannet-scene0005_00", held_out=True),
     SuiteSequence("tum-cabinet", "real", "TUM fr3/cabinet, 57 keyframes",
-                  _real("tum-fr3-cabinet-keyframes", intrinsics=TUM_FR3), "tum-fr3-cabinet-keyframes"),
-    *(SuiteSequence(f"syn-{c}", "synthetic", f"synthetic {c}, {n} frames", _synthetic(c, n))
+                  _real("tum-fr3-cabinet-keyframes", intrinsics=TUM_FR3), "tum-fr3-cabinet-keyframes",
+                  held_out=True),
+    *(SuiteSequence(f"syn-{c}", "synthetic", f"synthetic {c}, {n} frames", _synthetic(c, n), held_out=True)
       for c, n in SYNTHETIC_FRAMES.items()),
 ]
 
@@ -324,6 +338,20 @@ def summarise(rows: list[dict], code: str) -> dict:
     return out
 
 
+def compare(rows: list[dict], before: str, after: str) -> dict:
+    """Two codes on the same sequences: median ATE of each and their ratio, on how many sequences
+    `after` has the lower ATE, lost frames of each (the learned-motion issue's targets)."""
+    pairs = [(r["v2d"].get(before, {}).get("ate_cm"), r["v2d"].get(after, {}).get("ate_cm")) for r in rows]
+    pairs = [(a, b) for a, b in pairs if a is not None and b is not None and np.isfinite(a) and np.isfinite(b)]
+    if not pairs:
+        return {}
+    med_a, med_b = statistics.median(a for a, _ in pairs), statistics.median(b for _, b in pairs)
+    return {"median_ate_before": med_a, "median_ate_after": med_b, "ratio": med_b / med_a if med_a else None,
+            "better": f"{sum(b < a for a, b in pairs)}/{len(pairs)}",
+            "lost_before": sum(r["v2d"].get(before, {}).get("lost", 0) for r in rows),
+            "lost_after": sum(r["v2d"].get(after, {}).get("lost", 0) for r in rows)}
+
+
 # ------------------------------------------------------------------------------------------------ main
 
 
@@ -337,6 +365,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--colmap-cache", type=Path, default=ROOT / "bench_out" / "suite-colmap-cache.json",
                    help="COLMAP results by input content (default bench_out/suite-colmap-cache.json)")
     p.add_argument("--baseline", type=Path, help="a checkout of an earlier commit, run alternately (before/after)")
+    p.add_argument("--baseline-set", dest="baseline_overrides", action="append", default=[], metavar="KEY=VALUE",
+                   help="config override for the baseline's runs (repeatable); without --baseline the baseline is "
+                   "this code with these overrides (e.g. --baseline-set motion.flow_source=dis)")
+    p.add_argument("--held-out", action="store_true",
+                   help="only the sequences that hold no frame the shipped learned weights were trained on")
     p.add_argument("--repeats", type=int, default=1, help="runs per sequence and code (medians)")
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                    help="config override for this code's runs (repeatable)")
@@ -346,8 +379,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    chosen = [s for s in SEQUENCES if args.only is None or s.name in args.only]
-    roots = {"this": ROOT} | ({"before": args.baseline.resolve()} if args.baseline else {})
+    chosen = [s for s in SEQUENCES if (args.only is None or s.name in args.only) and (s.held_out or not args.held_out)]
+    before = args.baseline.resolve() if args.baseline else ROOT if args.baseline_overrides else None
+    roots = {"this": ROOT} | ({"before": before} if before else {})
     cache = json.loads(args.colmap_cache.read_text()) if args.colmap_cache.is_file() else {}
     rows = []
     with tempfile.TemporaryDirectory(prefix="v2d-suite-") as tmp:
@@ -363,7 +397,7 @@ def main(argv: list[str] | None = None) -> int:
             for r in range(args.repeats):
                 for code, root in roots.items():
                     runs[code].append(run_v2d(prep, work / f"out-{code}-{r}", root,
-                                              args.overrides if code == "this" else []))
+                                              args.overrides if code == "this" else args.baseline_overrides))
             row["v2d"] = {c: _median_row(rs) for c, rs in runs.items()}
             if not args.skip_colmap:
                 row["colmap"] = run_colmap(prep, work / "colmap", cache)
@@ -373,8 +407,10 @@ def main(argv: list[str] | None = None) -> int:
             print("\n".join(format_table([row], list(roots)).splitlines()[2:]))
     print()
     print(format_table(rows, list(roots)))
-    results = {"sequences": rows, "overrides": args.overrides, "codes": {c: str(r) for c, r in roots.items()},
-               "summary": {c: summarise(rows, c) for c in roots}}
+    results = {"sequences": rows, "overrides": args.overrides, "baseline_overrides": args.baseline_overrides,
+               "codes": {c: str(r) for c, r in roots.items()}, "summary": {c: summarise(rows, c) for c in roots}}
+    if "before" in roots:
+        results["summary"]["this_vs_before"] = compare(rows, "before", "this")
     for c, s in results["summary"].items():
         print(f"{c}: {json.dumps(s)}")
     write_results(args.json, results)

@@ -97,7 +97,7 @@ class SlamConfig:
         mapper_queue: keyframes the mapper may fall behind before tracking waits for it.
         flow_cache_mb: memory bound (MiB) of the cached DIS flows (least recently used go first).
         track_stride: tracking's Gauss-Newton uses every n-th pixel of the (full-resolution) DIS
-            flow in each direction (`slam.measurements.subsample`); 1 = every pixel. 2 vs 1:
+            flow in each direction (`v2d.refiner.subsample`); 1 = every pixel. 2 vs 1:
             7-Scenes 0-499/2 3.861 vs 3.860 cm ATE, 0-299/1 3.03 vs 3.00 cm, demo 0.115 % both,
             16-17 % faster end to end (with window_stride 2).
         window_stride: the same for the window optimisation.

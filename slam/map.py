@@ -90,7 +90,7 @@ class Keyframe:
 
     Shapes: pose_cw (7,) float64; image (H, W, 3) uint8; depth, prior (H, W) float32; valid (H, W)
     bool (False in splatting holes); small_depth (H/s, W/s) float32 and small_image (H/s, W/s, 3)
-    uint8 after leaving the window; motion_feats (F, H/4, W/4) with the learned flow only.
+    uint8 after leaving the window.
     """
 
     frame: int
@@ -101,7 +101,6 @@ class Keyframe:
     prior: torch.Tensor | None = None  # the depth module's depth, locked and fused (the BA prior)
     small_depth: np.ndarray | None = None
     small_image: np.ndarray | None = None
-    motion_feats: torch.Tensor | None = None
     segment: int = 0  # map segment: a restart after a long loss begins a new one (own pose and scale)
 
 
@@ -115,7 +114,6 @@ class KeyframeView:
     image: np.ndarray
     depth: torch.Tensor
     valid: torch.Tensor
-    motion_feats: torch.Tensor | None
 
 
 class Map:
@@ -196,7 +194,7 @@ class Map:
         with self._lock:
             kid = self._window[-1]
             kf = self._keyframes[kid]
-            return KeyframeView(kid, kf.frame, kf.pose_cw, kf.image, kf.depth, kf.valid, kf.motion_feats)
+            return KeyframeView(kid, kf.frame, kf.pose_cw, kf.image, kf.depth, kf.valid)
 
     def frame_pose(self, f: int) -> torch.Tensor:
         """World->camera pose of frame f (7,) float64."""
@@ -434,7 +432,7 @@ class Map:
             self._edges = {e for e in self._edges if kid not in e}
             depth = np.where(kf.valid.cpu().numpy(), kf.depth.cpu().numpy(), 0.0).astype(np.float32)
             self._keyframes[kid] = dataclasses.replace(
-                kf, image=None, depth=None, valid=None, prior=None, motion_feats=None,
+                kf, image=None, depth=None, valid=None, prior=None,
                 small_depth=depth[::stride, ::stride].copy(), small_image=kf.image[::stride, ::stride].copy())
         if on_retire is not None:
             on_retire(kf.frame, depth, kf.pose_cw.clone(), kf.image)

@@ -49,18 +49,13 @@ from slam.flowcache import FlowCache
 from slam.fusion import splat_depth
 from slam.keyframe_depth import KeyframeDepth
 from slam.map import Keyframe, Map, normalized_pose, release_heap
-from slam.measurements import (
-    images_to_tensor,
-    induced_motion,
-    motion_features,
-    predicted_flow,
-    robust_weights,
-    subsample,
-)
+from slam.measurements import images_to_tensor, induced_motion, predicted_flow
 from slam.relocaliser import Registration
+from v2d.geometry.camera import reproject, valid_reprojection
 from v2d.geometry.lie import quat_to_matrix, se3_identity, se3_inv, se3_mul
 from v2d.geometry.window_ba import WindowBAOptions, window_bundle_adjust
 from v2d.model import V2D
+from v2d.refiner import robust_weights, subsample
 
 __all__ = ["Mapper", "KeyframeJob"]
 
@@ -130,14 +125,13 @@ class Mapper:
             self.map.set_intrinsics(intr)
         return {i: poses[c] for c, i in enumerate(chosen)}, depth.float()
 
-    def new_keyframe(self, f: int, image: np.ndarray, motion_feats: torch.Tensor | None, source: int | None = None
-                     ) -> int:
+    def new_keyframe(self, f: int, image: np.ndarray, source: int | None = None) -> int:
         """Make tracked frame f a keyframe; its initial depth is a keyframe's depth splatted into it
         (the frame's own keyframe, or `source`, e.g. the keyframe it was relocalised against; a
         retired one gives its strided copy), holes filled with the median, so tracking can go on
         before it is mapped.
 
-        Shapes: image (H, W, 3) uint8; motion_feats (F, H/4, W/4) or None -> keyframe id.
+        Shapes: image (H, W, 3) uint8 -> keyframe id.
         """
         state = self.map.frame(f)
         src = self.map.keyframe(state.keyframe if source is None else source)
@@ -152,15 +146,15 @@ class Mapper:
         valid = depth > 0
         fill = depth[valid].median() if bool(valid.any()) else depth_src[depth_src > 0].median()
         kf = Keyframe(frame=f, pose_cw=src.pose_cw, image=image, depth=torch.where(valid, depth, fill), valid=valid,
-                      motion_feats=motion_feats, segment=src.segment)
+                      segment=src.segment)
         return self.map.add_keyframe(kf, f, at_frame_pose=True)  # the pose is read with the map locked
 
     @torch.no_grad()
-    def restart(self, f: int, image: np.ndarray, motion_feats: torch.Tensor | None) -> int:
+    def restart(self, f: int, image: np.ndarray) -> int:
         """Re-initialise at frame f after a long loss: the window is retired and f becomes a keyframe
         with single-image depth scaled to the last keyframe's median, at f's (held) pose.
 
-        Shapes: image (H, W, 3) uint8; motion_feats (F, H/4, W/4) or None -> keyframe id.
+        Shapes: image (H, W, 3) uint8 -> keyframe id.
         """
         last = self.map.keyframe(self.map.window()[-1])
         depth = self.depth.single_image(image, float(last.depth.median()))
@@ -168,7 +162,7 @@ class Mapper:
         for k in self.map.window():
             self._retire(k)
         kf = Keyframe(frame=f, pose_cw=pose, image=image, depth=depth, prior=depth,
-                      valid=torch.ones_like(depth, dtype=torch.bool), motion_feats=motion_feats,
+                      valid=torch.ones_like(depth, dtype=torch.bool),
                       segment=self.map.new_segment())
         return self.map.add_keyframe(kf, f)
 
@@ -219,7 +213,7 @@ class Mapper:
             self.depth.compute(job.kid, job.images)
             if job.refine_previous and at > 0:
                 self.depth.compute(window[at - 1], job.images)
-        if self.sc.ba_iterations > 0 and self.source == "dis":  # the adjustment's targets are DIS flow
+        if self.sc.ba_iterations > 0:
             self.bundle_adjust(last.kid)
         window = self.map.window()
         while len(window) > self.sc.window and window[0] < last.kid:  # never a keyframe not mapped yet
@@ -236,7 +230,7 @@ class Mapper:
         window = self.map.window()
         if window and self.sc.depth_timing == "both" and last_frame > self.map.keyframe(window[-1]).frame:
             self.depth.compute(window[-1], images)
-            if self.sc.ba_iterations > 0 and self.source == "dis":
+            if self.sc.ba_iterations > 0:
                 self.bundle_adjust()
         for k in self.map.window():
             self._retire(k)
@@ -284,29 +278,26 @@ class Mapper:
         jj = torch.tensor([p[1] for p in pairs], device=dev)
         inv = torch.stack([1.0 / kfs[a].depth.clamp_min(1e-3) for a, _ in pairs])[None]
         images = images_to_tensor(images_np, dev)[None]
-        dis = feats = None
-        stride = 1
-        intr_gn = intr.float()[None]
-        if self.source == "dis":
-            ts, ws = [], []
-            for a, b in pairs:
-                t, w = self._pair_targets(kfs, poses, frames, images_np, a, b, far)
-                ts.append(t)
-                ws.append(w * kfs[a].valid[..., None])
-            stride = self.sc.window_stride
-            t, w, inv, intr_gn = subsample(torch.stack(ts)[None], torch.stack(ws)[None], inv, intr_gn, stride)
-            w = robust_weights(t[0], w[0], inv[0], poses.float(), ii, jj, intr_gn[0],
-                               self.sc.robust_scale * self.px / stride, self.cfg.gn.min_depth)
-            dis = (t, w[None])
-            outer, iters = 1, self.sc.window_iterations
-        else:
-            feats = [k.motion_feats for k in kfs] + [motion_features(self.model, job.images[f], dev) for f in extra]
-            feats = torch.stack(feats)[None]
-            outer, iters = self.cfg.motion.iterations, max(1, self.sc.window_iterations // self.cfg.motion.iterations)
+        ts, ws = [], []
+        for a, b in pairs:
+            t, w = self._pair_targets(kfs, poses, frames, images_np, a, b, far)
+            ts.append(t)
+            ws.append(w * kfs[a].valid[..., None])
+        stride = self.sc.window_stride
+        t, w, inv, intr_gn = subsample(torch.stack(ts)[None], torch.stack(ws)[None], inv, intr.float()[None], stride)
+        w = robust_weights(t[0], w[0], inv[0], poses.float(), ii, jj, intr_gn[0],
+                           self.sc.robust_scale * self.px / stride, self.cfg.gn.min_depth)
+        t = t[0]
+        if self.source == "learned":  # the learned update at the tracked poses (`v2d.refiner`)
+            coords, depth_j = reproject(inv[0], poses.float()[ii], poses.float()[jj], intr_gn[0])
+            valid = valid_reprojection(inv[0], coords, depth_j, self.cfg.gn.min_depth)
+            enc = self.model.motion.refiner.encode(images[0])  # once per image, not per edge
+            t, w = self.model.motion.refiner(enc[ii], enc[jj], t, w, coords, valid, stride)
         opts = dataclasses.replace(self.cfg.gn.options(fixed_poses=min(self.sc.window_fixed, n - 1),
-                                                       optimize_focal=not self.calibrated), iterations=iters)
-        steps = self.model.motion(images, feats, poses.float()[None], inv, intr_gn, ii, jj,
-                                  dis=dis, gn=opts, iterations=outer)
+                                                       optimize_focal=not self.calibrated),
+                                   iterations=self.sc.window_iterations)
+        steps = self.model.motion(images, poses.float()[None], inv, intr_gn, ii, jj, dis=(t[None], w[None]),
+                                  flow_source="dis", gn=opts, iterations=1)
         new = normalized_pose(steps[-1].poses_cw[0])
         new_intr = steps[-1].intrinsics[0].double() * stride  # a strided problem's focal is 1/stride
         if not (torch.isfinite(new).all() and torch.isfinite(new_intr).all()):

@@ -52,7 +52,16 @@ from v2d.geometry.camera import resize_intrinsics
 from v2d.geometry.lie import se3_inv
 from v2d.io.datasets import iter_frames, open_sequence, select_frames
 from v2d.io.results import keyframe_name
-from v2d.io.writers import ensure_dir, staged_output, write_depth_png, write_image_jpg, write_json, write_npy, write_tum
+from v2d.io.writers import (
+    ensure_dir,
+    staged_output,
+    write_depth_png,
+    write_image_jpg,
+    write_image_png,
+    write_json,
+    write_npy,
+    write_tum,
+)
 from v2d.model import load_model
 
 __all__ = ["RunOptions", "run_slam", "track_frames", "write_outputs", "UNCALIBRATED_FOCAL"]
@@ -74,6 +83,7 @@ class RunOptions:
         uncalibrated: ignore any intrinsics and optimise the focal length.
         progress: show a tqdm bar.
         device: where the networks and the map run ("cpu", "cuda", "cuda:1", ...).
+        save_confidence: write each frame's tracking confidence to confidence/NAME.png.
     """
 
     stride: int = 1
@@ -83,6 +93,7 @@ class RunOptions:
     uncalibrated: bool = False
     progress: bool = True
     device: str = "cpu"
+    save_confidence: bool = False
 
 
 def _resize(image: np.ndarray, size: tuple[int, int]) -> np.ndarray:
@@ -96,9 +107,13 @@ def _resize(image: np.ndarray, size: tuple[int, int]) -> np.ndarray:
 def track_frames(frames: Iterable[np.ndarray], count: int | None, cfg: RunConfig, size: tuple[int, int],
                  intrinsics: np.ndarray | None, out: Path | None, names: Sequence[int] | None = None,
                  progress: bool = True, on_keyframe: Callable[[int, np.ndarray], None] | None = None,
-                 device: str | torch.device = "cpu") -> tuple[SlamResult, dict[str, Any]]:
+                 device: str | torch.device = "cpu", save_confidence: bool = False
+                 ) -> tuple[SlamResult, dict[str, Any]]:
     """Run the front end over `frames` (any size, resized to `size`); write each keyframe's depth to
     out/depth/NAME.png (16-bit mm) and .npy (float32), and its colour image to out/images/NAME.jpg.
+    With `save_confidence`, each tracked frame's confidence map (`SlamSystem` on_track: the weight
+    the pose solve gave each keyframe pixel, 0-1 -> 0-255; above 1, where the learned update
+    up-weights, saturates) to out/confidence/NAME.png, on the tracking grid.
 
     Shapes: frames: (H0, W0, 3) uint8 RGB each; intrinsics (4,) at (H0, W0), or None (uncalibrated).
     `count` is the progress bar's total (None: unknown, e.g. a video's frames are not counted).
@@ -115,9 +130,14 @@ def track_frames(frames: Iterable[np.ndarray], count: int | None, cfg: RunConfig
     calibrated = intrinsics is not None
     t0 = time.perf_counter()
 
-    depth_dir = image_dir = None
+    depth_dir = image_dir = conf_dir = None
     if out is not None:
         depth_dir, image_dir = ensure_dir(out / "depth"), ensure_dir(out / "images")
+        conf_dir = ensure_dir(out / "confidence") if save_confidence else None
+
+    def tracked(f: int, confidence: np.ndarray) -> None:
+        name = keyframe_name(names[f] if names else f)
+        write_image_png(conf_dir / f"{name}.png", np.round(np.clip(confidence, 0.0, 1.0) * 255).astype(np.uint8))
 
     def keyframe_done(f: int, depth: np.ndarray, pose_cw: torch.Tensor, image: np.ndarray) -> None:
         name = keyframe_name(names[f] if names else f)
@@ -139,7 +159,7 @@ def track_frames(frames: Iterable[np.ndarray], count: int | None, cfg: RunConfig
                     intrinsics = np.array([f0, f0, (w0 - 1) / 2, (h0 - 1) / 2])
                 intr = resize_intrinsics(torch.as_tensor(intrinsics, dtype=torch.float64), (h0, w0), (H, W))
                 system = SlamSystem(model, cfg, intr, size, calibrated=calibrated, on_keyframe=keyframe_done,
-                                    device=device)
+                                    device=device, on_track=tracked if conf_dir is not None else None)
                 if not calibrated:
                     system.warn(f"no camera intrinsics: running uncalibrated from fx = fy = {UNCALIBRATED_FOCAL} x "
                                 "width, optimising the focal length (give --intrinsics for better results)")
@@ -270,7 +290,8 @@ def run_slam(source: str | Path, out_dir: str | Path, cfg: RunConfig, opts: RunO
         intr = None if opts.uncalibrated else seq.intrinsics
         frames = (rgb for _, rgb in iter_frames(seq, indices))
         result, facts = track_frames(frames, total, cfg, size, intr, stage, names=indices,
-                                     progress=opts.progress, device=opts.device)
+                                     progress=opts.progress, device=opts.device,
+                                     save_confidence=opts.save_confidence)
         n = facts["frames"]
         timestamps = seq.frame_timestamps(indices[:n])
         # input_frames: None when a video was not streamed to its end (--max-frames) and so not counted

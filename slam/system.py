@@ -131,12 +131,16 @@ class SlamSystem:
             image (H, W, 3) uint8) when a keyframe's depth is final (it left the window, or at
             `finish`); in concurrent mode from the mapper thread.
         device: where the map's and the networks' tensors live (default: the model's).
+        on_track: called as on_track(frame_index, confidence (h, w) float32 ndarray) after each
+            frame is tracked densely against its keyframe: the final weight of each keyframe pixel's
+            flow target on the tracking grid (`TrackResult.confidence`); in the caller's thread.
     """
 
     def __init__(self, model: V2D, cfg: RunConfig, intrinsics: torch.Tensor, size: tuple[int, int],
                  calibrated: bool = True,
                  on_keyframe: Callable[[int, np.ndarray, torch.Tensor, np.ndarray], None] | None = None,
-                 device: torch.device | str | None = None) -> None:
+                 device: torch.device | str | None = None,
+                 on_track: Callable[[int, np.ndarray], None] | None = None) -> None:
         self.device = torch.device(device) if device is not None else next(model.parameters()).device
         intr = torch.as_tensor(intrinsics, dtype=torch.float64, device=self.device)
         if intr.shape != (4,) or not bool(torch.isfinite(intr).all()) or bool((intr[:2] <= 0).any()):
@@ -146,6 +150,7 @@ class SlamSystem:
         self.cfg, self.sc = cfg, cfg.slam
         self.size = size
         self.warnings: list[str] = []
+        self.on_track = on_track
         self._warn_lock = threading.Lock()
         self.map = Map(intr, self.device)
         self.flows = FlowCache(cfg.motion.dis, self.device, self.sc.flow_cache_mb * 2**20)
@@ -255,8 +260,7 @@ class SlamSystem:
                                       quality=TrackQuality(confidence=1.0, overlap=1.0),
                                       textureless=texture(frames[0]) < self.sc.min_texture), frames[0])
         kid = self.map.add_keyframe(Keyframe(frame=0, pose_cw=ident, image=frames[0], depth=depth, prior=depth,
-                                             valid=torch.ones_like(depth, dtype=torch.bool),
-                                             motion_feats=self.tracker.keyframe_features(frames[0])), 0)
+                                             valid=torch.ones_like(depth, dtype=torch.bool)), 0)
         self.index.add(kid, frames[0])
         self._start_worker()
         self._init_poses = poses
@@ -283,6 +287,8 @@ class SlamSystem:
             guess = se3_mul(se3_mul(prev, se3_inv(before)), prev)
             rel_init = normalized_pose(se3_mul(guess, se3_inv(ref.pose_cw)))
         track = self.tracker.track(f, image, ref, rel_init, self.map.intrinsics)
+        if self.on_track is not None and track.confidence is not None:
+            self.on_track(f, track.confidence.cpu().numpy())
         reloc = None
         if track.lost:
             track, reloc = self._recover(f, image, ref, track)
@@ -358,7 +364,7 @@ class SlamSystem:
                                           reg.reprojection_px), reg.kid
 
     def _keyframe(self, f: int, image: np.ndarray, source: int | None = None) -> None:
-        kid = self.mapper.new_keyframe(f, image, self.tracker.keyframe_features(image), source)
+        kid = self.mapper.new_keyframe(f, image, source)
         feats = self.index.add(kid, image)
         self.tracker.new_reference()
         self.worker.submit(KeyframeJob(kid, self.map.images(), refine_previous=self.sc.depth_timing == "both"))
@@ -394,7 +400,7 @@ class SlamSystem:
     def _restart(self, f: int, image: np.ndarray) -> None:
         """Re-initialise at frame f after `relocalise_after` lost frames (the mapper finishes first)."""
         self.worker.wait()
-        kid = self.mapper.restart(f, image, self.tracker.keyframe_features(image))
+        kid = self.mapper.restart(f, image)
         self.index.add(kid, image)
         self.restarts += 1
         self.lost_count -= 1  # the frame has a pose again: the new segment's origin

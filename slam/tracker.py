@@ -3,9 +3,11 @@
     tracker = Tracker(model, cfg, flows, (H, W))
     result = tracker.track(f, image, map.reference(), rel_init, map.intrinsics)
 
-A frame is aligned to the keyframe by the motion module (keyframe depth fixed, keyframe mode): with
-DIS flow the targets come from `slam.flowcache.FlowCache` and a second pass re-weights every target
-by its residual (Cauchy), because DIS has no learned confidence. The flow the keyframe's depth
+A frame is aligned to the keyframe (keyframe depth fixed) by `v2d.refiner.motion_updates` on every
+`slam.track_stride`-th pixel: DIS flow targets (`slam.flowcache.FlowCache`) with their
+forward-backward weights, a Gauss-Newton solve, then `motion.refiner.updates` times a re-weighting
+of every target by its residual (Cauchy) and, with `motion.flow_source: learned`, the learned
+update's residual flow and confidence, each followed by Gauss-Newton again. The flow the keyframe's depth
 induces, the mean confidence, the visible fraction of the keyframe (overlap) and the
 confidence-weighted residual describe the result (`TrackQuality`). A result below the lost
 thresholds is tracked again from the keyframe's pose; if that fails too the frame is lost.
@@ -21,15 +23,15 @@ from dataclasses import dataclass
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 
 from slam.config import RunConfig
 from slam.flowcache import FlowCache
 from slam.map import KeyframeView, TrackQuality, normalized_pose
-from slam.measurements import images_to_tensor, induced_motion, motion_features, robust_weights, subsample
-from v2d.geometry.camera import pixel_grid, reproject, scale_intrinsics, valid_reprojection
+from slam.measurements import images_to_tensor, induced_motion
+from v2d.geometry.camera import pixel_grid, reproject, valid_reprojection
 from v2d.geometry.lie import se3_identity
 from v2d.model import V2D
+from v2d.refiner import Encoded, motion_updates, subsample
 
 __all__ = ["Tracker", "TrackResult"]
 
@@ -38,14 +40,17 @@ __all__ = ["Tracker", "TrackResult"]
 class TrackResult:
     """A frame aligned to a keyframe.
 
-    Shapes: rel_cw (7,) float64 = T_frame T_keyframe^-1; coords (H, W, 2): the keyframe pixels'
-    coordinates in the frame (network-size pixels), None for a sparse (feature) registration.
+    Shapes: rel_cw (7,) float64 = T_frame T_keyframe^-1; coords (h, w, 2): the keyframe pixels'
+    coordinates in the frame (network-size pixels) on the tracking grid (every `slam.track_stride`-th
+    pixel), None for a sparse (feature) registration; confidence (h, w) float32: the final weight of
+    each keyframe pixel's flow target (forward-backward x robust x learned), None when sparse.
     """
 
     rel_cw: torch.Tensor
     quality: TrackQuality
     coords: torch.Tensor | None
     lost: bool
+    confidence: torch.Tensor | None = None
 
 
 class Tracker:
@@ -54,7 +59,7 @@ class Tracker:
     Args:
         model: the V2D model (its motion module is used; eval mode).
         cfg: the configuration (`slam`, `gn`, `motion` sections).
-        flows: the DIS flow cache shared with the mapper (flow source "dis").
+        flows: the DIS flow cache shared with the mapper.
         size: (H, W) of the frames.
         device: where tensors are created.
     """
@@ -69,16 +74,11 @@ class Tracker:
         self._grid = pixel_grid(self.H, self.W, dtype=torch.float32, device=device)
         self._prev_coords: torch.Tensor | None = None
         # the keyframe fixed, the focal length fixed (two frames do not determine it well)
-        self.gn = cfg.gn.options(fixed_poses=1, optimize_focal=False)
-        self.outer = cfg.motion.iterations
-        if self.source == "dis":  # targets do not change between outer iterations: one call, all steps
-            self.gn = dataclasses.replace(self.gn, iterations=cfg.gn.iterations * cfg.motion.iterations)
-            self.outer = 1
-
-    def keyframe_features(self, image: np.ndarray) -> torch.Tensor | None:
-        """What tracking against `image` as a keyframe needs besides its depth: the learned flow's
-        features (None with DIS flow). Shapes: (H, W, 3) uint8 -> (F, H/4, W/4) or None."""
-        return motion_features(self.model, image, self.device) if self.source == "learned" else None
+        # the motion module's outer iterations as one call (DIS targets do not change between them)
+        self.gn = dataclasses.replace(cfg.gn.options(fixed_poses=1, optimize_focal=False),
+                                      iterations=cfg.gn.iterations * cfg.motion.iterations)
+        self.updates = cfg.motion.refiner.updates
+        self._encodings: dict[int, Encoded] = {}  # the learned update's view of recent frames (LRU)
 
     def track(self, f: int, image: np.ndarray, ref: KeyframeView, rel_init: torch.Tensor,
               intrinsics: torch.Tensor, retry: bool = True) -> TrackResult:
@@ -87,15 +87,14 @@ class Tracker:
 
         Shapes: image (H, W, 3) uint8; rel_init (7,) float64; intrinsics (4,) -> TrackResult.
         """
-        rel, q, coords = self._align(f, image, ref, rel_init, intrinsics)
+        rel, q, coords, conf = self._align(f, image, ref, rel_init, intrinsics)
         lost = self.is_lost(q)
         if lost and retry:  # re-initialise against the keyframe: start from its pose
-            rel2, q2, coords2 = self._align(f, image, ref, se3_identity(dtype=torch.float64, device=self.device),
-                                            intrinsics)
-            if not self.is_lost(q2) or q2.residual < q.residual:
-                rel, q, coords = rel2, q2, coords2
+            second = self._align(f, image, ref, se3_identity(dtype=torch.float64, device=self.device), intrinsics)
+            if not self.is_lost(second[1]) or second[1].residual < q.residual:
+                rel, q, coords, conf = second
             lost = self.is_lost(q)
-        return TrackResult(rel, q, coords, lost)
+        return TrackResult(rel, q, coords, lost, conf)
 
     def predict(self, ref: KeyframeView, rel: torch.Tensor, intrinsics: torch.Tensor) -> tuple[float, float]:
         """The mean flow (px) and the overlap keyframe `ref` would have with a frame at rel = T_frame
@@ -134,46 +133,37 @@ class Tracker:
 
     @torch.no_grad()
     def _align(self, f: int, image: np.ndarray, ref: KeyframeView, rel_init: torch.Tensor, intrinsics: torch.Tensor
-               ) -> tuple[torch.Tensor, TrackQuality, torch.Tensor]:
+               ) -> tuple[torch.Tensor, TrackQuality, torch.Tensor, torch.Tensor]:
         dev = self.device
-        intr = intrinsics.float()[None]
-        images = images_to_tensor([ref.image, image], dev)[None]
-        poses = torch.stack([se3_identity(dtype=torch.float64, device=dev), rel_init]).float()[None]
-        inv = (1.0 / ref.depth.clamp_min(1e-3))[None, None]
+        s = self.sc.track_stride
+        t, w = self.flows.targets(ref.frame, f, ref.image, image)
+        inv = 1.0 / ref.depth.clamp_min(1e-3)
+        t, w, inv, intr = subsample(t[None], (w * ref.valid[..., None])[None], inv[None], intrinsics.float(), s)
+        poses = torch.stack([se3_identity(dtype=torch.float64, device=dev), rel_init]).float()
         ii, jj = torch.tensor([0], device=dev), torch.tensor([1], device=dev)
-        dis = feats = None
-        stride = 1
-        if self.source == "dis":
-            stride = self.sc.track_stride
-            t, w = self.flows.targets(ref.frame, f, ref.image, image)
-            t, w, inv, intr = subsample(t[None, None], (w * ref.valid[..., None])[None, None], inv, intr, stride)
-            # two passes: the second re-weights each target by its residual after the first (Cauchy)
-            steps = self.motion(images, None, poses, inv, intr, ii, jj, dis=(t, w), gn=self.gn, iterations=1)
-            w = robust_weights(t[0], w[0], inv[0], steps[-1].poses_cw[0], ii, jj, intr[0],
-                               self.sc.robust_scale * self.px / stride, self.cfg.gn.min_depth)[None]
-            poses = steps[-1].poses_cw
-            dis = (t, w)
-        else:
-            feats = torch.stack([ref.motion_feats, motion_features(self.model, image, dev)])[None]
-        steps = self.motion(images, feats, poses, inv, intr, ii, jj, dis=dis, gn=self.gn, iterations=self.outer)
-        rel = normalized_pose(steps[-1].poses_cw[0, 1])
-        if stride > 1:  # the strided problem is its own image grid
-            quality, coords = self._quality(steps[-1].targets[0, 0], steps[-1].weights[0, 0], inv[0, 0], rel,
-                                            intr[0], stride)
-        else:
-            quality, coords = self._quality_at(steps[-1].targets[0, 0], steps[-1].weights[0, 0], ref.depth, rel,
-                                               intrinsics)
-        return rel, quality, coords
+        refine = None
+        if self.source == "learned":
+            src, dst = self._encoded(ref.frame, ref.image), self._encoded(f, image)
 
-    def _quality_at(self, targets: torch.Tensor, weights: torch.Tensor, depth: torch.Tensor, rel: torch.Tensor,
-                    intrinsics: torch.Tensor) -> tuple[TrackQuality, torch.Tensor]:
-        """Quality of an alignment whose targets/weights (h, w, 2) come at the learned flow's
-        resolution (a resized image: depth and intrinsics are resized to it)."""
-        h, w = targets.shape[:2]
-        intr = scale_intrinsics(intrinsics.float(), w / self.W, h / self.H)
-        d = depth if (h, w) == (self.H, self.W) else F.interpolate(depth[None, None], size=(h, w),
-                                                                   mode="bilinear", align_corners=False)[0, 0]
-        return self._quality(targets, weights, 1.0 / d.clamp_min(1e-3), rel, intr, self.W / w)
+            def refine(t_, w_, c_, v_):
+                return self.motion.refiner(src, dst, t_, w_, c_, v_, s)
+
+        steps = motion_updates(poses, inv, intr, t, w, ii, jj, self.gn, self.sc.robust_scale * self.px / s,
+                               self.updates, refine)
+        rel = normalized_pose(steps[-1].poses[1])
+        quality, coords = self._quality(steps[-1].targets[0], steps[-1].weights[0], inv[0], rel, intr, s)
+        return rel, quality, coords, steps[-1].weights[0, ..., 0]
+
+    def _encoded(self, f: int, image: np.ndarray) -> Encoded:
+        """The learned update's encoding of frame f; the three used last are kept (the keyframe serves
+        many frames, a retry or a relocalisation aligns the same frame again)."""
+        enc = self._encodings.pop(f, None)
+        if enc is None:
+            enc = self.motion.refiner.encode(images_to_tensor([image], self.device))
+        self._encodings[f] = enc  # the most recently used last
+        while len(self._encodings) > 3:
+            del self._encodings[next(iter(self._encodings))]
+        return enc
 
     def _quality(self, targets: torch.Tensor, weights: torch.Tensor, inv: torch.Tensor, rel: torch.Tensor,
                  intr: torch.Tensor, ratio: float) -> tuple[TrackQuality, torch.Tensor]:

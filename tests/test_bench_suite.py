@@ -74,6 +74,29 @@ def test_summary_counts_wins_losses_and_segments():
     assert "error: boom" in table and table.count("\n") == len(rows) + 2
 
 
+def test_a_late_range_starts_at_its_first_frame(data, tmp_path):
+    root, wc = data
+    prep = suite._real("seq", stride=3, first=2)(root, tmp_path)
+    assert len(prep.gt_wc) == 3 and np.allclose(prep.gt_wc[:, :3], wc[[2, 5, 8], :3], atol=1e-6)
+
+
+def test_held_out_sequences_share_no_frame_with_the_training_range():
+    """v2d train-motion trains on 7-Scenes 0-249 and synthetic scenes 1000+: the held-out set is the
+    late 7-Scenes range, the other real sequences and the suite's synthetic scene 0."""
+    held = {s.name for s in suite.SEQUENCES if s.held_out}
+    assert {"7s-late-s1", "7s-late-s8", "scannet", "tum-cabinet", "syn-fast"} <= held
+    assert not held & {"7s-s1", "7s-s2", "7s-s8", "7s-s2-rev"}
+
+
+def test_compare_counts_better_sequences_and_the_median_ratio():
+    rows = [_row(n, "real", a, None, lost=1) for n, a in (("a", 2.0), ("b", 4.0), ("c", 6.0))]
+    for r, b in zip(rows, (1.0, 5.0, 3.0), strict=True):
+        r["v2d"]["after"] = {"ate_cm": b, "lost": 0}
+    c = suite.compare(rows, "this", "after")
+    assert c["better"] == "2/3" and c["median_ate_before"] == 4.0 and c["median_ate_after"] == 3.0
+    assert c["ratio"] == pytest.approx(0.75) and c["lost_before"] == 3 and c["lost_after"] == 0
+
+
 def test_rotation_error_is_relative_to_the_first_frame():
     gt = Rotation.from_rotvec(np.outer(np.linspace(0, 0.5, 5), [0, 1, 0]))
     world = Rotation.from_rotvec([0.3, -0.2, 1.0])  # another world frame: no error

@@ -32,6 +32,9 @@ def add_parser(sub: argparse._SubParsersAction, parents: list[argparse.ArgumentP
     p.add_argument("--no-global-ba", action="store_true",
                    help="skip the global bundle adjustment of every keyframe at the end of the run "
                    "(same as --set slam.global_ba=false)")
+    p.add_argument("--save-confidence", action="store_true",
+                   help="write each frame's tracking confidence (the weight of each keyframe pixel's flow target, "
+                   "what the motion module down-weights) to OUT/confidence/NAME.png")
     p.add_argument("--device", default="cpu", metavar="DEVICE",
                    help="where the networks and the map run: cpu (default), cuda or cuda:N")
     p.set_defaults(handler=run)
@@ -52,6 +55,7 @@ def run(args: argparse.Namespace, cfg: RunConfig) -> int:
         size=parse_size(args.resize) if args.resize else None,
         intrinsics=parse_intrinsics(args.intrinsics) if args.intrinsics else None,
         uncalibrated=args.uncalibrated, progress=not args.quiet, device=device,
+        save_confidence=args.save_confidence,
     )
     summary = run_slam(args.input, args.out, cfg, opts)
     brief = {k: summary[k] for k in ("frames", "keyframes", "lost_frames", "restarts", "points", "fps")}

@@ -36,6 +36,7 @@ from v2d.model import ModelConfig
 from v2d.motion import GNConfig, MotionConfig
 from v2d.ranges import IMAGE_SIZE, Ranges
 from v2d.train import TrainConfig
+from v2d.train_motion import MotionTrainConfig
 
 __all__ = ["V2DConfig", "DataConfig", "load_config", "merge", "to_dict", "validate"]
 
@@ -66,6 +67,7 @@ class V2DConfig:
     clips: ClipConfig = field(default_factory=ClipConfig)
     loss: LossConfig = field(default_factory=LossConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
+    motion_train: MotionTrainConfig = field(default_factory=MotionTrainConfig)
 
 
 Root = TypeVar("Root", bound=V2DConfig)

@@ -182,7 +182,6 @@ class V2D(nn.Module):
         x = normalize_images(frames)
         flat = x.flatten(0, 1)
         dfeat = self.depth.features(flat).unflatten(0, (B, N))
-        mfeat = self.motion.features(flat).unflatten(0, (B, N)) if self.cfg_motion.flow_source == "learned" else None
         poses = self.motion.init_poses(x, None if poses_cw is None else poses_cw.to(x.dtype))
 
         out = V2DOutput()
@@ -197,11 +196,11 @@ class V2D(nn.Module):
                                for k in range(K)], dim=1)
         out.init_depths = cur
 
-        dis = self.motion.dis_targets(frames, ii, jj) if self.cfg_motion.flow_source == "dis" else None
+        dis = self.motion.dis_targets(frames, ii, jj)  # both flow sources start from DIS
         gn = self.cfg_gn.options(fixed_poses=1, optimize_focal=optimize_focal)
         for _ in range(iters):
             inv = (1.0 / cur.clamp_min(1e-3))[:, ii if global_mode else torch.zeros_like(ii)]
-            steps = self.motion(frames, mfeat, poses, inv, intr, ii, jj, dis, gn=gn)
+            steps = self.motion(frames, poses, inv, intr, ii, jj, dis, gn=gn)
             poses, intr = steps[-1].poses_cw, steps[-1].intrinsics
             depths = self._depth_all(dfeat, poses, intr, (H, W), K)
             cur = depths[-1]

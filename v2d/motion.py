@@ -1,16 +1,15 @@
 """DeepV2D's motion module (Flow-SE3): flow targets and confidences -> Gauss-Newton pose updates.
 
-For every edge i -> j (source frame i has a depth map), an outer iteration
+For every edge i -> j (source frame i has a depth map) the targets are OpenCV DIS optical flow i -> j
+with a forward-backward confidence (`v2d.flow.dis_targets`, at full resolution), and then
 
-1. reprojects frame i's pixels into frame j with the current depth and poses,
-2. gets target coordinates and per-coordinate confidences, either
-   - "learned": frame j's features are warped into frame i, and a U-Net on [features_i, warped_j]
-     predicts a residual flow (added to the reprojected coordinates) and confidence logits
-     (sigmoid, times the validity mask), at 1/4 resolution; or
-   - "dis": OpenCV DIS optical flow i -> j with a forward-backward confidence, at full resolution
-     (no weights needed; the baseline the learned flow must beat);
-3. runs the differentiable Gauss-Newton layer (`v2d.geometry.gauss_newton`) for `gn.iterations`
-   steps.
+- "dis": the Gauss-Newton layer (`v2d.geometry.gauss_newton`) runs `gn.iterations` steps per outer
+  iteration on those targets (no weights needed; the baseline the learned update must beat);
+- "learned": the first outer iteration as "dis", then each further one lets the learned update
+  (`v2d.refiner.FlowRefiner`: residual flow and log-weight change from a correlation volume around
+  each target, the photometric error and the residual) change the targets and runs the
+  Gauss-Newton steps again (`v2d.refiner.motion_updates`); untrained, that is the "dis" mode
+  exactly. (The SLAM tracker and mapper also re-weight by the residuals, Cauchy, in both modes.)
 
 Modes: "keyframe" (edges 0 -> j) and "global" (edges between all frames with a depth map). Which
 poses are held fixed and whether the focal length is optimised too (uncalibrated video) are
@@ -28,16 +27,14 @@ from typing import ClassVar, Literal
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from v2d.flow import DISOptions, dis_targets
-from v2d.geometry.camera import reproject, scale_intrinsics, valid_reprojection
 from v2d.geometry.gauss_newton import GNOptions, gauss_newton
 from v2d.geometry.lie import se3_exp, se3_mul
-from v2d.nets.encoder import Stem
-from v2d.nets.unet import FlowUNet, PoseRegressor
+from v2d.nets.pose import PoseRegressor
 from v2d.ranges import NON_NEGATIVE, POSITIVE, Ranges, at_least
+from v2d.refiner import FlowRefiner, RefinerConfig, motion_updates
 
 __all__ = ["GNConfig", "MotionConfig", "MotionModule", "MotionStep", "edges"]
 
@@ -85,41 +82,28 @@ class GNConfig:
 
 @dataclass(frozen=True)
 class MotionConfig:
-    """Settings of the motion module (the `motion` section). Defaults are the `small` preset.
+    """Settings of the motion module (the `motion` section).
 
     Attributes:
-        stem_channels, stem_out: widths of the encoder's two stages (the paper: 32, 64).
-        feature_channels: feature width at 1/4 resolution (the paper: 64).
-        unet_channels: width of the U-Net's first level (doubling per level).
-        unet_levels: U-Net scales.
         iterations: outer iterations (flow + GN) per motion update (the paper: 3).
         mode: "keyframe" (edges 0 -> j) or "global" (all ordered pairs of frames with depth).
-        flow_source: "learned" (the U-Net) or "dis" (OpenCV DIS flow; needs no weights).
+        flow_source: "dis" (OpenCV DIS flow and Cauchy weights) or "learned" (DIS, then the learned
+            update `v2d.refiner`; its weights are part of the model's).
         pose_init: "identity", "given" (the caller's poses) or "regress" (a small pose network).
-        dis: DIS settings for flow_source = "dis".
-        norm: normalisation layers.
+        dis: DIS settings (the flow every source starts from).
+        refiner: the learned update on top of DIS (`v2d.refiner`).
+        norm: normalisation layers of the pose network.
     """
 
-    stem_channels: int = 16
-    stem_out: int = 32
-    feature_channels: int = 32
-    unet_channels: int = 16
-    unet_levels: int = 3
     iterations: int = 3
     mode: Literal["keyframe", "global"] = "keyframe"
     flow_source: Literal["learned", "dis"] = "dis"
     pose_init: Literal["identity", "given", "regress"] = "given"
     dis: DISOptions = field(default_factory=DISOptions)
+    refiner: RefinerConfig = field(default_factory=RefinerConfig)
     norm: Literal["group", "batch", "none"] = "group"
 
-    RANGES: ClassVar[Ranges] = {
-        "stem_channels": at_least(1),
-        "stem_out": at_least(1),
-        "feature_channels": at_least(1),
-        "unet_channels": at_least(1),
-        "unet_levels": at_least(1),
-        "iterations": at_least(1),
-    }
+    RANGES: ClassVar[Ranges] = {"iterations": at_least(1)}
 
 
 @dataclass
@@ -156,7 +140,7 @@ def _to_uint8(images: torch.Tensor) -> np.ndarray:
 
 
 class MotionModule(nn.Module):
-    """Pose updates for N frames from their images, features and the source frames' depth.
+    """Pose updates for N frames from their images and the source frames' depth.
 
     `gn` is the `gn` config section: the Gauss-Newton options of a call that gives none.
     """
@@ -164,14 +148,8 @@ class MotionModule(nn.Module):
     def __init__(self, cfg: MotionConfig, gn: GNConfig | None = None) -> None:
         super().__init__()
         self.cfg, self.gn = cfg, gn or GNConfig()
-        self.stem = Stem(cfg.stem_channels, cfg.stem_out, norm=cfg.norm)
-        self.proj = nn.Conv2d(cfg.stem_out, cfg.feature_channels, 1)
-        self.unet = FlowUNet(2 * cfg.feature_channels, cfg.unet_channels, cfg.unet_levels, cfg.norm)
+        self.refiner = FlowRefiner(cfg.refiner)
         self.pose_net = PoseRegressor(norm=cfg.norm) if cfg.pose_init == "regress" else None
-
-    def features(self, images: torch.Tensor) -> torch.Tensor:
-        """Shapes: images (B, 3, H, W) normalised -> (B, F, H/4, W/4)."""
-        return self.proj(self.stem(images))
 
     def init_poses(self, images_n: torch.Tensor, poses_cw: torch.Tensor | None) -> torch.Tensor:
         """Initial poses by `cfg.pose_init` (frame 0 is the identity unless poses are given).
@@ -189,66 +167,59 @@ class MotionModule(nn.Module):
             return torch.cat([identity[:, :1], se3_mul(se3_exp(xi), identity[:, 1:])], dim=1)
         return identity
 
-    def _learned_targets(self, feats: torch.Tensor, poses_cw: torch.Tensor, inv_depth: torch.Tensor,
-                         intr_s: torch.Tensor, ii: torch.Tensor, jj: torch.Tensor, min_depth: float
-                         ) -> tuple[torch.Tensor, torch.Tensor]:
-        B, N, Fc, h, w = feats.shape
-        E = ii.shape[0]
-        coords, depth_j = reproject(inv_depth, poses_cw[:, ii], poses_cw[:, jj], intr_s[:, None])
-        coords = coords.detach()
-        valid = valid_reprojection(inv_depth, coords, depth_j, min_depth).detach()
-        scale = coords.new_tensor([2.0 / max(w - 1, 1), 2.0 / max(h - 1, 1)])
-        grid = (coords * scale - 1).nan_to_num(-2.0).flatten(0, 1)  # (B*E, h, w, 2); NaN -> outside
-        warped = F.grid_sample(feats[:, jj].flatten(0, 1), grid, mode="bilinear", padding_mode="zeros",
-                               align_corners=True)
-        out = self.unet(torch.cat([feats[:, ii].flatten(0, 1), warped], dim=1)).view(B, E, 4, h, w)
-        flow = out[:, :, :2].permute(0, 1, 3, 4, 2)
-        conf = torch.sigmoid(out[:, :, 2:]).permute(0, 1, 3, 4, 2) * valid[..., None].to(out.dtype)
-        targets = torch.where(valid[..., None], coords, torch.zeros_like(coords)) + flow
-        return targets, conf
-
-    def forward(self, images: torch.Tensor, feats: torch.Tensor | None, poses_cw: torch.Tensor,
-                inv_depth: torch.Tensor, intrinsics: torch.Tensor, ii: torch.Tensor, jj: torch.Tensor,
+    def forward(self, images: torch.Tensor, poses_cw: torch.Tensor, inv_depth: torch.Tensor,
+                intrinsics: torch.Tensor, ii: torch.Tensor, jj: torch.Tensor,
                 dis: tuple[torch.Tensor, torch.Tensor] | None = None, flow_source: str | None = None,
                 gn: GNOptions | None = None, iterations: int | None = None) -> list[MotionStep]:
         """`cfg.iterations` outer iterations of flow + Gauss-Newton.
 
-        Shapes: images (B, N, 3, H, W) in [0, 1] (used by "dis"); feats (B, N, F, H/4, W/4) (used
-        by "learned"); poses_cw (B, N, 7) initial poses; inv_depth (B, E, H, W) of the source frame
-        of each edge; intrinsics (B, 4); ii, jj (E,); dis: `dis_targets(images, ii, jj)` when
-        already computed (DIS flow does not depend on poses or depth, so callers reuse it);
-        flow_source overrides `cfg.flow_source` (training the flow network needs "learned"); gn:
-        this call's Gauss-Newton options, fixed poses and focal length included (default
+        Shapes: images (B, N, 3, H, W) in [0, 1]; poses_cw (B, N, 7) initial poses; inv_depth (B, E,
+        H, W) of the source frame of each edge; intrinsics (B, 4); ii, jj (E,); dis:
+        `dis_targets(images, ii, jj)` when already computed (DIS flow does not depend on poses or
+        depth, so callers reuse it); flow_source overrides `cfg.flow_source`; gn: this call's
+        Gauss-Newton options, fixed poses and focal length included (default
         `self.gn.options(fixed_poses=1, optimize_focal=False)`: frame 0 fixed, the focal length
-        too; the SLAM front end optimises its window with several fixed poses); `gn.min_depth` is
-        also the reprojection validity threshold of the learned flow; iterations overrides
-        `cfg.iterations` (with "dis" flow the targets do not change between outer iterations).
-        Returns one MotionStep per outer iteration.
+        too; the SLAM front end optimises its window with several fixed poses); iterations
+        overrides `cfg.iterations`. Returns one MotionStep per outer iteration.
         """
         source = flow_source or self.cfg.flow_source
         B, N, _, H, W = images.shape
         opts = self.gn.options(fixed_poses=1, optimize_focal=False) if gn is None else gn
-        steps: list[MotionStep] = []
-        if source == "dis" and dis is None:
+        outer = self.cfg.iterations if iterations is None else iterations
+        if dis is None:
             dis = self.dis_targets(images, ii, jj)
-        for it in range(self.cfg.iterations if iterations is None else iterations):
+        targets, weights = (t.to(inv_depth.dtype) for t in dis)
+        if source == "learned":
+            return self._learned(images, poses_cw, inv_depth, intrinsics, targets, weights, ii, jj, opts, outer)
+        steps: list[MotionStep] = []
+        for it in range(outer):
             if it > 0:
                 poses_cw = poses_cw.detach()
-            if source == "dis":
-                targets, weights = (t.to(inv_depth.dtype) for t in dis)
-                d, intr_gn = inv_depth, intrinsics
-            else:
-                h, w = feats.shape[-2:]
-                intr_gn = scale_intrinsics(intrinsics, w / W, h / H)
-                d = F.interpolate(inv_depth, size=(h, w), mode="bilinear", align_corners=False)
-                targets, weights = self._learned_targets(feats, poses_cw, d, intr_gn, ii, jj, opts.min_depth)
-            poses_cw, intr_out = gauss_newton(poses_cw, d.contiguous(), intr_gn, targets.contiguous(),
+            poses_cw, intr_out = gauss_newton(poses_cw, inv_depth.contiguous(), intrinsics, targets.contiguous(),
                                               weights.contiguous(), ii, jj, opts)
             if opts.optimize_focal:
-                ratio = intr_out[:, :1] / intr_gn[:, :1]
+                ratio = intr_out[:, :1] / intrinsics[:, :1]
                 intrinsics = torch.cat([intrinsics[:, :2] * ratio, intrinsics[:, 2:]], dim=1)
             steps.append(MotionStep(targets, weights, poses_cw, intrinsics))
         return steps
+
+    def _learned(self, images: torch.Tensor, poses_cw: torch.Tensor, inv_depth: torch.Tensor,
+                 intrinsics: torch.Tensor, targets: torch.Tensor, weights: torch.Tensor, ii: torch.Tensor,
+                 jj: torch.Tensor, opts: GNOptions, outer: int) -> list[MotionStep]:
+        per_batch = []
+        for b in range(images.shape[0]):
+            enc = self.refiner.encode(images[b])
+
+            def refine(t, w, c, v, enc=enc):
+                return self.refiner(enc[ii], enc[jj], t, w, c, v, 1)
+
+            per_batch.append(motion_updates(poses_cw[b], inv_depth[b], intrinsics[b], targets[b], weights[b], ii, jj,
+                                            opts, None, outer - 1, refine))
+        def stacked(k: int, name: str) -> torch.Tensor:
+            return torch.stack([getattr(s[k], name) for s in per_batch])
+
+        return [MotionStep(stacked(k, "targets"), stacked(k, "weights"), stacked(k, "poses"), stacked(k, "intrinsics"))
+                for k in range(outer)]
 
     def dis_targets(self, images: torch.Tensor, ii: torch.Tensor, jj: torch.Tensor
                     ) -> tuple[torch.Tensor, torch.Tensor]:

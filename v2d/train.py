@@ -1,8 +1,9 @@
 """End-to-end training of V2D (DeepV2D's schedule) with atomic, exactly resumable checkpoints.
 
 Schedule (step counts are config fields):
-1. `motion_steps`: motion module only, ground-truth depth as its input (motion loss; the learned
-   flow network, whatever `motion.flow_source` says);
+1. `motion_steps`: motion module only, ground-truth depth as its input (motion loss on the learned
+   update `v2d.refiner`, whatever `motion.flow_source` says; `v2d.train_motion` trains it
+   alone, with pose supervision, as the shipped weights were);
 2. `gt_pose_steps`: depth module only, ground-truth poses as its input (depth loss);
 3. up to `steps`: joint, the full alternation for `rounds` rounds with the configured flow source
    (depth loss, plus the motion loss when the flow is learned). With `dis`, the depth module learns
@@ -291,10 +292,9 @@ def _stage_loss(model: V2D, cfg, batch: dict[str, torch.Tensor], stage: str, rou
     focal = cfg.train.optimize_focal
     if stage == "motion":
         x = normalize_images(images)
-        feats = model.motion.features(x.flatten(0, 1)).unflatten(0, (B, N))
         init = model.motion.init_poses(x, _identity_like(gt_rel))
         inv = (1.0 / depths[:, :1].clamp_min(1e-3)).expand(B, len(ii), H, W)
-        steps = model.motion(images, feats, init, inv, intr, ii, jj, flow_source="learned",
+        steps = model.motion(images, init, inv, intr, ii, jj, flow_source="learned",
                              gn=cfg.gn.options(fixed_poses=1, optimize_focal=focal))
         return motion_loss(steps, gt_rel, depths[:, :1], intr, ii, jj, lc)
     if stage == "depth":

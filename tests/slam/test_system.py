@@ -169,10 +169,21 @@ def test_uncalibrated_refines_focal(seq, model):
     assert abs(res.intrinsics[0] - true_f) < abs(start[0] - true_f)
 
 
-def test_learned_flow_source_runs(seq, model):
+def test_learned_flow_source_starts_exactly_where_the_dis_mode_is(seq, model):
+    """An untrained learned update (its last layer zero, as training starts) gives the DIS mode's
+    trajectory bit for bit; the shipped, trained one gives a different, finite one."""
+    frames = np.asarray(seq.images)[:16]
+    _, dis = _run(model, _cfg(), frames, seq.intrinsics)
     cfg = _cfg("motion.flow_source=learned")
-    _, res = _run(load_model(cfg), cfg, np.asarray(seq.images)[:12], seq.intrinsics)
-    assert res.poses_cw.shape == (12, 7) and torch.isfinite(res.poses_cw).all()
+    trained = load_model(cfg)
+    untrained = load_model(cfg)
+    with torch.no_grad():
+        untrained.motion.refiner.head.weight.zero_()
+        untrained.motion.refiner.head.bias.zero_()
+    _, same = _run(untrained, cfg, frames, seq.intrinsics)
+    assert torch.equal(same.poses_cw, dis.poses_cw)
+    _, learned = _run(trained, cfg, frames, seq.intrinsics)
+    assert learned.poses_cw.shape == (16, 7) and torch.isfinite(learned.poses_cw).all()
 
 
 def test_bad_frames_and_too_few_frames(seq, model):
@@ -333,11 +344,11 @@ def test_bundle_adjustment_leaves_the_window_when_no_pair_passes_the_flow_gate(s
 
 @pytest.mark.parametrize("overrides, expected", [((), ["window", "depth", "ba"]),
                                                  (("slam.ba_iterations=0",), ["window", "depth"]),
-                                                 (("motion.flow_source=learned",), ["window", "depth"])])
+                                                 (("motion.flow_source=learned",), ["window", "depth", "ba"])])
 def test_bundle_adjustment_runs_once_per_keyframe_after_the_depth_module(seq, model, monkeypatch, overrides,
                                                                          expected):
-    """Each new keyframe: window optimisation, depth module, then the bundle adjustment (DIS flow
-    only: its targets are DIS flow); `slam.ba_iterations=0` turns it off."""
+    """Each new keyframe: window optimisation, depth module, then the bundle adjustment (with either
+    flow source: its targets are DIS flow); `slam.ba_iterations=0` turns it off."""
     calls: list[str] = []
     for cls, name, label in ((Mapper, "optimise_window", "window"), (KeyframeDepth, "compute", "depth"),
                              (Mapper, "bundle_adjust", "ba")):

@@ -77,6 +77,26 @@ def test_run_image_folder_writes_every_output(tmp_path, seq, capsys):
     _no_leftovers(tmp_path)
 
 
+@needs_weights
+def test_save_confidence_writes_one_map_per_tracked_frame(tmp_path, seq):
+    """`--save-confidence`: the learned motion module's weights per tracked frame, as PNG on the
+    tracking grid; low where the view is occluded, high where it matches. Without it: no folder."""
+    images = np.asarray(seq.images)[:12].copy()
+    images[7, :, : W // 2] = 0  # a black (occluded) left half: nothing there matches the keyframe
+    src = _folder(tmp_path / "imgs", images, seq.intrinsics.tolist())
+    out = tmp_path / "out"
+    assert main(["run", str(src), "--out", str(out), "--resize", f"{H}x{W}", "-q", "--save-confidence",
+                 "--set", "motion.flow_source=learned"]) == 0
+    maps = {p.stem: cv2.imread(str(p), cv2.IMREAD_UNCHANGED) for p in (out / "confidence").glob("*.png")}
+    assert len(maps) >= 8 and "000007" in maps  # every frame tracked densely (the initial ones by the model)
+    grid = (H // 2, W // 2)  # slam.track_stride 2
+    assert all(m.dtype == np.uint8 and m.shape == grid for m in maps.values())
+    occluded = maps["000007"].astype(float)
+    assert occluded[:, : W // 4 - 4].mean() < 0.3 * occluded[:, W // 4 + 4:].mean()
+    assert main(["run", str(src), "--out", str(tmp_path / "plain"), "--resize", f"{H}x{W}", "-q"]) == 0
+    assert not (tmp_path / "plain" / "confidence").exists()
+
+
 def _video(path: Path, images) -> Path:
     writer = cv2.VideoWriter(str(path), cv2.VideoWriter_fourcc(*"MJPG"), 30, (W, H))
     for im in images:

@@ -74,7 +74,10 @@ class MotionTrainConfig:
         gaps: frame gaps between source and target.
         stride: the Gauss-Newton grid (every n-th pixel; tracking's `slam.track_stride`).
         robust_scale: Cauchy scale (px at 320 wide; `slam.robust_scale`).
-        depth_noise: std of the smooth log-depth noise on the input depth (a depth network's error).
+        depth_noise: std of the smooth log-depth noise on the input depth. Kept small: the pose error
+            that depth error causes is one no flow can remove and drowns the signal (at 0.1, exact
+            flow still leaves 0.23 deg / 1.4 cm median on the synthetic validation pairs where DIS
+            leaves 0.29 deg / 1.8 cm; at 0, 0 where DIS leaves 0.08 deg / 0.41 cm).
         rot_noise_deg, trans_noise: std of the initial pose's error per axis (deg, scene units).
         identity_fraction: share of pairs started from the identity (tracking's retry).
         epe_floor: px added to the induced-flow error before its logarithm (the pose loss).
@@ -101,7 +104,7 @@ class MotionTrainConfig:
     gaps: tuple[int, ...] = (1, 2, 3, 4, 6, 8, 12)
     stride: int = 2
     robust_scale: float = 2.0
-    depth_noise: float = 0.1
+    depth_noise: float = 0.02
     rot_noise_deg: float = 1.0
     trans_noise: float = 0.02
     identity_fraction: float = 0.2

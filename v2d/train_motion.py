@@ -46,7 +46,7 @@ from v2d.data.pairs import SYNTHETIC_CASES, Pair, Pairs, PairSource
 from v2d.errors import InputError
 from v2d.flow import dis_flow, fb_targets
 from v2d.geometry.camera import reproject, valid_reprojection
-from v2d.geometry.lie import se3_exp, se3_identity, se3_inv, se3_log, se3_mul
+from v2d.geometry.lie import se3_exp, se3_identity, se3_inv, se3_mul, so3_log
 from v2d.io.writers import atomic_write, ensure_dir, write_text
 from v2d.ranges import NON_NEGATIVE, POSITIVE, Ranges, at_least
 from v2d.refiner import FlowRefiner, UpdateStep, motion_updates, subsample
@@ -188,10 +188,9 @@ def _smooth_noise(rng: np.random.Generator, h: int, w: int, std: float) -> np.nd
 
 def _geodesic(rel: torch.Tensor, gt: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Rotation (deg) and translation (cm) of rel gt^-1. Shapes: (7,), (7,) -> two scalars."""
-    xi = se3_log(se3_mul(rel.double(), se3_inv(gt.double())))
-    # the translation of the relative motion, not the twist's v: clear units for a loss
     d = se3_mul(rel.double(), se3_inv(gt.double()))
-    return xi[3:].norm() * (180.0 / math.pi), d[:3].norm() * 100.0
+    # the rotation angle, and the translation of the error motion (not the twist's v: clearer units)
+    return so3_log(d[3:]).norm() * (180.0 / math.pi), d[:3].norm() * 100.0
 
 
 def evaluate_pair(refiner: FlowRefiner | None, pair: Pair, cfg, tc: MotionTrainConfig, rng: np.random.Generator,

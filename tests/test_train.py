@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import csv
+import math
 import os
 import signal
 import subprocess
@@ -47,22 +48,32 @@ def test_depth_loss_by_hand():
     assert two.item() == pytest.approx(0.5 * 0.5)  # the second (exact on valid pixels) adds nothing
 
 
-def test_motion_loss_is_zero_at_the_ground_truth_and_grows_with_pose_error():
+def test_motion_loss_is_least_at_the_ground_truth_and_grows_with_pose_and_flow_error():
     clip = SyntheticClips(ClipConfig(frames=3, flip=False, jitter=0.0), 48, 64, seed=4)[0]
     poses = se3_mul(clip["poses_cw"], se3_inv(clip["poses_cw"][:1]))[None]
-    depth, intr = clip["depths"][None, :1], clip["intrinsics"][None]
+    depths, intr = clip["depths"][None], clip["intrinsics"][None]
     ii, jj = edges(3, "keyframe")
-    inv = (1 / depth).expand(1, 2, 48, 64)
-    coords, _ = reproject(inv, poses[:, ii], poses[:, jj], intr[:, None])
+    cfg = LossConfig()
+    # targets on a stride-2 grid, as tracking's Gauss-Newton runs
+    inv = (1 / depths[:, :1, ::2, ::2]).expand(1, 2, 24, 32)
+    intr_s = intr / 2  # v2d.refiner.subsample's grid
+    coords, _ = reproject(inv, poses[:, ii], poses[:, jj], intr_s[:, None])
     exact = MotionStep(coords, torch.ones_like(coords), poses, intr)
-    cfg = LossConfig(confidence=0.0)
-    zero, parts = motion_loss([exact], poses, depth, intr, ii, jj, cfg)
-    assert zero.item() < 1e-4 and parts["flow_epe"] < 1e-4
+    best, parts = motion_loss([exact], poses, depths, intr, ii, jj, cfg)
+    assert parts["flow_epe"] < 1e-4 and parts["flow_l1"] < 1e-4
+    assert best.item() == pytest.approx(math.log(cfg.epe_floor), abs=1e-3)
     moved = poses.clone()
     moved[:, 1:, 0] += 0.05
-    off = MotionStep(coords, torch.ones_like(coords), moved, intr)
-    loss, parts = motion_loss([off], poses, depth, intr, ii, jj, cfg)
-    assert loss.item() > 0.5 and parts["flow_epe"] > 0.5
+    off, parts = motion_loss([MotionStep(coords, torch.ones_like(coords), moved, intr)], poses, depths, intr, ii, jj,
+                             cfg)
+    assert parts["flow_epe"] > 0.5 and off.item() > best.item() + 2.0
+    wrong, parts = motion_loss([MotionStep(coords + 1.0, torch.ones_like(coords), poses, intr)], poses, depths, intr,
+                               ii, jj, cfg)
+    assert parts["flow_l1"] == pytest.approx(4.0, rel=1e-3)  # 1 grid px in x and y = 2 + 2 image px
+    assert wrong.item() == pytest.approx(best.item() + cfg.flow_weight * 4.0, rel=1e-3)
+    unsupervised, parts = motion_loss([MotionStep(coords + 1.0, torch.ones_like(coords), poses, intr)], poses, depths,
+                                      intr, ii, jj, cfg, flow=False)
+    assert "flow_l1" not in parts and unsupervised.item() == pytest.approx(best.item(), abs=1e-5)
 
 
 def test_synthetic_clips_are_deterministic_and_flips_stay_consistent():

@@ -1,19 +1,25 @@
 """Reading the weights and checkpoint files `v2d.train` writes (torch.load with weights_only=True).
 
 A file is a dict with a "model" state dict; a training checkpoint adds "optimizer", "rng", "step"
-and "config". `v2d.model.load_model` loads weights with it, `v2d.train.Trainer` resumes with it.
+and "config". `v2d.model.load_model` loads weights with it; the trainers (`v2d.train`,
+`v2d.train_motion`) write and resume theirs with `save_training` and `resume_training`.
 """
 
 from __future__ import annotations
 
+import dataclasses
+import json
+import random
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 
 from v2d.errors import InputError
+from v2d.io.writers import atomic_write
 
-__all__ = ["load_model_state", "load_weights", "read_checkpoint"]
+__all__ = ["load_model_state", "load_weights", "read_checkpoint", "resume_training", "save_training"]
 
 
 def load_weights(path: str | Path, model: torch.nn.Module) -> dict[str, Any]:
@@ -47,3 +53,47 @@ def load_model_state(path: str | Path, data: dict[str, Any], model: torch.nn.Mod
         model.load_state_dict(data["model"])
     except RuntimeError as exc:
         raise InputError(f"{path}: weights do not fit this model configuration: {str(exc).splitlines()[0]}") from None
+
+
+def _rng_state() -> dict[str, Any]:
+    """torch, NumPy and Python RNG states as tensors and lists (what weights_only loading accepts)."""
+    np_state = np.random.get_state()
+    py = random.getstate()
+    return {
+        "torch": torch.get_rng_state(),
+        "numpy": [np_state[0], torch.from_numpy(np_state[1].astype(np.int64)), *np_state[2:]],
+        "python": [list(py[1]), py[0], py[2]],
+    }
+
+
+def _set_rng_state(state: dict[str, Any]) -> None:
+    torch.set_rng_state(state["torch"])
+    n = state["numpy"]
+    np.random.set_state((n[0], n[1].numpy().astype(np.uint32), *n[2:]))
+    p = state["python"]
+    random.setstate((p[1], tuple(p[0]), p[2]))
+
+
+def save_training(path: str | Path, step: int, model: torch.nn.Module, optimizer: torch.optim.Optimizer, cfg: Any,
+                  **extra: Any) -> Path:
+    """Write a resumable training checkpoint atomically: the model, optimizer and RNG states, the step,
+    the configuration (a dataclass, as JSON) and `extra` entries (plain values or tensors)."""
+    state = {"step": step, "model": model.state_dict(), "optimizer": optimizer.state_dict(), "rng": _rng_state(),
+             "config": json.dumps(dataclasses.asdict(cfg)), **extra}
+    return atomic_write(Path(path), lambda f: torch.save(state, f))
+
+
+def resume_training(path: str | Path, model: torch.nn.Module, optimizer: torch.optim.Optimizer) -> dict[str, Any]:
+    """Restore what `save_training` wrote into `model` and `optimizer`, and the RNG states; returns
+    the file's contents (its "step" and extra entries). InputError when the file is missing, is not
+    a training checkpoint (weights only) or does not fit the model."""
+    path = Path(path)
+    if not path.exists():
+        raise InputError(f"--resume: no checkpoint at {path}")
+    data = read_checkpoint(path)  # read once: model, optimizer and RNG come from the same file
+    if "optimizer" not in data or "rng" not in data:
+        raise InputError(f"{path}: holds weights only, not a resumable training checkpoint")
+    load_model_state(path, data, model)
+    optimizer.load_state_dict(data["optimizer"])
+    _set_rng_state(data["rng"])
+    return data

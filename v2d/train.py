@@ -17,11 +17,7 @@ checkpoint computes the same next losses as an uninterrupted run.
 from __future__ import annotations
 
 import csv
-import dataclasses
-import json
 import logging
-import math
-import random
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -31,12 +27,12 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from v2d.checkpoint import load_model_state, load_weights, read_checkpoint
+from v2d.checkpoint import load_weights, resume_training, save_training
 from v2d.data.clips import SyntheticClips, collate
 from v2d.errors import ConfigError, InputError
 from v2d.geometry.lie import se3_inv, se3_mul
 from v2d.io.datasets import SequenceClips, open_sequence
-from v2d.io.writers import atomic_write, ensure_dir, write_text
+from v2d.io.writers import append_csv, atomic_write, ensure_dir, truncate_csv
 from v2d.losses import depth_loss, motion_loss
 from v2d.model import V2D, normalize_images
 from v2d.motion import edges
@@ -111,23 +107,6 @@ class TrainConfig:
     }
 
 
-def _rng_state() -> dict[str, Any]:
-    np_state = np.random.get_state()
-    return {
-        "torch": torch.get_rng_state(),
-        "numpy": [np_state[0], torch.from_numpy(np_state[1].astype(np.int64)), *np_state[2:]],
-        "python": [list(random.getstate()[1]), random.getstate()[0], random.getstate()[2]],
-    }
-
-
-def _set_rng_state(state: dict[str, Any]) -> None:
-    torch.set_rng_state(state["torch"])
-    n = state["numpy"]
-    np.random.set_state((n[0], n[1].numpy().astype(np.uint32), *n[2:]))
-    p = state["python"]
-    random.setstate((p[1], tuple(p[0]), p[2]))
-
-
 class _TrainStep(torch.nn.Module):
     """The loss of one step as a module, so that DistributedDataParallel wraps every stage."""
 
@@ -178,40 +157,19 @@ class Trainer:
         """Write out_dir/checkpoint.pt atomically (rank 0 only)."""
         if self.rank != 0:
             return self.checkpoint_path
-        state = {
-            "version": CHECKPOINT_VERSION,
-            "step": self.step,
-            "model": self.model.state_dict(),
-            "optimizer": self.opt.state_dict(),
-            "rng": _rng_state(),
-            "config": json.dumps(dataclasses.asdict(self.cfg)),  # as v2d.config.to_dict
-            "skipped": self.skipped,
-        }
-        return atomic_write(self.checkpoint_path, lambda f: torch.save(state, f))
+        return save_training(self.checkpoint_path, self.step, self.model, self.opt, self.cfg,
+                             version=CHECKPOINT_VERSION, skipped=self.skipped)
 
     def resume(self, path: str | Path | None = None) -> None:
         """Restore model, optimizer, step and RNG states from a checkpoint (weights_only load)."""
         path = Path(path) if path is not None else self.checkpoint_path
-        data = read_checkpoint(path)  # read once: model, optimizer and RNG come from the same file
-        if "optimizer" not in data or "rng" not in data:
-            raise InputError(f"{path}: holds weights only, not a resumable training checkpoint")
-        load_model_state(path, data, self.model)
-        self.opt.load_state_dict(data["optimizer"])
-        _set_rng_state(data["rng"])
+        data = resume_training(path, self.model, self.opt)
         self.step = int(data["step"])
         self.skipped = int(data.get("skipped", 0))
-        self._truncate_log()
+        if self.rank == 0:  # rows after the resumed step are computed again, identically
+            truncate_csv(self.out / "metrics.csv", self.step)
         self._logged = self.step
         _log.info("resumed from %s at step %d", path, self.step)
-
-    def _truncate_log(self) -> None:
-        """Drop metrics rows after the resumed step (they are recomputed, identically)."""
-        path = self.out / "metrics.csv"
-        if self.rank != 0 or not path.exists():
-            return
-        lines = path.read_text().splitlines(keepends=True)
-        kept = lines[:1] + [ln for ln in lines[1:] if int(ln.split(",", 1)[0]) <= self.step]
-        write_text(path, "".join(kept))
 
     # ------------------------------------------------------------------ steps
     def _stage(self, step: int) -> str:
@@ -270,15 +228,8 @@ class Trainer:
         return rows
 
     def _log_rows(self, rows: list[dict[str, Any]]) -> None:
-        keys = ["step", "stage", "loss", "depth_l1", "flow_epe", "grad_norm", "lr", "seconds"]
-        path = self.out / "metrics.csv"
-        new = not path.exists()
-        with path.open("a", newline="") as f:
-            w = csv.DictWriter(f, fieldnames=keys, extrasaction="ignore")
-            if new:
-                w.writeheader()
-            for r in rows:
-                w.writerow({k: (f"{v:.6g}" if isinstance(v, float) and math.isfinite(v) else v) for k, v in r.items()})
+        append_csv(self.out / "metrics.csv", ["step", "stage", "loss", "depth_l1", "flow_epe", "flow_l1", "grad_norm",
+                                              "lr", "seconds"], rows)
 
 
 def _stage_loss(model: V2D, cfg, batch: dict[str, torch.Tensor], stage: str, rounds: int
@@ -290,13 +241,14 @@ def _stage_loss(model: V2D, cfg, batch: dict[str, torch.Tensor], stage: str, rou
     lc = cfg.loss
     gt_rel = _relative_to_key(poses)
     focal = cfg.train.optimize_focal
+    synthetic = cfg.train.data == "synthetic"  # depth registered to the colour image: the flow is supervised
     if stage == "motion":
         x = normalize_images(images)
         init = model.motion.init_poses(x, _identity_like(gt_rel))
         inv = (1.0 / depths[:, :1].clamp_min(1e-3)).expand(B, len(ii), H, W)
         steps = model.motion(images, init, inv, intr, ii, jj, flow_source="learned",
                              gn=cfg.gn.options(fixed_poses=1, optimize_focal=focal))
-        return motion_loss(steps, gt_rel, depths[:, :1], intr, ii, jj, lc)
+        return motion_loss(steps, gt_rel, depths, intr, ii, jj, lc, flow=synthetic)
     if stage == "depth":
         feats = model.depth.features(normalize_images(images).flatten(0, 1)).unflatten(0, (B, N))
         preds = model.depth(feats, poses, intr, (H, W))
@@ -307,7 +259,7 @@ def _stage_loss(model: V2D, cfg, batch: dict[str, torch.Tensor], stage: str, rou
     learned = cfg.motion.flow_source == "learned"
     for r in range(len(out.poses)):
         ld, pd = depth_loss([d[:, 0] for d in out.depths[r]], depths[:, 0], images[:, 0], lc)
-        lm, pm = motion_loss(out.motion[r], gt_rel, depths[:, :1], intr, ii, jj, lc)
+        lm, pm = motion_loss(out.motion[r], gt_rel, depths, intr, ii, jj, lc, flow=synthetic)
         # With DIS flow the motion loss has no trainable input; it is still logged (flow_epe).
         total = total + ld + (lc.motion * lm if learned else 0.0)
         parts = {**pd, **pm}

@@ -6,27 +6,18 @@ Each step draws `batch_size` pairs (`v2d.data.pairs`): a source frame with (nois
 frame, DIS flow between them with its forward-backward weights, an initial pose near the true one
 (or the identity: tracking's retry). It runs exactly what tracking runs (`v2d.refiner.motion_updates`:
 Gauss-Newton, then robust re-weighting + the refiner + Gauss-Newton, `motion.refiner.updates`
-times) and back-propagates through the unrolled Gauss-Newton layer (`gn_reduce`) into the refiner:
+times) and back-propagates the motion loss of `v2d.losses` (the log of the induced-flow error,
+and the flow targets' L1 error on synthetic pairs; `update_loss`) through the unrolled Gauss-Newton
+layer (`gn_reduce`) into the refiner.
 
-- pose: the logarithm of the induced-flow error: the mean end-point error (px, each pixel's clipped
-  at 10) of the source pixels moved by the estimated instead of the true pose, with the true depth.
-  A scale-free pose error that weighs rotation and translation as the image does; its logarithm
-  gives every pair the same say, whether DIS left it 0.1 px or 5 px off (a linear loss is ruled
-  by the few pairs no update can save: the first run, with clipped geodesic and linear flow
-  terms, stayed within +-5 % of the DIS mode on the validation pairs for 900 steps);
-- residual flow: L1 (clipped) between the refined targets and the true correspondences, where the
-  source pixel is visible in the target frame (synthetic pairs only: real colour and depth are
-  not registered to the pixel).
-
-Updates are weighted by `loss.iteration_decay` (later ones more). Validation pairs (other scenes,
-held-apart real frames) are evaluated in the DIS mode and with the refiner every `val_every` steps:
-`val.csv`. Checkpoints are atomic; `--resume` continues with the same step, optimizer and RNG
-state, and pair k depends only on (seed, k), so an interrupted run computes the same next losses.
+Validation pairs (other scenes, held-apart real frames) are evaluated in the DIS mode and with the
+refiner every `val_every` steps: `val.csv`. Checkpoints are atomic; `--resume` continues with the
+same step, optimizer and RNG state, and pair k depends only on (seed, k), so an interrupted run
+computes the same next losses.
 """
 
 from __future__ import annotations
 
-import csv
 import dataclasses
 import json
 import logging
@@ -38,19 +29,18 @@ from typing import Any, ClassVar
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from tqdm import tqdm
 
-from v2d.checkpoint import load_model_state, read_checkpoint
+from v2d.checkpoint import load_model_state, read_checkpoint, resume_training, save_training
 from v2d.data.pairs import SYNTHETIC_CASES, Pair, Pairs, PairSource
 from v2d.errors import InputError
 from v2d.flow import dis_flow, fb_targets
 from v2d.geometry.camera import reproject, valid_reprojection
 from v2d.geometry.lie import se3_exp, se3_identity, se3_inv, se3_mul, so3_log
-from v2d.io.writers import atomic_write, ensure_dir, write_text
+from v2d.io.writers import append_csv, atomic_write, ensure_dir, truncate_csv
+from v2d.losses import update_loss, visible_in_target
 from v2d.ranges import NON_NEGATIVE, POSITIVE, Ranges, at_least
 from v2d.refiner import FlowRefiner, UpdateStep, motion_updates, subsample
-from v2d.train import _rng_state, _set_rng_state
 
 __all__ = ["MotionTrainConfig", "MotionTrainer", "PairResult", "evaluate_pair"]
 
@@ -80,8 +70,6 @@ class MotionTrainConfig:
             leaves 0.29 deg / 1.8 cm; at 0, 0 where DIS leaves 0.08 deg / 0.41 cm).
         rot_noise_deg, trans_noise: std of the initial pose's error per axis (deg, scene units).
         identity_fraction: share of pairs started from the identity (tracking's retry).
-        epe_floor: px added to the induced-flow error before its logarithm (the pose loss).
-        flow_weight: weight of the residual-flow loss (per px).
         val_pairs: validation pairs per split; val_scene_seed: their first synthetic scene seed.
         val_real: held-apart real sequences ("PATH:FIRST-LAST").
         val_every, checkpoint_every, log_every: in steps.
@@ -108,8 +96,6 @@ class MotionTrainConfig:
     rot_noise_deg: float = 1.0
     trans_noise: float = 0.02
     identity_fraction: float = 0.2
-    epe_floor: float = 0.05
-    flow_weight: float = 0.1
     val_pairs: int = 48
     val_scene_seed: int = 500
     val_real: tuple[str, ...] = ()
@@ -133,7 +119,6 @@ class MotionTrainConfig:
         "stride": at_least(1),
         "robust_scale": POSITIVE,
         "depth_noise": NON_NEGATIVE,
-        "epe_floor": POSITIVE,
         "rot_noise_deg": NON_NEGATIVE,
         "trans_noise": NON_NEGATIVE,
         "identity_fraction": NON_NEGATIVE,
@@ -233,30 +218,18 @@ def evaluate_pair(refiner: FlowRefiner | None, pair: Pair, cfg, tc: MotionTrainC
     # ground truth on the grid: where the source pixels land, and whether they are seen there
     c_gt, z_gt = reproject(inv_gt_s, poses[0], gt.float(), intr_s)
     valid = valid_reprojection(inv_gt_s, c_gt, z_gt, opts.min_depth)
-    seen = valid
-    if not pair.real:
-        dj = torch.from_numpy(pair.depths[1])[None, None]
-        z_there = F.grid_sample(dj, (c_gt * s * c_gt.new_tensor([2.0 / (W - 1), 2.0 / (H - 1)]) - 1).nan_to_num(-2),
-                                mode="nearest", align_corners=True)[0, 0]
-        seen = valid & ((z_there[None] - z_gt).abs() < 0.05 * z_gt)
-    n = valid.sum().clamp_min(1)
+    seen = None if pair.real else valid & visible_in_target(c_gt, z_gt, torch.from_numpy(pair.depths[1])[None], s)
     total = torch.zeros(())
     parts: dict[str, float] = {}
     K = len(steps) - 1
     for k, step in enumerate(steps[1:], start=1):
-        wk = cfg.loss.iteration_decay ** (K - k)
-        rot, trans = _geodesic(step.poses[1], gt)
         c, _ = reproject(inv_gt_s, step.poses[0], step.poses[1], intr_s)
-        epe = torch.where(valid, ((c - c_gt).norm(dim=-1) * s).clamp(max=10.0), torch.zeros_like(z_gt)).nan_to_num(0)
-        epe = epe.sum() / n
-        loss = torch.log(epe + tc.epe_floor)
-        if tc.flow_weight > 0 and not pair.real and bool(seen.any()):
-            fl = ((step.targets - c_gt).abs().sum(-1) * s).clamp(max=10.0)
-            fl = torch.where(seen, fl, torch.zeros_like(fl)).nan_to_num(0).sum() / seen.sum()
-            loss = loss + tc.flow_weight * fl
-            parts["flow_l1"] = float(fl.detach())
-        total = total + wk * loss
-        parts.update(epe=float(epe.detach()), rot_deg=float(rot.detach()), trans_cm=float(trans.detach()))
+        loss, epe, fl = update_loss(c, c_gt, valid, step.targets, seen, s, cfg.loss)
+        total = total + cfg.loss.iteration_decay ** (K - k) * loss
+        rot, trans = _geodesic(step.poses[1], gt)
+        if fl is not None and bool(seen.any()):
+            parts["flow_l1"] = float(fl.detach().mean())
+        parts.update(epe=float(epe.detach().mean()), rot_deg=float(rot.detach()), trans_cm=float(trans.detach()))
     return PairResult(total, parts, parts["rot_deg"], parts["trans_cm"])
 
 
@@ -291,9 +264,7 @@ class MotionTrainer:
         return self.out / "checkpoint.pt"
 
     def save(self) -> Path:
-        state = {"step": self.step, "model": self.refiner.state_dict(), "optimizer": self.opt.state_dict(),
-                 "rng": _rng_state(), "config": json.dumps(dataclasses.asdict(self.cfg))}
-        return atomic_write(self.checkpoint_path, lambda f: torch.save(state, f))
+        return save_training(self.checkpoint_path, self.step, self.refiner, self.opt, self.cfg)
 
     def _load_init(self, path: str) -> None:
         """Start from a refiner checkpoint of this trainer or from a model file's refiner."""
@@ -315,24 +286,10 @@ class MotionTrainer:
         return atomic_write(Path(path), lambda f: torch.save(state, f))
 
     def resume(self) -> None:
-        path = self.checkpoint_path
-        if not path.exists():
-            raise InputError(f"--resume: no checkpoint at {path}")
-        data = read_checkpoint(path)
-        if "optimizer" not in data or "rng" not in data:
-            raise InputError(f"{path}: holds weights only, not a resumable training checkpoint")
-        load_model_state(path, data, self.refiner)
-        self.opt.load_state_dict(data["optimizer"])
-        _set_rng_state(data["rng"])
-        self.step = int(data["step"])
-        for name in ("metrics.csv", "val.csv"):
-            self._truncate(self.out / name)
+        self.step = int(resume_training(self.checkpoint_path, self.refiner, self.opt)["step"])
+        for name in ("metrics.csv", "val.csv"):  # rows after the resumed step are computed again
+            truncate_csv(self.out / name, self.step)
         self._logged = self.step
-
-    def _truncate(self, path: Path) -> None:
-        if path.exists():
-            lines = path.read_text().splitlines(keepends=True)
-            write_text(path, "".join(lines[:1] + [ln for ln in lines[1:] if int(ln.split(",", 1)[0]) <= self.step]))
 
     def _lr(self, step: int) -> float:
         return self.tc.lr * self.tc.lr_decay ** (step // self.tc.lr_decay_steps)
@@ -411,15 +368,6 @@ class MotionTrainer:
         return rows
 
     def _append(self, name: str, rows: list[dict[str, Any]]) -> None:
-        if not rows:
-            return
         keys = {"metrics.csv": ["step", "loss", "epe", "rot_deg", "trans_cm", "flow_l1", "grad_norm", "lr", "seconds"],
                 "val.csv": ["step", "split", "mode", "rot_med", "trans_med", "rot_mean", "trans_mean"]}[name]
-        path = self.out / name
-        new = not path.exists()
-        with path.open("a", newline="") as f:
-            wr = csv.DictWriter(f, fieldnames=keys, extrasaction="ignore")
-            if new:
-                wr.writeheader()
-            for r in rows:
-                wr.writerow({k: (f"{v:.6g}" if isinstance(v, float) else v) for k, v in r.items()})
+        append_csv(self.out / name, keys, rows)

@@ -10,6 +10,7 @@ runs into the same output are removed by the next one.
 from __future__ import annotations
 
 import contextlib
+import csv
 import hashlib
 import json
 import logging
@@ -29,7 +30,7 @@ from v2d.errors import InputError
 
 __all__ = ["atomic_write", "write_bytes", "write_text", "write_json", "write_npy", "write_depth_png",
            "write_image_png", "write_image_jpg", "write_tum", "ensure_dir", "staged_output", "check_output_path",
-           "atomic_write_named"]
+           "atomic_write_named", "append_csv", "truncate_csv"]
 
 _log = logging.getLogger(__name__)
 
@@ -193,6 +194,33 @@ def write_tum(path: str | Path, timestamps: np.ndarray, poses_wc: np.ndarray) ->
                          f"and {poses_wc.shape}")
     lines = [" ".join([f"{t:.6f}"] + [f"{v:.9f}" for v in p]) for t, p in zip(timestamps, poses_wc, strict=True)]
     return write_text(path, "# timestamp tx ty tz qx qy qz qw\n" + "\n".join(lines) + "\n")
+
+
+def append_csv(path: str | Path, keys: list[str], rows: list[dict[str, Any]]) -> None:
+    """Append rows to a CSV log (header `keys` when the file is new; other entries ignored, floats
+    with 6 significant digits). A log, not an output: lines are appended as training goes."""
+    if not rows:
+        return
+    path = Path(path)
+    new = not path.exists()
+    if not new:  # a log from another version keeps its own columns
+        with path.open(newline="") as f:
+            keys = next(csv.reader(f), None) or keys
+    with path.open("a", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=keys, extrasaction="ignore")
+        if new:
+            w.writeheader()
+        for r in rows:
+            w.writerow({k: (f"{v:.6g}" if isinstance(v, float) and math.isfinite(v) else v) for k, v in r.items()})
+
+
+def truncate_csv(path: str | Path, step: int) -> None:
+    """Drop the rows of a CSV log whose first column (a step) is after `step` (a resumed run
+    computes them again), atomically."""
+    path = Path(path)
+    if path.exists():
+        lines = path.read_text().splitlines(keepends=True)
+        write_text(path, "".join(lines[:1] + [ln for ln in lines[1:] if int(ln.split(",", 1)[0]) <= step]))
 
 
 @contextlib.contextmanager

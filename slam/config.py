@@ -12,6 +12,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import ClassVar, Literal
 
+from v2d.adapt import RefineConfig
 from v2d.config import V2DConfig
 from v2d.ranges import IMAGE_SIZE, NON_NEGATIVE, POSITIVE, Range, Ranges, Relation, Relations, at_least
 
@@ -279,7 +280,8 @@ class DemoConfig:
 
 @dataclass(frozen=True)
 class RunConfig(V2DConfig):
-    """Root of a run's configuration: every section of `V2DConfig`, then `slam` and `demo`."""
+    """Root of a run's configuration: every section of `V2DConfig`, then `slam`, `demo` and `refine`."""
 
     slam: SlamConfig = field(default_factory=SlamConfig)
     demo: DemoConfig = field(default_factory=DemoConfig)
+    refine: RefineConfig = field(default_factory=RefineConfig)

@@ -42,7 +42,7 @@ import torch
 
 from kernels import ops
 from slam.backend import upsample_ratio
-from slam.config import RunConfig
+from slam.config import RunConfig, SlamConfig
 from slam.map import release_heap
 from slam.system import SlamResult, SlamSystem
 from v2d import __version__
@@ -64,7 +64,7 @@ from v2d.io.writers import (
 )
 from v2d.model import load_model
 
-__all__ = ["RunOptions", "run_slam", "track_frames", "write_outputs", "UNCALIBRATED_FOCAL"]
+__all__ = ["RunOptions", "fuse_cloud", "run_slam", "track_frames", "write_outputs", "UNCALIBRATED_FOCAL"]
 
 _log = logging.getLogger(__name__)
 
@@ -84,6 +84,8 @@ class RunOptions:
         progress: show a tqdm bar.
         device: where the networks and the map run ("cpu", "cuda", "cuda:1", ...).
         save_confidence: write each frame's tracking confidence to confidence/NAME.png.
+        refine: after the run, refine the keyframe depth on the video (`slam.refine.refine_run`,
+            `cfg.refine`); summary.json's `refine` entry reports it.
     """
 
     stride: int = 1
@@ -94,6 +96,7 @@ class RunOptions:
     progress: bool = True
     device: str = "cpu"
     save_confidence: bool = False
+    refine: bool = False
 
 
 def _resize(image: np.ndarray, size: tuple[int, int]) -> np.ndarray:
@@ -186,24 +189,14 @@ def write_outputs(out: Path, result: SlamResult, timestamps: np.ndarray, cfg: Ru
 
     `names[f]` is frame f's input index, as given to `track_frames` (default f).
     """
-    from slam.fusion import fuse_keyframes, write_ply
-
     sc = cfg.slam
     release_heap()
     _correct_depths(out, result, names)
     poses_wc = se3_inv(result.poses_cw)
     write_tum(out / "trajectory.txt", timestamps, poses_wc.numpy())
-    s = result.cloud_stride
+    cloud = fuse_cloud(out / "cloud.ply", result.cloud_depths, result.cloud_images, result.keyframe_poses_cw,
+                       result.intrinsics, result.cloud_stride, sc)
     fx, fy, cx, cy = result.intrinsics.tolist()
-    intr_small = torch.tensor([fx / s, fy / s, cx / s, cy / s], dtype=torch.float64)  # pixel (i, j) = (s i, s j)
-    voxel = sc.cloud_voxel
-    if voxel == 0:  # automatic: one cloud pixel's footprint at the median keyframe depth
-        med = np.median(np.concatenate([d[d > 0] for d in result.cloud_depths] + [np.ones(1, np.float32)]))
-        voxel = float(med) / max(fx / s, fy / s)
-    points, colors = fuse_keyframes(result.cloud_depths, result.cloud_images, result.keyframe_poses_cw, intr_small,
-                                    neighbours=sc.cloud_neighbours, rel_tol=sc.cloud_tolerance,
-                                    min_views=sc.cloud_min_views, voxel=voxel)
-    write_ply(out / "cloud.ply", points, colors)
     frames = result.frames
     marked = {name: [f for f, st in enumerate(frames) if getattr(st, attr)]
               for name, attr in (("lost", "lost"), ("interpolated", "interpolated"), ("static", "static"),
@@ -228,8 +221,7 @@ def write_outputs(out: Path, result: SlamResult, timestamps: np.ndarray, cfg: Ru
         "loop_frames": [list(p) for p in result.loops],  # frame pairs (rows of trajectory.txt) of each loop
         "recovered_frames": result.recovered,
         "relocalisations": result.relocalised,
-        "points": int(points.shape[0]),
-        "cloud_voxel": voxel,
+        **cloud,
         "seconds": facts["seconds"],  # model loading to the last frame's tracking
         "seconds_total": facts.get("seconds_total"),  # including opening the input
         "fps": facts["fps"],
@@ -249,6 +241,30 @@ def write_outputs(out: Path, result: SlamResult, timestamps: np.ndarray, cfg: Ru
     summary.update(extra or {})
     write_json(out / "summary.json", summary)
     return summary
+
+
+def fuse_cloud(path: Path, depths: Sequence[np.ndarray | torch.Tensor], images: Sequence[np.ndarray],
+               poses_cw: torch.Tensor, intrinsics: torch.Tensor, stride: int, sc: SlamConfig) -> dict[str, Any]:
+    """Fuse the keyframes' depth into a coloured cloud (`slam.fusion.fuse_keyframes`) and write it to path.
+
+    Shapes: depths, images: K x (h, w) and (h, w, 3) uint8 on the cloud's grid (every `stride`-th
+    pixel of the network size); poses_cw (K, 7); intrinsics (4,) at the network size. Returns the
+    summary's entries {"points": N, "cloud_voxel": voxel}.
+    """
+    from slam.fusion import fuse_keyframes, write_ply
+
+    fx, fy, cx, cy = intrinsics.tolist()
+    s = stride
+    intr_small = torch.tensor([fx / s, fy / s, cx / s, cy / s], dtype=torch.float64)  # pixel (i, j) = (s i, s j)
+    voxel = sc.cloud_voxel
+    if voxel == 0:  # automatic: one cloud pixel's footprint at the median keyframe depth
+        med = np.median(np.concatenate([np.asarray(d)[np.asarray(d) > 0] for d in depths]
+                                       + [np.ones(1, np.float32)]))
+        voxel = float(med) / max(fx / s, fy / s)
+    points, colors = fuse_keyframes(depths, images, poses_cw, intr_small, neighbours=sc.cloud_neighbours,
+                                    rel_tol=sc.cloud_tolerance, min_views=sc.cloud_min_views, voxel=voxel)
+    write_ply(path, points, colors)
+    return {"points": int(points.shape[0]), "cloud_voxel": voxel}
 
 
 def _correct_depths(out: Path, result: SlamResult, names: Sequence[int] | None) -> None:
@@ -299,6 +315,10 @@ def run_slam(source: str | Path, out_dir: str | Path, cfg: RunConfig, opts: RunO
                            "stride": opts.stride, "max_frames": opts.max_frames}}
         facts["seconds_total"] = time.perf_counter() - t0
         summary = write_outputs(stage, result, timestamps, cfg, facts, extra, names=indices)
+        if opts.refine:
+            from slam.refine import refine_run
+
+            summary = refine_run(stage, stage, cfg, progress=opts.progress, device=opts.device)
     _log.info("%d frames, %d keyframes, %d lost, %.1f frames/s -> %s", n, summary["keyframes"],
               summary["lost_frames"], facts["fps"], out_dir)
     return summary

@@ -14,8 +14,9 @@ from v2d.io.writers import write_depth_png, write_image_jpg, write_json, write_n
 
 
 def write_fake_run(root: Path, seq: SyntheticSequence, keyframes: list[int],
-                   depths: dict[int, np.ndarray] | None = None) -> Path:
-    """Outputs as slam.run writes them: the ground-truth trajectory and keyframe depth (or `depths`)."""
+                   depths: dict[int, np.ndarray] | None = None, config: dict | None = None) -> Path:
+    """Outputs as slam.run writes them: the ground-truth trajectory and keyframe depth (or `depths`);
+    `config` is the summary's run configuration (`v2d.config.to_dict`; none when not given)."""
     for sub in ("depth", "images"):
         (root / sub).mkdir(parents=True, exist_ok=True)
     n = len(seq.timestamps)
@@ -31,5 +32,6 @@ def write_fake_run(root: Path, seq: SyntheticSequence, keyframes: list[int],
         "frames": n, "keyframes": len(keyframes), "keyframe_frames": keyframes,
         "keyframe_files": [keyframe_name(f) for f in keyframes], "image_size": [H, W],
         "intrinsics": {"fx": fx, "fy": fy, "cx": cx, "cy": cy, "calibrated": True},
+        **({"config": config} if config is not None else {}),
     })
     return root

@@ -25,9 +25,9 @@ def test_every_shipped_config_loads():
         load_config(path, root=RunConfig)
 
 
-def test_run_config_is_the_model_config_plus_slam_and_demo():
+def test_run_config_is_the_model_config_plus_slam_demo_and_refine():
     names = [f.name for f in dataclasses.fields(RunConfig)]
-    assert names == [f.name for f in dataclasses.fields(V2DConfig)] + ["slam", "demo"]
+    assert names == [f.name for f in dataclasses.fields(V2DConfig)] + ["slam", "demo", "refine"]
     assert isinstance(RunConfig(), V2DConfig)
 
 
@@ -35,7 +35,7 @@ def test_the_model_root_has_no_slam_sections():
     assert load_config(ROOT / "configs" / "small.yaml") == V2DConfig()
     with pytest.raises(ConfigError, match=r"unknown config key slam \(valid keys in the root: clips, "):
         load_config(None, ["slam.window=4"])
-    with pytest.raises(ConfigError, match="unknown config keys demo, slam"):
+    with pytest.raises(ConfigError, match="unknown config keys demo, refine, slam"):
         load_config(ROOT / "configs" / "default.yaml")
 
 

@@ -33,9 +33,9 @@ class _Parser(argparse.ArgumentParser):
 
 def _subcommands() -> dict:
     # Imported here, not at module level: `v2d --help` must not import torch-heavy code twice.
-    from tools import config_cmd, demo, eval_cmd, run, train, train_motion, vis
+    from tools import config_cmd, demo, eval_cmd, refine, run, train, train_motion, vis
 
-    return {"run": run, "demo": demo, "eval": eval_cmd, "vis": vis, "train": train, "train-motion": train_motion,
+    return {"run": run, "refine": refine, "demo": demo, "eval": eval_cmd, "vis": vis, "train": train, "train-motion": train_motion,
             "config": config_cmd}
 
 

@@ -7,6 +7,7 @@ import dataclasses
 import json
 
 from slam.config import RunConfig
+from tools.refine import add_budget_arguments, with_budget
 
 
 def add_parser(sub: argparse._SubParsersAction, parents: list[argparse.ArgumentParser]) -> None:
@@ -35,6 +36,10 @@ def add_parser(sub: argparse._SubParsersAction, parents: list[argparse.ArgumentP
     p.add_argument("--save-confidence", action="store_true",
                    help="write each frame's tracking confidence (the weight of each keyframe pixel's flow target, "
                    "what the motion module down-weights) to OUT/confidence/NAME.png")
+    p.add_argument("--refine", action="store_true",
+                   help="after SLAM, fine-tune the depth module on the video's own keyframes and predict their depth "
+                   "again (test-time refinement, as `v2d refine OUT` does on a finished run)")
+    add_budget_arguments(p)
     p.add_argument("--device", default="cpu", metavar="DEVICE",
                    help="where the networks and the map run: cpu (default), cuda or cuda:N")
     p.set_defaults(handler=run)
@@ -48,6 +53,11 @@ def run(args: argparse.Namespace, cfg: RunConfig) -> int:
     device = _device(args.device)
     if args.no_global_ba:
         cfg = dataclasses.replace(cfg, slam=dataclasses.replace(cfg.slam, global_ba=False))
+    if args.weights is not None:
+        cfg = dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, weights=args.weights))
+    if not args.refine and (args.refine_steps is not None or args.refine_minutes is not None):
+        raise InputError("--refine-steps and --refine-minutes need --refine")
+    cfg = with_budget(cfg, args)
     if args.intrinsics is not None and args.uncalibrated:
         raise InputError("--intrinsics and --uncalibrated exclude each other")
     opts = RunOptions(
@@ -55,10 +65,12 @@ def run(args: argparse.Namespace, cfg: RunConfig) -> int:
         size=parse_size(args.resize) if args.resize else None,
         intrinsics=parse_intrinsics(args.intrinsics) if args.intrinsics else None,
         uncalibrated=args.uncalibrated, progress=not args.quiet, device=device,
-        save_confidence=args.save_confidence,
+        save_confidence=args.save_confidence, refine=args.refine,
     )
     summary = run_slam(args.input, args.out, cfg, opts)
     brief = {k: summary[k] for k in ("frames", "keyframes", "lost_frames", "restarts", "points", "fps")}
+    if "refine" in summary:
+        brief["refine_kept"] = summary["refine"]["kept"]
     print(json.dumps(brief))
     print(f"outputs written to {args.out}/")
     return 0

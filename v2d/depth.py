@@ -209,7 +209,13 @@ class DepthModule(nn.Module):
         poses_cw (B, N, 7); intrinsics (B, 4) at image resolution `image_hw` = (H, W).
         Returns one depth map (B, H, W) per 3D hourglass, the last being the estimate.
         """
-        vol = self.cost_volume(feats, poses_cw, intrinsics, image_hw)
+        return self.match(self.cost_volume(feats, poses_cw, intrinsics, image_hw), image_hw)
+
+    def match(self, vol: torch.Tensor, image_hw: tuple[int, int]) -> list[torch.Tensor]:
+        """The 3D matching and depth heads on a fused cost volume (`cost_volume`'s output).
+
+        Shapes: vol (B, V, h, w, D) -> one depth map (B, H, W) per 3D hourglass, the last being the estimate.
+        """
         depths = depth_hypotheses(self.cfg, vol)
         out = []
         for y, head in zip(self.matching(vol), self.heads, strict=True):

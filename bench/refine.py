@@ -56,7 +56,8 @@ def format_table(rows: list[dict], variants: list[str]) -> str:
         f"{v[:14]:>14} {'x':>4} {'cons':>11} {'s':>5}" for v in variants)
     lines = [head, "-" * len(head)]
     for r in rows:
-        line = f"{r['name']:12} {r['run']['keyframes']:>4} {r['run']['wall_s']:>6.0f} {_f(r['run']['abs_rel'], '.4f'):>7} "
+        run = r["run"]
+        line = f"{r['name']:12} {run['keyframes']:>4} {run['wall_s']:>6.0f} {_f(run['abs_rel'], '.4f'):>7} "
         for v in variants:
             x = r["refine"][v]
             if "error" in x:

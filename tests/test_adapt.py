@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 import torch
 
-from v2d.adapt import AdaptScene, DepthAdapter, RefineConfig, neighbour_views, sparse_targets, triangulate
+from v2d.adapt import AdaptScene, DepthAdapter, RefineConfig, neighbour_views, triangulate
 from v2d.data.synthetic import render_sequence
 from v2d.errors import ShapeError
 from v2d.geometry.camera import reproject

@@ -35,8 +35,8 @@ def _subcommands() -> dict:
     # Imported here, not at module level: `v2d --help` must not import torch-heavy code twice.
     from tools import config_cmd, demo, eval_cmd, refine, run, train, train_motion, vis
 
-    return {"run": run, "refine": refine, "demo": demo, "eval": eval_cmd, "vis": vis, "train": train, "train-motion": train_motion,
-            "config": config_cmd}
+    return {"run": run, "refine": refine, "demo": demo, "eval": eval_cmd, "vis": vis, "train": train,
+            "train-motion": train_motion, "config": config_cmd}
 
 
 def build_parser() -> argparse.ArgumentParser:

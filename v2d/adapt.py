@@ -44,8 +44,8 @@ import torch.nn.functional as F
 
 from v2d.depth import DepthModule
 from v2d.errors import InputError, ShapeError
-from v2d.flow import dis_flow
-from v2d.geometry.camera import pixel_rays, project, relative_pose, reproject
+from v2d.flow import DISOptions, dis_flow, fb_targets
+from v2d.geometry.camera import pixel_grid, pixel_rays, project, relative_pose, reproject
 from v2d.geometry.lie import quat_to_matrix
 from v2d.model import normalize_images
 from v2d.ranges import NON_NEGATIVE, POSITIVE, Range, Ranges, at_least
@@ -270,7 +270,7 @@ class _Correspondences:
         H, W = scene.size
         intr = scene.intrinsics.double()
         self._data: dict[tuple[int, int], tuple[torch.Tensor, torch.Tensor]] = {}
-        grid = np.stack(np.meshgrid(np.arange(W, dtype=np.float32), np.arange(H, dtype=np.float32)), axis=-1)
+        grid = pixel_grid(H, W, dtype=torch.float64)
         for i, j in pairs:
             flows = {}
             for a, b in ((i, j), (j, i)):
@@ -278,23 +278,18 @@ class _Correspondences:
                 inv = torch.where(inv > 0, 1.0 / inv.clamp_min(1e-6), torch.zeros_like(inv))
                 coords, depth_b = reproject(inv, scene.poses_cw[a].double(), scene.poses_cw[b].double(), intr)
                 ok = (depth_b > 1e-3) & torch.isfinite(coords).all(-1) & (inv > 0)
-                guess = torch.where(ok[..., None], coords - torch.from_numpy(grid).double(), 0.0).float().numpy()
+                guess = torch.where(ok[..., None], coords - grid, 0.0).float().numpy()
                 flows[a, b] = dis_flow(scene.images[a], scene.images[b], "medium", init=guess, finest_scale=0)
             for a, b in ((i, j), (j, i)):
-                self._data[a, b] = self._match(flows[a, b], flows[b, a], fb_max, edge, grid)
+                self._data[a, b] = self._match(flows[a, b], flows[b, a], fb_max, edge)
 
     @staticmethod
-    def _match(fwd: np.ndarray, bwd: np.ndarray, fb_max: float, edge: float, grid: np.ndarray
-               ) -> tuple[torch.Tensor, torch.Tensor]:
+    def _match(fwd: np.ndarray, bwd: np.ndarray, fb_max: float, edge: float) -> tuple[torch.Tensor, torch.Tensor]:
         import cv2
 
-        H, W = fwd.shape[:2]
-        target = grid + fwd
-        back = cv2.remap(bwd, target[..., 0], target[..., 1], interpolation=cv2.INTER_LINEAR,
-                         borderMode=cv2.BORDER_CONSTANT, borderValue=float("nan"))
-        err = np.linalg.norm(fwd + back, axis=-1)
-        inside = (target[..., 0] >= 0) & (target[..., 0] <= W - 1) & (target[..., 1] >= 0) & (target[..., 1] <= H - 1)
-        ok = inside & (err < fb_max)
+        targets, weights = fb_targets(fwd, bwd, DISOptions(fb_max=fb_max))  # 0 beyond fb_max or outside
+        target = targets.numpy()
+        ok = weights[..., 0].numpy() > 0
         if edge > 0:
             # DIS smooths the flow across depth edges: the background beside a near object takes on
             # its motion in both directions, so the forward-backward check passes and triangulation

@@ -25,7 +25,7 @@ import tempfile
 from pathlib import Path
 
 from bench._common import v2d_usage, write_results
-from bench.suite import DATA, SEQUENCES, _abs_rel, run_v2d
+from bench.suite import DATA, SEQUENCES, _abs_rel, prepared_sequences, run_v2d
 
 DEPTH_SEQUENCES = ["7s-s2", "7s-late-s4", "7s-late-s8", "scannet", "tum-cabinet", "syn-fast", "syn-loop"]
 
@@ -101,14 +101,7 @@ def main(argv: list[str] | None = None) -> int:
     rows = []
     with tempfile.TemporaryDirectory(prefix="v2d-refine-") as tmp:
         base = args.work or Path(tmp)
-        for seq in chosen:
-            if seq.needs and not (args.data / seq.needs).is_dir():
-                print(f"{seq.name}: skipped, {args.data / seq.needs} not found")
-                continue
-            work = base / seq.name
-            if (work / "input").exists():
-                shutil.rmtree(work / "input")
-            prep = seq.prepare(args.data, work)
+        for seq, prep, work in prepared_sequences(chosen, args.data, base):
             out = work / "run"
             cached = work / "run.json"
             if (out / "summary.json").is_file() and cached.is_file():

@@ -50,10 +50,11 @@ from __future__ import annotations
 import argparse
 import hashlib
 import json
+import shutil
 import statistics
 import sys
 import tempfile
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -377,6 +378,20 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+def prepared_sequences(chosen: list[SuiteSequence], data: Path, base: Path
+                       ) -> Iterator[tuple[SuiteSequence, Prepared, Path]]:
+    """Each sequence materialised in base/NAME/input (made afresh) with its work folder base/NAME;
+    one whose data is missing is skipped with a line saying so."""
+    for seq in chosen:
+        if seq.needs and not (data / seq.needs).is_dir():
+            print(f"{seq.name}: skipped, {data / seq.needs} not found")
+            continue
+        work = base / seq.name
+        if (work / "input").exists():
+            shutil.rmtree(work / "input")
+        yield seq, seq.prepare(data, work), work
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     chosen = [s for s in SEQUENCES if (args.only is None or s.name in args.only) and (s.held_out or not args.held_out)]
@@ -386,12 +401,7 @@ def main(argv: list[str] | None = None) -> int:
     rows = []
     with tempfile.TemporaryDirectory(prefix="v2d-suite-") as tmp:
         base = args.keep or Path(tmp)
-        for seq in chosen:
-            if seq.needs and not (args.data / seq.needs).is_dir():
-                print(f"{seq.name}: skipped, {args.data / seq.needs} not found")
-                continue
-            work = base / seq.name
-            prep = seq.prepare(args.data, work)
+        for seq, prep, work in prepared_sequences(chosen, args.data, base):
             row = {"name": seq.name, "kind": seq.kind, "describe": seq.describe, "v2d": {}}
             runs: dict[str, list[dict]] = {c: [] for c in roots}
             for r in range(args.repeats):

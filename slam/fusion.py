@@ -22,7 +22,7 @@ from torch import Tensor
 
 from v2d.errors import InputError, NumericalError, ShapeError
 from v2d.geometry.camera import backproject, project, relative_pose
-from v2d.geometry.lie import se3_act, se3_inv
+from v2d.geometry.lie import quat_to_matrix, se3_act, se3_inv
 from v2d.io.writers import atomic_write_named
 
 __all__ = ["fuse_keyframes", "relative_disagreement", "splat_depth", "write_ply"]
@@ -212,8 +212,9 @@ def fuse_keyframes(
     min_views: int = 1,
     voxel: float = 0.0,
     max_depth: float | None = None,
-) -> tuple[np.ndarray, np.ndarray]:
-    """Fused coloured point cloud of K keyframes, in world coordinates.
+    normals: Sequence[np.ndarray | Tensor | None] | None = None,
+) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:
+    """Fused coloured point cloud of K keyframes, in world coordinates, with normals when given.
 
     A pixel of keyframe k is kept when its depth is valid (finite, > 0, <= max_depth if given) and
     it agrees with at least `min_views` of keyframes k - neighbours .. k + neighbours other than k
@@ -223,11 +224,14 @@ def fuse_keyframes(
     can be checked: its valid pixels are kept and a warning is logged. `voxel` > 0 (metres)
     averages points and colours per voxel of that size, merging every few keyframes so the memory
     follows the scene, not the video length. Geometry runs in float64 on the device of the first depth map; points are
-    accumulated in float32 (colours as uint8).
+    accumulated in float32 (colours as uint8). `normals` (the depth module's, camera frame) are
+    rotated into the world with the points and averaged per voxel; a keyframe without (None) gets
+    the normals of its depth map (`v2d.geometry.normals.normals_from_depth`; 0 across depth edges).
 
     Shapes:
         depths: K x (H, W) float, images: K x (H, W, 3) uint8 RGB, poses_cw: (K, 7) world->camera,
-        intrinsics: (4,) -> points (P, 3) float64 world, colors (P, 3) float64 RGB in [0, 1]
+        intrinsics: (4,), normals: K x (H, W, 3) or None -> points (P, 3) float64 world, colors (P, 3)
+        float64 RGB in [0, 1], normals (P, 3) float64 world unit (0 where unknown) or None
     """
     if len(depths) != len(images):
         raise ShapeError(f"fuse_keyframes: expected as many images as depth maps, got {len(images)} images "
@@ -257,11 +261,14 @@ def fuse_keyframes(
                              f"got {tuple(im.shape)} {im.dtype}")
 
     K = len(deps)
+    if normals is not None and len(normals) != K:
+        raise ShapeError(f"fuse_keyframes: expected as many normal maps as depth maps, got {len(normals)} and {K}")
     check = K > 1 and min_views > 0
     if K == 1 and min_views > 0:
         _log.warning("fuse_keyframes: one keyframe, so no multi-view consistency check; keeping its valid pixels")
     poses_wc = se3_inv(poses)
     points, colors = [], []  # float32 / uint8 while accumulating (a long video has many keyframes)
+    world_normals: list[np.ndarray] | None = None if normals is None else []
     pending = 0
     for k in range(K):
         keep = _valid(deps[k])
@@ -273,23 +280,49 @@ def fuse_keyframes(
         _log.debug("fuse_keyframes: keyframe %d keeps %d of %d pixels", k, int(keep.sum()), keep.numel())
         points.append(se3_act(poses_wc[k], backproject(deps[k], intr)[keep]).float().cpu().numpy())
         colors.append(imgs[k].to(keep.device)[keep].cpu().numpy())
+        if world_normals is not None:
+            world_normals.append(_world_normals(normals[k], deps[k], intr, poses_wc[k])[keep].float().cpu().numpy())
         pending += 1
         if voxel > 0 and pending >= _VOXEL_EVERY:  # keyframes overlap: merging as we go bounds the memory
-            points, colors = _voxel_merge(points, colors, voxel)
+            points, colors, world_normals = _voxel_merge(points, colors, voxel, world_normals)
             pending = 0
     if voxel > 0:
-        points, colors = _voxel_merge(points, colors, voxel)
+        points, colors, world_normals = _voxel_merge(points, colors, voxel, world_normals)
     pts = np.concatenate(points).astype(np.float64) if points else np.zeros((0, 3))
     cols = np.concatenate(colors).astype(np.float64) / 255.0 if colors else np.zeros((0, 3))
-    return pts, cols
+    nrm = None
+    if world_normals is not None:
+        nrm = np.concatenate(world_normals).astype(np.float64) if world_normals else np.zeros((0, 3))
+        length = np.linalg.norm(nrm, axis=1, keepdims=True)
+        nrm = np.where(length > 1e-6, nrm / np.maximum(length, 1e-12), 0.0)
+    return pts, cols, nrm
+
+
+def _world_normals(normal: np.ndarray | Tensor | None, depth: Tensor, intr: Tensor, pose_wc: Tensor) -> Tensor:
+    """A keyframe's normals rotated into the world; from its depth when it has none.
+
+    Shapes: normal (H, W, 3) camera frame or None; depth (H, W); intr (4,); pose_wc (7,) -> (H, W, 3).
+    """
+    from v2d.geometry.normals import normals_from_depth
+
+    if normal is None:
+        n, _ = normals_from_depth(depth, intr)
+    else:
+        n = _as_tensor(normal).to(dtype=depth.dtype, device=depth.device)
+        if tuple(n.shape) != (*depth.shape, 3):
+            raise ShapeError(f"fuse_keyframes: expected normals {(*depth.shape, 3)} like the depth, "
+                             f"got {tuple(n.shape)}")
+    return n @ quat_to_matrix(pose_wc[3:]).to(n.dtype).T
 
 
 _VOXEL_EVERY = 8  # keyframes between voxel merges in fuse_keyframes
 
 
-def _voxel_merge(points: list[np.ndarray], colors: list[np.ndarray], voxel: float
-                 ) -> tuple[list[np.ndarray], list[np.ndarray]]:
-    """Merge the accumulated chunks into one chunk with one point per occupied voxel (the mean).
+def _voxel_merge(points: list[np.ndarray], colors: list[np.ndarray], voxel: float,
+                 normals: list[np.ndarray] | None = None
+                 ) -> tuple[list[np.ndarray], list[np.ndarray], list[np.ndarray] | None]:
+    """Merge the accumulated chunks into one chunk with one point per occupied voxel (the mean;
+    normals: the sum, normalised at the end by `fuse_keyframes`).
 
     Written with numpy rather than Open3D's `voxel_down_sample`: measured on a 1000-frame run
     (0.9 M points), Open3D's voxel hash map and the float64 vector copies it needs raised peak
@@ -298,8 +331,9 @@ def _voxel_merge(points: list[np.ndarray], colors: list[np.ndarray], voxel: floa
     """
     pts = np.concatenate(points) if points else np.zeros((0, 3), np.float32)
     cols = np.concatenate(colors) if colors else np.zeros((0, 3), np.uint8)
+    nrm = None if normals is None else (np.concatenate(normals) if normals else np.zeros((0, 3), np.float32))
     if not len(pts):
-        return [pts], [cols]
+        return [pts], [cols], None if nrm is None else [nrm]
     cell = np.floor(pts / voxel).astype(np.int64)
     cell -= cell.min(axis=0)
     dims = cell.max(axis=0) + 1
@@ -309,31 +343,37 @@ def _voxel_merge(points: list[np.ndarray], colors: list[np.ndarray], voxel: floa
     del key
     merged_pts = np.stack([np.bincount(inverse, weights=pts[:, d]) for d in range(3)], axis=1) / count[:, None]
     merged_cols = np.stack([np.bincount(inverse, weights=cols[:, d]) for d in range(3)], axis=1) / count[:, None]
-    return [merged_pts.astype(np.float32)], [np.round(merged_cols).astype(np.uint8)]
+    merged_nrm = None if nrm is None else [
+        np.stack([np.bincount(inverse, weights=nrm[:, d]) for d in range(3)], axis=1).astype(np.float32)]
+    return [merged_pts.astype(np.float32)], [np.round(merged_cols).astype(np.uint8)], merged_nrm
 
 
 # --------------------------------------------------------------------------------------------------
 # output
 
 
-def _open3d_cloud(points: np.ndarray, colors: np.ndarray):  # -> open3d.geometry.PointCloud
+def _open3d_cloud(points: np.ndarray, colors: np.ndarray, normals: np.ndarray | None = None
+                  ):  # -> open3d.geometry.PointCloud
     import open3d as o3d
 
     cloud = o3d.geometry.PointCloud()
     cloud.points = o3d.utility.Vector3dVector(points)
     cloud.colors = o3d.utility.Vector3dVector(colors)
+    if normals is not None:
+        cloud.normals = o3d.utility.Vector3dVector(normals)
     return cloud
 
 
-def write_ply(path: str | Path, points: np.ndarray | Tensor, colors: np.ndarray | Tensor) -> Path:
-    """Write a coloured point cloud as binary PLY (colours stored as uchar), atomically.
+def write_ply(path: str | Path, points: np.ndarray | Tensor, colors: np.ndarray | Tensor,
+              normals: np.ndarray | Tensor | None = None) -> Path:
+    """Write a coloured point cloud (with normals when given) as binary PLY (colours stored as uchar), atomically.
 
     The file is written under a temporary name ending in .ply (Open3D picks the format from the
     suffix) in the target directory, then renamed; on failure the temporary file is removed and
     InputError raised. An empty cloud gives a valid PLY with zero vertices.
 
     Shapes:
-        points: (P, 3) finite, colors: (P, 3) RGB in [0, 1]
+        points: (P, 3) finite, colors: (P, 3) RGB in [0, 1], normals: (P, 3) finite or None
     """
     import open3d as o3d
 
@@ -347,11 +387,14 @@ def write_ply(path: str | Path, points: np.ndarray | Tensor, colors: np.ndarray 
                              "non-finite")
     if len(cols) and not (cols.min() >= 0 and cols.max() <= 1):
         raise ShapeError(f"write_ply: expected colors in [0, 1], got [{cols.min()}, {cols.max()}]")
+    nrm = None if normals is None else np.asarray(normals, dtype=np.float64)
+    if nrm is not None and (nrm.shape != pts.shape or not np.isfinite(nrm).all()):
+        raise ShapeError(f"write_ply: expected finite normals {pts.shape} like the points, got {nrm.shape}")
 
     def write(name: str) -> None:
         if len(pts) == 0:
             Path(name).write_bytes(_EMPTY_PLY)
-        elif not o3d.io.write_point_cloud(name, _open3d_cloud(pts, cols), write_ascii=False):
+        elif not o3d.io.write_point_cloud(name, _open3d_cloud(pts, cols, nrm), write_ascii=False):
             raise OSError("Open3D could not write it")
 
     return atomic_write_named(path, write, suffix=".ply", what="point cloud ")

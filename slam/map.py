@@ -86,7 +86,7 @@ class FrameState:
 
 @dataclass
 class Keyframe:
-    """A keyframe. `image`, `depth`, `valid`, `prior` are full size while in the window, None after.
+    """A keyframe. `image`, `depth`, `valid`, `prior`, `normal` are full size while in the window, None after.
 
     Shapes: pose_cw (7,) float64; image (H, W, 3) uint8; depth, prior (H, W) float32; valid (H, W)
     bool (False in splatting holes); small_depth (H/s, W/s) float32 and small_image (H/s, W/s, 3)
@@ -102,6 +102,8 @@ class Keyframe:
     small_depth: np.ndarray | None = None
     small_image: np.ndarray | None = None
     segment: int = 0  # map segment: a restart after a long loss begins a new one (own pose and scale)
+    normal: torch.Tensor | None = None  # (3, H, W) camera-frame unit normals (depth.normals), in the window
+    small_normal: np.ndarray | None = None  # (H/s, W/s, 3) float32 after leaving the window
 
 
 @dataclass(frozen=True)
@@ -416,12 +418,14 @@ class Map:
         with self._lock:
             self._edges = set(pairs)
 
-    def retire(self, kid: int, stride: int, on_retire: Callable[[int, np.ndarray, torch.Tensor, np.ndarray], None]
+    def retire(self, kid: int, stride: int,
+               on_retire: Callable[[int, np.ndarray, torch.Tensor, np.ndarray, np.ndarray | None], None]
                | None = None) -> bool:
         """Keyframe kid leaves the window: hand out its final depth, keep a strided copy for the cloud.
 
-        `on_retire(frame, depth (H, W) float32 ndarray with 0 where unknown, pose_cw (7,), image)` is
-        called with the final depth. Returns False when kid was retired before.
+        `on_retire(frame, depth (H, W) float32 ndarray with 0 where unknown, pose_cw (7,), image, normal
+        (H, W, 3) float32 camera-frame unit normals or None)` is called with the final depth. Returns
+        False when kid was retired before.
         """
         with self._lock:
             kf = self._keyframes[kid]
@@ -431,9 +435,12 @@ class Map:
                 self._window.remove(kid)
             self._edges = {e for e in self._edges if kid not in e}
             depth = np.where(kf.valid.cpu().numpy(), kf.depth.cpu().numpy(), 0.0).astype(np.float32)
+            normal = None if kf.normal is None else np.ascontiguousarray(kf.normal.permute(1, 2, 0).cpu().numpy(),
+                                                                         dtype=np.float32)
             self._keyframes[kid] = dataclasses.replace(
-                kf, image=None, depth=None, valid=None, prior=None,
-                small_depth=depth[::stride, ::stride].copy(), small_image=kf.image[::stride, ::stride].copy())
+                kf, image=None, depth=None, valid=None, prior=None, normal=None,
+                small_depth=depth[::stride, ::stride].copy(), small_image=kf.image[::stride, ::stride].copy(),
+                small_normal=None if normal is None else normal[::stride, ::stride].copy())
         if on_retire is not None:
-            on_retire(kf.frame, depth, kf.pose_cw.clone(), kf.image)
+            on_retire(kf.frame, depth, kf.pose_cw.clone(), kf.image, normal)
         return True

@@ -83,13 +83,15 @@ class Mapper:
         calibrated: False optimises the focal length (initialisation and window).
         device: where tensors are created.
         on_keyframe: called as on_keyframe(frame, depth (H, W) float32 ndarray, pose_cw (7,), image
-            (H, W, 3) uint8) when a keyframe's depth is final (it left the window, or at the end).
+            (H, W, 3) uint8, normal (H, W, 3) float32 or None) when a keyframe's depth is final (it
+            left the window, or at the end).
         warn: reports a warning once (the run's warning list).
     """
 
     def __init__(self, model: V2D, cfg: RunConfig, slam_map: Map, flows: FlowCache, size: tuple[int, int],
                  calibrated: bool, device: torch.device,
-                 on_keyframe: Callable[[int, np.ndarray, torch.Tensor, np.ndarray], None] | None = None,
+                 on_keyframe: Callable[[int, np.ndarray, torch.Tensor, np.ndarray, np.ndarray | None], None]
+                 | None = None,
                  warn: Callable[[str], None] = _log.warning) -> None:
         self.model, self.cfg, self.sc = model, cfg, cfg.slam
         self.map, self.flows = slam_map, flows
@@ -102,12 +104,14 @@ class Mapper:
 
     # ------------------------------------------------------------------------------------ map set-up
     @torch.no_grad()
-    def initialise(self, frames: list[np.ndarray]) -> tuple[dict[int, torch.Tensor], torch.Tensor]:
+    def initialise(self, frames: list[np.ndarray]
+                   ) -> tuple[dict[int, torch.Tensor], torch.Tensor, torch.Tensor | None]:
         """The V2D model on every `slam.init_rate`-th of `frames`: poses of the chosen frames and the
-        first frame's depth; the map's intrinsics are updated (uncalibrated: the focal length).
+        first frame's depth (and normals, with `depth.normals`: the depth module once more with the
+        poses found); the map's intrinsics are updated (uncalibrated: the focal length).
 
         Shapes: frames K x (H, W, 3) uint8 -> {chosen frame index: pose_cw (7,) float64} (world =
-        frame 0), depth (H, W) float32.
+        frame 0), depth (H, W) float32, normal (3, H, W) float32 or None.
         """
         rate = self.sc.init_rate
         chosen = list(range(0, len(frames), rate))
@@ -123,7 +127,11 @@ class Mapper:
             depth = self.depth.single_image(frames[0], None)
         else:
             self.map.set_intrinsics(intr)
-        return {i: poses[c] for c, i in enumerate(chosen)}, depth.float()
+        normal = None
+        if self.model.depth.normal_head is not None:
+            rel = torch.stack([se3_mul(poses[c], se3_inv(poses[0])) for c in range(1, len(chosen))])
+            normal = self.depth.normals([frames[i] for i in chosen], rel)
+        return {i: poses[c] for c, i in enumerate(chosen)}, depth.float(), normal
 
     def new_keyframe(self, f: int, image: np.ndarray, source: int | None = None) -> int:
         """Make tracked frame f a keyframe; its initial depth is a keyframe's depth splatted into it
@@ -191,6 +199,7 @@ class Mapper:
         t = R_o.T @ (scale * new.pose_cw[:3] - pose_old[:3])
         self.map.merge_segment(new.segment, old.segment, R, t, scale)
         self.map.add_loop(reg.kid, kid)
+        self.depth.forget_states()  # the kept matching states are in the segment's old scale
         return True
 
     # ------------------------------------------------------------------------------------ per keyframe

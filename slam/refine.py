@@ -126,7 +126,8 @@ def refine_run(src: str | Path, dst: str | Path, cfg: RunConfig, weights: str | 
         s = sc.cloud_stride
         cloud = fuse_cloud(dst / "cloud.ply", [d[::s, ::s] for d in depths],
                            [im[::s, ::s] for im in scene.images], scene.poses_cw.float(),
-                           torch.from_numpy(run.intrinsics), s, sc)
+                           torch.from_numpy(run.intrinsics), s, sc,
+                           normals=[None if (n := run.normal(k)) is None else n[::s, ::s] for k in range(len(scene))])
         summary.update(cloud)
         state = {"model": {**model.state_dict(), **{f"depth.{k}": v for k, v in adapter.state_dict().items()}}}
         atomic_write(dst / "adapted.pt", lambda f: torch.save(state, f))

@@ -59,6 +59,7 @@ from v2d.io.writers import (
     write_image_jpg,
     write_image_png,
     write_json,
+    write_normal_png,
     write_npy,
     write_tum,
 )
@@ -113,7 +114,8 @@ def track_frames(frames: Iterable[np.ndarray], count: int | None, cfg: RunConfig
                  device: str | torch.device = "cpu", save_confidence: bool = False
                  ) -> tuple[SlamResult, dict[str, Any]]:
     """Run the front end over `frames` (any size, resized to `size`); write each keyframe's depth to
-    out/depth/NAME.png (16-bit mm) and .npy (float32), and its colour image to out/images/NAME.jpg.
+    out/depth/NAME.png (16-bit mm) and .npy (float32), its colour image to out/images/NAME.jpg and,
+    with `depth.normals`, its normals to out/normal/NAME.png (`v2d.io.writers.write_normal_png`).
     With `save_confidence`, each tracked frame's confidence map (`SlamSystem` on_track: the weight
     the pose solve gave each keyframe pixel, 0-1 -> 0-255; above 1, where the learned update
     up-weights, saturates) to out/confidence/NAME.png, on the tracking grid.
@@ -142,12 +144,15 @@ def track_frames(frames: Iterable[np.ndarray], count: int | None, cfg: RunConfig
         name = keyframe_name(names[f] if names else f)
         write_image_png(conf_dir / f"{name}.png", np.round(np.clip(confidence, 0.0, 1.0) * 255).astype(np.uint8))
 
-    def keyframe_done(f: int, depth: np.ndarray, pose_cw: torch.Tensor, image: np.ndarray) -> None:
+    def keyframe_done(f: int, depth: np.ndarray, pose_cw: torch.Tensor, image: np.ndarray,
+                      normal: np.ndarray | None) -> None:
         name = keyframe_name(names[f] if names else f)
         if depth_dir is not None:
             write_depth_png(depth_dir / f"{name}.png", depth)
             write_npy(depth_dir / f"{name}.npy", depth)
             write_image_jpg(image_dir / f"{name}.jpg", image)
+            if normal is not None:
+                write_normal_png(ensure_dir(out / "normal") / f"{name}.png", normal)
         if on_keyframe is not None:
             on_keyframe(f, depth)
 
@@ -195,7 +200,7 @@ def write_outputs(out: Path, result: SlamResult, timestamps: np.ndarray, cfg: Ru
     poses_wc = se3_inv(result.poses_cw)
     write_tum(out / "trajectory.txt", timestamps, poses_wc.numpy())
     cloud = fuse_cloud(out / "cloud.ply", result.cloud_depths, result.cloud_images, result.keyframe_poses_cw,
-                       result.intrinsics, result.cloud_stride, sc)
+                       result.intrinsics, result.cloud_stride, sc, normals=result.cloud_normals or None)
     fx, fy, cx, cy = result.intrinsics.tolist()
     frames = result.frames
     marked = {name: [f for f, st in enumerate(frames) if getattr(st, attr)]
@@ -244,12 +249,15 @@ def write_outputs(out: Path, result: SlamResult, timestamps: np.ndarray, cfg: Ru
 
 
 def fuse_cloud(path: Path, depths: Sequence[np.ndarray | torch.Tensor], images: Sequence[np.ndarray],
-               poses_cw: torch.Tensor, intrinsics: torch.Tensor, stride: int, sc: SlamConfig) -> dict[str, Any]:
-    """Fuse the keyframes' depth into a coloured cloud (`slam.fusion.fuse_keyframes`) and write it to path.
+               poses_cw: torch.Tensor, intrinsics: torch.Tensor, stride: int, sc: SlamConfig,
+               normals: Sequence[np.ndarray | None] | None = None) -> dict[str, Any]:
+    """Fuse the keyframes' depth into a coloured cloud (`slam.fusion.fuse_keyframes`) and write it to
+    path, with normals when any keyframe has the depth module's (`depth.normals`).
 
     Shapes: depths, images: K x (h, w) and (h, w, 3) uint8 on the cloud's grid (every `stride`-th
-    pixel of the network size); poses_cw (K, 7); intrinsics (4,) at the network size. Returns the
-    summary's entries {"points": N, "cloud_voxel": voxel}.
+    pixel of the network size); poses_cw (K, 7); intrinsics (4,) at the network size; normals K x
+    (h, w, 3) camera frame or None each. Returns the summary's entries {"points": N, "cloud_voxel":
+    voxel, "cloud_normals": bool}.
     """
     from slam.fusion import fuse_keyframes, write_ply
 
@@ -261,10 +269,13 @@ def fuse_cloud(path: Path, depths: Sequence[np.ndarray | torch.Tensor], images: 
         med = np.median(np.concatenate([np.asarray(d)[np.asarray(d) > 0] for d in depths]
                                        + [np.ones(1, np.float32)]))
         voxel = float(med) / max(fx / s, fy / s)
-    points, colors = fuse_keyframes(depths, images, poses_cw, intr_small, neighbours=sc.cloud_neighbours,
-                                    rel_tol=sc.cloud_tolerance, min_views=sc.cloud_min_views, voxel=voxel)
-    write_ply(path, points, colors)
-    return {"points": int(points.shape[0]), "cloud_voxel": voxel}
+    if normals is not None and all(n is None for n in normals):
+        normals = None
+    points, colors, point_normals = fuse_keyframes(depths, images, poses_cw, intr_small, neighbours=sc.cloud_neighbours,
+                                                   rel_tol=sc.cloud_tolerance, min_views=sc.cloud_min_views,
+                                                   voxel=voxel, normals=normals)
+    write_ply(path, points, colors, point_normals)
+    return {"points": int(points.shape[0]), "cloud_voxel": voxel, "cloud_normals": point_normals is not None}
 
 
 def _correct_depths(out: Path, result: SlamResult, names: Sequence[int] | None) -> None:

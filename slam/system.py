@@ -68,7 +68,9 @@ class SlamResult:
 
     Shapes: poses_cw (N, 7) float64 for every frame; keyframe_frames (K,) frame indices;
     keyframe_poses_cw (K, 7); cloud_depths K x (h, w) float32 and cloud_images K x (h, w, 3)
-    uint8 at stride `cloud_stride`; intrinsics (4,) float64 at the network size. `global_ba` is the
+    uint8 at stride `cloud_stride`; cloud_normals K x (h, w, 3) float32 camera-frame unit normals
+    (None for a keyframe without: no `depth.normals`, or its depth was never computed by the
+    module); intrinsics (4,) float64 at the network size. `global_ba` is the
     backend's report (None with `slam.global_ba: false`); poses and cloud depths are after it.
     """
 
@@ -88,6 +90,7 @@ class SlamResult:
     merges: int = 0  # segments joined to an earlier one
     loops: list[tuple[int, int]] = field(default_factory=list)  # keyframe frames found to see the same place
     global_ba: GlobalBAReport | None = None
+    cloud_normals: list[np.ndarray | None] = field(default_factory=list)
 
 
 class _ThreadPlan:
@@ -128,8 +131,8 @@ class SlamSystem:
         size: (H, W) of the frames given to `add_frame`.
         calibrated: False optimises the focal length (initialisation and window).
         on_keyframe: called as on_keyframe(frame_index, depth (H, W) float32 ndarray, pose_cw (7,),
-            image (H, W, 3) uint8) when a keyframe's depth is final (it left the window, or at
-            `finish`); in concurrent mode from the mapper thread.
+            image (H, W, 3) uint8, normal (H, W, 3) float32 or None) when a keyframe's depth is final
+            (it left the window, or at `finish`); in concurrent mode from the mapper thread.
         device: where the map's and the networks' tensors live (default: the model's).
         on_track: called as on_track(frame_index, confidence (h, w) float32 ndarray) after each
             frame is tracked densely against its keyframe: the final weight of each keyframe pixel's
@@ -138,7 +141,8 @@ class SlamSystem:
 
     def __init__(self, model: V2D, cfg: RunConfig, intrinsics: torch.Tensor, size: tuple[int, int],
                  calibrated: bool = True,
-                 on_keyframe: Callable[[int, np.ndarray, torch.Tensor, np.ndarray], None] | None = None,
+                 on_keyframe: Callable[[int, np.ndarray, torch.Tensor, np.ndarray, np.ndarray | None], None]
+                 | None = None,
                  device: torch.device | str | None = None,
                  on_track: Callable[[int, np.ndarray], None] | None = None) -> None:
         self.device = torch.device(device) if device is not None else next(model.parameters()).device
@@ -225,7 +229,8 @@ class SlamSystem:
             poses_cw=self.map.frame_poses(), frames=self.map.frames(),
             keyframe_frames=[k.frame for k in kfs], keyframe_poses_cw=torch.stack([k.pose_cw for k in kfs]),
             cloud_depths=[k.small_depth for k in kfs], cloud_images=[k.small_image for k in kfs],
-            cloud_stride=self.sc.cloud_stride, intrinsics=self.map.intrinsics.clone(), restarts=self.restarts,
+            cloud_normals=[k.small_normal for k in kfs], cloud_stride=self.sc.cloud_stride,
+            intrinsics=self.map.intrinsics.clone(), restarts=self.restarts,
             warnings=list(self.warnings), recovered=self.recovered, relocalised=self.relocalised,
             segments=[[kfs[k].frame for k in ks] for ks in self.map.segments().values()], merges=self.merges,
             loops=sorted((kfs[a].frame, kfs[b].frame) for a, b in self.map.loops()), global_ba=backend)
@@ -254,13 +259,13 @@ class SlamSystem:
     @torch.no_grad()
     def _initialise(self) -> None:
         frames, self._pending = self._pending, []
-        poses, depth = self.mapper.initialise(frames)
+        poses, depth, normal = self.mapper.initialise(frames)
         ident = se3_identity(dtype=torch.float64, device=self.device)
         self.map.add_frame(FrameState(keyframe=0, rel_cw=ident, is_keyframe=True,
                                       quality=TrackQuality(confidence=1.0, overlap=1.0),
                                       textureless=texture(frames[0]) < self.sc.min_texture), frames[0])
         kid = self.map.add_keyframe(Keyframe(frame=0, pose_cw=ident, image=frames[0], depth=depth, prior=depth,
-                                             valid=torch.ones_like(depth, dtype=torch.bool)), 0)
+                                             valid=torch.ones_like(depth, dtype=torch.bool), normal=normal), 0)
         self.index.add(kid, frames[0])
         self._start_worker()
         self._init_poses = poses

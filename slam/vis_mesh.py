@@ -86,9 +86,56 @@ def tsdf_mesh(run: RunOutputs, voxel: float | None = None) -> tuple[o3d.geometry
         raise InputError(f"{run.root}: TSDF fusion gave an empty mesh (voxel {voxel:.4g}; too few keyframes "
                          "agreeing on a surface?)")
     mesh.compute_vertex_normals()
+    predicted = (run.root / "normal").is_dir() and _predicted_vertex_normals(mesh, depths, run, voxel)
     stats = {"vertices": len(mesh.vertices), "triangles": len(mesh.triangles), "voxel": voxel,
-             "keyframes": K, "coloured": colour, "seconds": time.perf_counter() - t0}
+             "keyframes": K, "coloured": colour, "normals": "predicted" if predicted else "geometric",
+             "seconds": time.perf_counter() - t0}
     return mesh, stats
+
+
+def _predicted_vertex_normals(mesh: o3d.geometry.TriangleMesh, depths: list[np.ndarray], run: RunOutputs,
+                              voxel: float) -> bool:
+    """Give each vertex the depth module's normal (`depth.normals`, normal/) of the nearest keyframe
+    point (of the keyframes that have normals); False when none has.
+
+    The TSDF's own normals follow the fused surface, whose depth noise makes planes shimmer; the
+    predicted normals are smooth on planes. Keyframe points are taken every `_NORMAL_STRIDE`-th
+    pixel, rotated into the world; a vertex with no point within 2 voxels, or whose predicted normal
+    points away from its geometric one (> 90 degrees: across an edge), keeps the geometric normal.
+    """
+    from scipy.spatial import cKDTree
+
+    fx, fy, cx, cy = (float(v) for v in run.intrinsics)
+    s = _NORMAL_STRIDE
+    pts, nrm = [], []
+    for k, T_wc in enumerate(pose_matrices(run.keyframe_poses_wc)):
+        normal = run.normal(k)
+        if normal is None:
+            continue
+        d, n = depths[k][::s, ::s], normal[::s, ::s]
+        v, u = np.mgrid[0:depths[k].shape[0]:s, 0:depths[k].shape[1]:s]
+        ok = (d > 0) & (np.abs(np.linalg.norm(n, axis=-1) - 1) < 1e-3)
+        cam = np.stack([(u[ok] - cx) / fx * d[ok], (v[ok] - cy) / fy * d[ok], d[ok]], axis=1)
+        pts.append(cam @ T_wc[:3, :3].T + T_wc[:3, 3])
+        nrm.append(n[ok] @ T_wc[:3, :3].T)
+    if not pts or not sum(len(p) for p in pts):
+        return False
+    dist, idx = cKDTree(np.concatenate(pts)).query(np.asarray(mesh.vertices), distance_upper_bound=2 * voxel)
+    geometric = np.asarray(mesh.vertex_normals)
+    found = np.isfinite(dist)
+    chosen = np.concatenate(nrm)[np.where(found, idx, 0)]
+    use = found & ((chosen * geometric).sum(1) > 0)
+    mesh.vertex_normals = o3d_vector3(np.where(use[:, None], chosen, geometric))
+    return True
+
+
+def o3d_vector3(a: np.ndarray):  # -> open3d.utility.Vector3dVector
+    import open3d as o3d
+
+    return o3d.utility.Vector3dVector(np.ascontiguousarray(a, dtype=np.float64))
+
+
+_NORMAL_STRIDE = 2  # pixel stride of the keyframe points whose predicted normals the mesh takes
 
 
 def write_mesh(mesh: o3d.geometry.TriangleMesh, path: str | Path) -> Path:

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import logging
 import random
 from pathlib import Path
 from typing import Any
@@ -19,17 +20,22 @@ import torch
 from v2d.errors import InputError
 from v2d.io.writers import atomic_write
 
+_log = logging.getLogger(__name__)
+
 __all__ = ["load_model_state", "load_weights", "read_checkpoint", "resume_training", "save_training"]
 
 
-def load_weights(path: str | Path, model: torch.nn.Module) -> dict[str, Any]:
+def load_weights(path: str | Path, model: torch.nn.Module, fine_tune: bool = False) -> dict[str, Any]:
     """Load model weights from a checkpoint or a weights file.
 
-    Returns the file's metadata (everything but the tensors). Raises InputError for a missing,
-    corrupt or mismatching file.
+    Parts a module declares optional (`OPTIONAL_PREFIXES`: identity at initialisation) may be absent
+    (a warning names the switch); with `fine_tune` (a trainer's starting point) so may the parts it
+    declares new (`FINE_TUNE_PREFIXES`), which then keep their initialisation. The weights of a
+    switchable part (`PART_SWITCHES`) that the model's configuration leaves out are ignored. Returns the file's metadata
+    (everything but the tensors). Raises InputError for a missing, corrupt or mismatching file.
     """
     data = read_checkpoint(path)
-    load_model_state(path, data, model)
+    load_model_state(path, data, model, fine_tune)
     return {k: v for k, v in data.items() if k not in ("model", "optimizer", "rng")}
 
 
@@ -47,12 +53,45 @@ def read_checkpoint(path: str | Path) -> dict[str, Any]:
     return data
 
 
-def load_model_state(path: str | Path, data: dict[str, Any], model: torch.nn.Module) -> None:
-    """Load `data["model"]` (read from `path`) into `model`; InputError when it does not fit."""
+def load_model_state(path: str | Path, data: dict[str, Any], model: torch.nn.Module, fine_tune: bool = False
+                     ) -> None:
+    """Load `data["model"]` (read from `path`) into `model`; InputError when it does not fit
+    (`load_weights` says which parts may be absent)."""
     try:
-        model.load_state_dict(data["model"])
+        missing, unexpected = model.load_state_dict(data["model"], strict=False)
     except RuntimeError as exc:
         raise InputError(f"{path}: weights do not fit this model configuration: {str(exc).splitlines()[0]}") from None
+    optional = _optional_prefixes(model, "OPTIONAL_PREFIXES") + (
+        _optional_prefixes(model, "FINE_TUNE_PREFIXES") if fine_tune else ())
+    switches = _part_switches(model)
+    absent = sorted({s for k in missing for p, s in switches.items() if k.startswith(p)})
+    missing = [k for k in missing if not k.startswith(optional)]
+    # A trained optional part that this configuration switches off is not used: its weights are left
+    # aside (one weights file serves both settings of the switch).
+    unexpected = [k for k in unexpected if not k.startswith(tuple(switches))]
+    if missing or unexpected:
+        parts = sorted({s for k in missing for p, s in switches.items() if k.startswith(p)})
+        if parts:
+            raise InputError(f"{path}: these weights have no trained part for {', '.join(parts)}; set it to false "
+                             "or give weights trained with it (docs/TRAINING.md)")
+        what = (f"missing {', '.join(missing[:3])}" if missing else "") + ("; " if missing and unexpected else "") + (
+            f"unexpected {', '.join(unexpected[:3])}" if unexpected else "")
+        raise InputError(f"{path}: weights do not fit this model configuration ({what})")
+    if absent and not fine_tune:
+        _log.warning("%s: these weights have no trained part for %s; it starts as the identity (no effect)", path,
+                     ", ".join(absent))
+
+
+def _optional_prefixes(model: torch.nn.Module, attribute: str) -> tuple[str, ...]:
+    """Parameter-name prefixes that each submodule lists in `attribute`, made absolute."""
+    return tuple(f"{name}.{p}" if name else p for name, m in model.named_modules()
+                 for p in getattr(m, attribute, ()))
+
+
+def _part_switches(model: torch.nn.Module) -> dict[str, str]:
+    """Absolute parameter-name prefix -> config switch of each optional part (`PART_SWITCHES`)."""
+    return {f"{name}.{p}" if name else p: s for name, m in model.named_modules()
+            for p, s in getattr(m, "PART_SWITCHES", {}).items()}
 
 
 def _rng_state() -> dict[str, Any]:

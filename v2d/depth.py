@@ -26,9 +26,11 @@ from kernels import ops
 from v2d.geometry.camera import pose_to_rt, relative_pose, scale_intrinsics
 from v2d.nets.blocks import Conv3dCL, ConvNormAct, StackedHourglass, norm_layer
 from v2d.nets.encoder import FeatureEncoder
+from v2d.nets.normal_head import NormalHead
+from v2d.nets.temporal import TemporalFusion, warp_volume
 from v2d.ranges import NON_NEGATIVE, POSITIVE, Ranges, Relation, Relations, at_least, one_of
 
-__all__ = ["DepthConfig", "DepthModule", "depth_hypotheses"]
+__all__ = ["DepthConfig", "DepthModule", "DepthResult", "Previous", "depth_hypotheses"]
 
 Norm = Literal["group", "batch", "none"]
 
@@ -63,6 +65,12 @@ class DepthConfig:
             soft-argmax (the original); "depth" takes the soft-argmax at 1/4 resolution and upsamples
             the depth (cheaper, for CPU).
         norm: normalisation layers ("group" works with batch size 1).
+        temporal_fusion: carry the last 3D hourglass's output from one keyframe to the next, warped
+            by the camera motion, and fuse it into the next keyframe's cost volume (EST-style;
+            `v2d.nets.temporal`). Used where keyframes come in order (`infer(..., previous=...)`):
+            the SLAM engine and sequence training (`train.sequence_keyframes`).
+        normals: a normal head (NAS-style; `v2d.nets.normal_head`) gives a unit surface normal per
+            pixel beside the depth, trained with a depth-normal consistency loss.
     """
 
     stem_channels: int = 16
@@ -84,6 +92,8 @@ class DepthConfig:
     correlation_groups: int = 4
     upsample: Literal["logits", "depth"] = "depth"
     norm: Norm = "group"
+    temporal_fusion: bool = False
+    normals: bool = False
 
     RANGES: ClassVar[Ranges] = {
         "stem_channels": at_least(1),
@@ -104,6 +114,39 @@ class DepthConfig:
     RELATIONS: ClassVar[Relations] = (
         Relation(lambda c: c.min_depth < c.max_depth, "min_depth must be smaller than max_depth"),
     )
+
+
+@dataclass(frozen=True)
+class Previous:
+    """The previous keyframe's temporal state, for `DepthModule.infer`.
+
+    Shapes: state (B, V, h, w, D) (`DepthResult.state`); key_to_prev (B, 7): the SE3 pose taking
+    the new keyframe's camera coordinates to the previous keyframe's (T_prev * T_key^-1 for
+    world->camera poses).
+    """
+
+    state: torch.Tensor
+    key_to_prev: torch.Tensor
+
+    @classmethod
+    def between(cls, state: torch.Tensor, prev_pose_cw: torch.Tensor, key_pose_cw: torch.Tensor) -> Previous:
+        """The state of the keyframe at world->camera pose `prev_pose_cw`, for the keyframe at
+        `key_pose_cw` (both (B, 7) in one world)."""
+        return cls(state, relative_pose(key_pose_cw, prev_pose_cw))
+
+
+@dataclass(frozen=True)
+class DepthResult:
+    """What `DepthModule.infer` gives.
+
+    Shapes: depths: one (B, H, W) per 3D hourglass, the last being the estimate; normals (B, 3, H, W)
+    unit, camera frame, toward the camera (None without `normals`); state (B, V, h, w, D), the last
+    hourglass's output to hand to the next keyframe (None without `temporal_fusion`).
+    """
+
+    depths: list[torch.Tensor]
+    normals: torch.Tensor | None
+    state: torch.Tensor | None
 
 
 def depth_hypotheses(cfg: DepthConfig, like: torch.Tensor) -> torch.Tensor:
@@ -150,6 +193,16 @@ class DepthModule(nn.Module):
             nn.Sequential(ConvNormAct(3, V, V, 3, 1, cfg.norm), Conv3dCL(V, 1, 3, padding=1, bias=False))
             for _ in range(cfg.matching_hourglasses)
         )
+        self.temporal = TemporalFusion(V) if cfg.temporal_fusion else None
+        self.normal_head = NormalHead(C, V, cfg.norm) if cfg.normals else None
+
+    # Parameters a weights file may lack (`v2d.checkpoint.load_weights`): an absent temporal fusion
+    # starts as the identity, so weights trained without it still compute what they did (a warning
+    # says so); a trainer may also start the normal head untrained. PART_SWITCHES names the switch
+    # of each part (for the messages); a part switched off ignores its weights in the file.
+    OPTIONAL_PREFIXES: ClassVar[tuple[str, ...]] = ("temporal.",)
+    FINE_TUNE_PREFIXES: ClassVar[tuple[str, ...]] = ("temporal.", "normal_head.")
+    PART_SWITCHES: ClassVar[dict[str, str]] = {"temporal.": "depth.temporal_fusion", "normal_head.": "depth.normals"}
 
     def features(self, images: torch.Tensor) -> torch.Tensor:
         """Shapes: images (B, 3, H, W) normalised -> (B, C, H/4, W/4)."""
@@ -211,19 +264,53 @@ class DepthModule(nn.Module):
         """
         return self.match(self.cost_volume(feats, poses_cw, intrinsics, image_hw), image_hw)
 
+    def infer(self, feats: torch.Tensor, poses_cw: torch.Tensor, intrinsics: torch.Tensor,
+              image_hw: tuple[int, int], previous: Previous | None = None) -> DepthResult:
+        """`forward` with the optional parts: the previous keyframe's state fused into the cost
+        volume (with `temporal_fusion`; without `previous` the volume is used as it is), the
+        normals (with `normals`) and the state for the next keyframe.
+
+        Shapes: as `forward`; `previous` as `Previous` with the same B, h, w, D.
+        """
+        vol = self.cost_volume(feats, poses_cw, intrinsics, image_hw)
+        depths = depth_hypotheses(self.cfg, vol)
+        if self.temporal is not None and previous is not None:
+            h, w = vol.shape[2:4]
+            H, W = image_hw
+            intr = scale_intrinsics(intrinsics.detach(), w / W, h / H)
+            rt = pose_to_rt(previous.key_to_prev.detach().to(vol.dtype))
+            warped, valid = warp_volume(previous.state, rt, intr, depths, self.cfg.spacing)
+            vol = self.temporal(vol, warped, valid)
+        outs = self._matched(vol)  # (y, logits (B, h, w, D)) per hourglass
+        preds = [self._depth(logits, depths, image_hw) for _, logits in outs]
+        normals = None
+        if self.normal_head is not None:
+            y, logits = outs[-1]
+            prob = logits.softmax(dim=-1)
+            matched = torch.einsum("bvhwd,bhwd->bvhw", y, prob)
+            log_depth = (prob * depths).sum(-1).clamp_min(1e-3).log()[:, None].detach()
+            normals = self.normal_head(feats[:, 0], matched, log_depth, image_hw)
+        state = outs[-1][0] if self.temporal is not None else None
+        return DepthResult(preds, normals, state)
+
     def match(self, vol: torch.Tensor, image_hw: tuple[int, int]) -> list[torch.Tensor]:
         """The 3D matching and depth heads on a fused cost volume (`cost_volume`'s output).
 
         Shapes: vol (B, V, h, w, D) -> one depth map (B, H, W) per 3D hourglass, the last being the estimate.
         """
         depths = depth_hypotheses(self.cfg, vol)
-        out = []
-        for y, head in zip(self.matching(vol), self.heads, strict=True):
-            logits = head(y)[:, 0].permute(0, 3, 1, 2)  # (B, h, w, D) -> (B, D, h, w)
-            if self.cfg.upsample == "logits":
-                logits = F.interpolate(logits, size=image_hw, mode="bilinear", align_corners=False)
-            depth = (logits.softmax(dim=1) * depths[:, None, None]).sum(dim=1)
-            if self.cfg.upsample == "depth":
-                depth = F.interpolate(depth[:, None], size=image_hw, mode="bilinear", align_corners=False)[:, 0]
-            out.append(depth)
-        return out
+        return [self._depth(logits, depths, image_hw) for _, logits in self._matched(vol)]
+
+    def _matched(self, vol: torch.Tensor) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        """Each 3D hourglass's output y (B, V, h, w, D) with its head's logits (B, h, w, D)."""
+        return [(y, head(y)[:, 0]) for y, head in zip(self.matching(vol), self.heads, strict=True)]
+
+    def _depth(self, logits: torch.Tensor, depths: torch.Tensor, image_hw: tuple[int, int]) -> torch.Tensor:
+        """Soft-argmax depth (B, H, W) from per-hypothesis logits (B, h, w, D)."""
+        logits = logits.permute(0, 3, 1, 2)  # (B, D, h, w)
+        if self.cfg.upsample == "logits":
+            logits = F.interpolate(logits, size=image_hw, mode="bilinear", align_corners=False)
+        depth = (logits.softmax(dim=1) * depths[:, None, None]).sum(dim=1)
+        if self.cfg.upsample == "depth":
+            depth = F.interpolate(depth[:, None], size=image_hw, mode="bilinear", align_corners=False)[:, 0]
+        return depth

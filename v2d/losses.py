@@ -27,11 +27,12 @@ from typing import ClassVar
 import torch
 import torch.nn.functional as F
 
-from v2d.geometry.camera import reproject, valid_reprojection
+from v2d.geometry.camera import backproject, reproject, valid_reprojection
+from v2d.geometry.normals import angular_error, normals_from_depth
 from v2d.motion import MotionStep
 from v2d.ranges import NON_NEGATIVE, POSITIVE, Ranges
 
-__all__ = ["LossConfig", "depth_loss", "motion_loss", "update_loss", "visible_in_target"]
+__all__ = ["LossConfig", "depth_loss", "motion_loss", "normal_loss", "update_loss", "visible_in_target"]
 
 
 @dataclass(frozen=True)
@@ -47,6 +48,11 @@ class LossConfig:
         flow_weight: weight (per pixel) of the flow targets' error.
         motion: weight of the motion loss in joint training.
         iteration_decay: weight of outer iteration k of K is decay^(K-1-k) (later ones count more).
+        normal: weight of the normal head's error, 1 - cos against the normals of the ground-truth
+            depth (with `depth.normals`).
+        depth_normal: weight of the depth-normal consistency (NAS): |n . (X_q - X_p)| / |X_q - X_p|
+            between each pixel's predicted normal and the points of the predicted depth at it and
+            its right and lower neighbours (with `depth.normals`).
     """
 
     depth_weights: tuple[float, ...] = (0.5, 1.0)
@@ -56,6 +62,8 @@ class LossConfig:
     flow_weight: float = 0.1
     motion: float = 1.0
     iteration_decay: float = 0.8
+    normal: float = 0.2
+    depth_normal: float = 0.2
 
     RANGES: ClassVar[Ranges] = {
         "smoothness": NON_NEGATIVE,
@@ -64,6 +72,8 @@ class LossConfig:
         "flow_weight": NON_NEGATIVE,
         "motion": NON_NEGATIVE,
         "iteration_decay": POSITIVE,
+        "normal": NON_NEGATIVE,
+        "depth_normal": NON_NEGATIVE,
     }
 
 
@@ -101,6 +111,44 @@ def depth_loss(preds: list[torch.Tensor], gt: torch.Tensor, image: torch.Tensor,
         if cfg.smoothness > 0 and (~valid).any():
             total = total + w * cfg.smoothness * _smoothness(pred, image, ~valid)
     return total, {"depth_l1": float(l1_last.detach())}
+
+
+def normal_loss(normals: torch.Tensor, depth: torch.Tensor, gt: torch.Tensor, intrinsics: torch.Tensor,
+                cfg: LossConfig) -> tuple[torch.Tensor, dict[str, float]]:
+    """The normal head's loss: supervision by the ground truth's normals and depth-normal consistency.
+
+    Supervision: 1 - cos between the predicted normal and the normal of the ground-truth depth
+    (`v2d.geometry.normals.normals_from_depth`) where that is valid. Consistency (NAS): for each
+    pixel p and its right and lower neighbours q, |n_p . (X_q - X_p)| / |X_q - X_p| with X the
+    points of the predicted depth, where the predicted depth has no edge (its own normals valid);
+    the gradient reaches both the normals and the depth.
+
+    Shapes: normals (B, 3, H, W) unit; depth (B, H, W) predicted; gt (B, H, W) (0 unknown);
+    intrinsics (B, 4). Returns the loss and its parts (depth_normal: the consistency; normal_deg:
+    the mean angular error in degrees, absent when no pixel has a ground-truth normal).
+    """
+    n = normals.permute(0, 2, 3, 1)  # (B, H, W, 3)
+    gt_n, gt_ok = normals_from_depth(gt, intrinsics)
+    count = gt_ok.flatten(1).sum(1)  # (B,)
+    cos = (n * gt_n).sum(-1)
+    per_sample = ((1 - cos) * gt_ok).flatten(1).sum(1) / count.clamp_min(1)
+    has = count > 0  # a sample without ground-truth normals does not dilute the others
+    sup = (per_sample * has).sum() / has.sum().clamp_min(1)
+    pts = backproject(depth, intrinsics)
+    _, ok = normals_from_depth(depth.detach(), intrinsics)
+    terms, count = depth.new_zeros(()), depth.new_zeros(())
+    for d, n_p, m in ((pts[:, :, 1:] - pts[:, :, :-1], n[:, :, :-1], ok[:, :, :-1]),
+                      (pts[:, 1:] - pts[:, :-1], n[:, :-1], ok[:, :-1])):
+        sin = (n_p * d).sum(-1).abs() / d.norm(dim=-1).clamp_min(1e-9)
+        terms = terms + torch.where(m, sin, torch.zeros_like(sin)).sum()
+        count = count + m.sum()
+    consistency = terms / count.clamp_min(1)
+    total = cfg.normal * sup + cfg.depth_normal * consistency
+    parts = {"depth_normal": float(consistency.detach())}
+    if bool(gt_ok.any()):
+        with torch.no_grad():
+            parts["normal_deg"] = float(angular_error(n[gt_ok], gt_n[gt_ok]).mean())
+    return total, parts
 
 
 def visible_in_target(coords: torch.Tensor, z: torch.Tensor, depth_target: torch.Tensor, px: float,

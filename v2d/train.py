@@ -29,11 +29,12 @@ from tqdm import tqdm
 
 from v2d.checkpoint import load_weights, resume_training, save_training
 from v2d.data.clips import SyntheticClips, collate
+from v2d.depth import Previous
 from v2d.errors import ConfigError, InputError
 from v2d.geometry.lie import se3_inv, se3_mul
 from v2d.io.datasets import SequenceClips, open_sequence
 from v2d.io.writers import append_csv, atomic_write, ensure_dir, truncate_csv
-from v2d.losses import depth_loss, motion_loss
+from v2d.losses import depth_loss, motion_loss, normal_loss
 from v2d.model import V2D, normalize_images
 from v2d.motion import edges
 from v2d.ranges import NON_NEGATIVE, POSITIVE, Ranges, at_least
@@ -69,6 +70,14 @@ class TrainConfig:
             reads, with depth and poses); clips are taken in order, cycling.
         checkpoint_every: write a checkpoint every this many steps (and at the end).
         log_every: append rows to metrics.csv every this many steps.
+        sequence_keyframes: K > 1 trains the depth stage on sequences: the clip's frames, in their
+            temporal order (`clips.keyframe: first`), give K keyframes spread over the clip, each
+            matched against its `depth.views` nearest frames, in order, with the temporal state
+            handed from one to the next (`depth.temporal_fusion`); the loss is the mean over the
+            keyframes. 1 = one keyframe per clip (frame 0 against all the others).
+        frozen: parameter-name prefixes held fixed (e.g. "depth.encoder." fine-tunes the depth
+            module's 3D part on features it does not change); a prefix naming nothing is an error.
+            Only the parameters are held: with `norm: batch` the running statistics still move.
     The image size is `data.height` x `data.width`; clips are cut as the `clips` section says.
     """
 
@@ -89,6 +98,8 @@ class TrainConfig:
     data: str = "synthetic"
     checkpoint_every: int = 50
     log_every: int = 10
+    sequence_keyframes: int = 1
+    frozen: tuple[str, ...] = ()
 
     RANGES: ClassVar[Ranges] = {
         "steps": at_least(1),
@@ -104,6 +115,7 @@ class TrainConfig:
         "seed": NON_NEGATIVE,
         "checkpoint_every": at_least(1),
         "log_every": at_least(1),
+        "sequence_keyframes": at_least(1),
     }
 
 
@@ -125,12 +137,23 @@ class Trainer:
         self.cfg, self.tc = cfg, cfg.train
         if cfg.motion.mode != "keyframe":
             raise ConfigError("train: only motion.mode 'keyframe' is supported for training")
+        K = cfg.train.sequence_keyframes
+        if K > 1 and (cfg.clips.keyframe != "first" or cfg.clips.frames < K + 2):
+            raise ConfigError(f"train.sequence_keyframes: {K} keyframes need clips in temporal order "
+                              f"(clips.keyframe: first, got {cfg.clips.keyframe}) of at least {K + 2} frames "
+                              f"(clips.frames: {cfg.clips.frames})")
         self.out = ensure_dir(out_dir)
         self.rank, self.world_size = rank, world_size
         torch.manual_seed(self.tc.seed)
         self.model = V2D.from_config(cfg)
         if self.tc.init:
-            load_weights(self.tc.init, self.model)
+            load_weights(self.tc.init, self.model, fine_tune=True)
+        for prefix in self.tc.frozen:
+            named = [p for name, p in self.model.named_parameters() if name.startswith(prefix)]
+            if not named:
+                raise ConfigError(f"train.frozen: {prefix!r} names no parameter of the model")
+            for p in named:
+                p.requires_grad_(False)
         self.step_module: torch.nn.Module = _TrainStep(self.model, cfg)
         if world_size > 1:  # gradients are averaged over processes (DDP; gloo on CPU)
             self.step_module = torch.nn.parallel.DistributedDataParallel(self.step_module,
@@ -228,8 +251,8 @@ class Trainer:
         return rows
 
     def _log_rows(self, rows: list[dict[str, Any]]) -> None:
-        append_csv(self.out / "metrics.csv", ["step", "stage", "loss", "depth_l1", "flow_epe", "flow_l1", "grad_norm",
-                                              "lr", "seconds"], rows)
+        append_csv(self.out / "metrics.csv", ["step", "stage", "loss", "depth_l1", "flow_epe", "flow_l1", "normal_deg",
+                                              "depth_normal", "grad_norm", "lr", "seconds"], rows)
 
 
 def _stage_loss(model: V2D, cfg, batch: dict[str, torch.Tensor], stage: str, rounds: int
@@ -250,9 +273,7 @@ def _stage_loss(model: V2D, cfg, batch: dict[str, torch.Tensor], stage: str, rou
                              gn=cfg.gn.options(fixed_poses=1, optimize_focal=focal))
         return motion_loss(steps, gt_rel, depths, intr, ii, jj, lc, flow=synthetic)
     if stage == "depth":
-        feats = model.depth.features(normalize_images(images).flatten(0, 1)).unflatten(0, (B, N))
-        preds = model.depth(feats, poses, intr, (H, W))
-        return depth_loss(preds, depths[:, 0], images[:, 0], lc)
+        return _depth_stage_loss(model, cfg, batch)
     out = model(images, intr, iters=rounds, optimize_focal=focal)
     total = images.new_zeros(())
     parts: dict[str, float] = {}
@@ -264,6 +285,48 @@ def _stage_loss(model: V2D, cfg, batch: dict[str, torch.Tensor], stage: str, rou
         total = total + ld + (lc.motion * lm if learned else 0.0)
         parts = {**pd, **pm}
     return total / len(out.poses), parts
+
+
+def sequence_keyframes(frames: int, keyframes: int, views: int) -> list[list[int]]:
+    """The keyframes of a sequence clip and the frames each is matched against: K = `keyframes`
+    keyframes spread evenly over frames 1 .. N-2 (K = 1: frame 0 against all others, the ordinary
+    clip), each with its `views` nearest other frames (the earlier first on ties), keyframe first.
+    ValueError when the K keyframes would not be distinct (N < K + 2).
+
+    >>> sequence_keyframes(9, 3, 4)
+    [[1, 0, 2, 3, 4], [4, 3, 5, 2, 6], [7, 6, 8, 5, 4]]
+    """
+    if keyframes == 1:
+        return [list(range(frames))]
+    keys = [int(round(x)) for x in np.linspace(1, frames - 2, keyframes)]
+    if len(set(keys)) != keyframes:
+        raise ValueError(f"sequence_keyframes: {keyframes} distinct keyframes need at least {keyframes + 2} frames, "
+                         f"got {frames}")
+    return [[i, *sorted((j for j in range(frames) if j != i), key=lambda j: (abs(j - i), j))[:views]] for i in keys]
+
+
+def _depth_stage_loss(model: V2D, cfg, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, dict[str, float]]:
+    """The depth stage (ground-truth poses in): each keyframe of the clip (`sequence_keyframes`) in
+    order, with the temporal state handed on and the normal loss when the module has those parts."""
+    images, depths, poses, intr = batch["images"], batch["depths"], batch["poses_cw"], batch["intrinsics"]
+    B, N, _, H, W = images.shape
+    feats = model.depth.features(normalize_images(images).flatten(0, 1)).unflatten(0, (B, N))
+    total = images.new_zeros(())
+    parts: dict[str, float] = {}
+    state, prev_key = None, None
+    groups = sequence_keyframes(N, cfg.train.sequence_keyframes, cfg.depth.views)
+    for idx in groups:
+        i = idx[0]
+        previous = None if state is None else Previous.between(state, poses[:, prev_key], poses[:, i])
+        res = model.depth.infer(feats[:, idx], poses[:, idx], intr, (H, W), previous)
+        loss, parts_k = depth_loss(res.depths, depths[:, i], images[:, i], cfg.loss)
+        if res.normals is not None:
+            ln, pn = normal_loss(res.normals, res.depths[-1], depths[:, i], intr, cfg.loss)
+            loss, parts_k = loss + ln, {**parts_k, **pn}
+        total = total + loss
+        parts = {k: parts.get(k, 0.0) + v / len(groups) for k, v in parts_k.items()}
+        state, prev_key = res.state, i
+    return total / len(groups), parts
 
 
 def _identity_like(poses: torch.Tensor) -> torch.Tensor:

@@ -11,7 +11,8 @@ from tests.fake_run import write_fake_run
 from v2d.data.synthetic import render_sequence
 from v2d.errors import InputError
 from v2d.geometry.lie import se3_inv
-from v2d.io.results import keyframe_name, load_run
+from v2d.io.results import keyframe_name, load_run, read_normal_png
+from v2d.io.writers import write_normal_png
 
 
 @pytest.fixture(scope="module")
@@ -78,3 +79,21 @@ def test_depth_of_the_wrong_size_or_missing(tmp_path, seq):
         f.unlink()
     with pytest.raises(InputError, match="depth is missing"):
         run.depth(0)
+
+
+def test_normal_png_round_trip(tmp_path):
+    rng = np.random.default_rng(0)
+    n = rng.normal(size=(6, 8, 3))
+    n /= np.linalg.norm(n, axis=-1, keepdims=True)
+    n[0, 0] = 0  # unknown
+    n[1, 1] = np.nan
+    write_normal_png(tmp_path / "n.png", n)
+    back = read_normal_png(tmp_path / "n.png")
+    assert back.shape == (6, 8, 3) and back.dtype == np.float32
+    assert not back[0, 0].any() and not back[1, 1].any()
+    ok = np.ones((6, 8), bool)
+    ok[0, 0] = ok[1, 1] = False
+    np.testing.assert_allclose(back[ok], n[ok], atol=1e-4)
+    (tmp_path / "grey.png").write_bytes((tmp_path / "n.png").read_bytes()[:50])
+    with pytest.raises(InputError, match="not a normal map"):
+        read_normal_png(tmp_path / "grey.png")

@@ -18,7 +18,7 @@ from slam.fusion import fuse_keyframes, splat_depth, write_ply
 from v2d.data.synthetic import default_intrinsics, make_scene, make_trajectory, render_views
 from v2d.errors import InputError, NumericalError, ShapeError
 from v2d.geometry.camera import project, reproject, valid_reprojection
-from v2d.geometry.lie import se3_act, se3_identity
+from v2d.geometry.lie import quat_to_matrix, se3_act, se3_identity, se3_inv
 
 F64 = torch.float64
 H, W = 96, 128
@@ -108,7 +108,7 @@ def test_splat_rejects_bad_inputs() -> None:
 
 def test_fused_points_lie_on_the_scene(kf) -> None:
     depths, images, poses, intr = kf
-    points, colors = fuse_keyframes(depths, images, poses, intr)
+    points, colors, _ = fuse_keyframes(depths, images, poses, intr)
     assert points.dtype == np.float64 and colors.dtype == np.float64
     assert points.shape == colors.shape and points.shape[1] == 3
     assert len(points) > 0.9 * len(KEYFRAMES) * H * W
@@ -131,7 +131,7 @@ def _kept(depths, poses, intr, **options) -> list[torch.Tensor]:
     """Which pixels of each keyframe fuse_keyframes keeps: colour (k, row, col) tells where a point is from."""
     rows, cols = np.mgrid[0:H, 0:W]
     images = [np.stack([np.full((H, W), k), rows, cols], -1).astype(np.uint8) for k in range(len(depths))]
-    _, colors = fuse_keyframes(depths, images, poses, intr, **options)
+    _, colors, _ = fuse_keyframes(depths, images, poses, intr, **options)
     k, r, c = np.round(colors * 255).astype(np.int64).T
     masks = torch.zeros(len(depths), H, W, dtype=torch.bool)
     masks[k, r, c] = True
@@ -176,14 +176,14 @@ def test_fusion_drops_a_corrupted_keyframe(kf) -> None:
     depths[2] = np.random.default_rng(0).uniform(0.5, 10.0, (H, W)).astype(np.float32)
     # Colour tells where a point comes from: white from the corrupted keyframe, black otherwise.
     images = [np.full((H, W, 3), 255 if k == 2 else 0, dtype=np.uint8) for k in range(len(KEYFRAMES))]
-    _, colors = fuse_keyframes(depths, images, poses, intr)
+    _, colors, _ = fuse_keyframes(depths, images, poses, intr)
     assert (colors[:, 0] == 1.0).sum() < 0.1 * H * W
     assert (colors[:, 0] == 0.0).sum() > 0.85 * 3 * H * W
 
 
 def test_fusion_with_too_few_neighbours_keeps_nothing(kf) -> None:
     depths, images, poses, intr = kf
-    points, colors = fuse_keyframes(depths, images, poses, intr, neighbours=1, min_views=3)
+    points, colors, _ = fuse_keyframes(depths, images, poses, intr, neighbours=1, min_views=3)
     assert points.shape == (0, 3) and colors.shape == (0, 3) and points.dtype == np.float64
 
 
@@ -193,7 +193,7 @@ def test_fusion_filters_invalid_and_far_pixels_of_a_single_keyframe(kf, caplog) 
     depth[:10] = 0.0
     depth[10:20] = np.nan
     with caplog.at_level(logging.WARNING, logger="slam.fusion"):
-        points, _ = fuse_keyframes([depth], images[:1], poses[:1], intr, max_depth=3.0)
+        points, _, _ = fuse_keyframes([depth], images[:1], poses[:1], intr, max_depth=3.0)
     assert "one keyframe" in caplog.text
     valid = np.isfinite(depth) & (depth > 0) & (depth <= 3.0)
     assert len(points) == valid.sum() > 0
@@ -203,8 +203,8 @@ def test_fusion_filters_invalid_and_far_pixels_of_a_single_keyframe(kf, caplog) 
 
 def test_voxel_downsampling_reduces_the_cloud(kf) -> None:
     depths, images, poses, intr = kf
-    points, _ = fuse_keyframes(depths, images, poses, intr)
-    small, colors = fuse_keyframes(depths, images, poses, intr, voxel=0.05)
+    points, _, _ = fuse_keyframes(depths, images, poses, intr)
+    small, colors, _ = fuse_keyframes(depths, images, poses, intr, voxel=0.05)
     assert 0 < len(small) < 0.5 * len(points)
     assert small.dtype == np.float64 and colors.shape == small.shape
     assert colors.min() >= 0.0 and colors.max() <= 1.0
@@ -265,3 +265,37 @@ def test_write_ply_failures_raise_and_leave_no_temp_file(tmp_path) -> None:
         write_ply(tmp_path / "c.ply", points, colors[:2])
     with pytest.raises(NumericalError):
         write_ply(tmp_path / "c.ply", np.full((3, 3), np.nan), colors)
+
+
+def test_fused_normals_are_rotated_into_the_world_and_averaged_per_voxel() -> None:
+    pose = torch.tensor([0.1, -0.2, 0.3, 0.2, -0.1, 0.3, 0.9], dtype=F64)
+    pose[3:] /= pose[3:].norm()
+    depth = np.full((H, W), 2.0, np.float32)  # a wall 2 m in front of the camera, facing it
+    image = np.full((H, W, 3), 128, np.uint8)
+    facing = np.zeros((H, W, 3), np.float32)
+    facing[..., 2] = -1
+    expected = (quat_to_matrix(se3_inv(pose)[3:]) @ torch.tensor([0.0, 0.0, -1.0], dtype=F64)).numpy()
+    for normals in ([facing], [None]):  # the module's normals, or those of the depth when there are none
+        for voxel in (0.0, 0.05):
+            points, _, n = fuse_keyframes([depth], [image], pose[None], INTR, min_views=0, voxel=voxel,
+                                          normals=normals)
+            assert n is not None and n.shape == points.shape
+            known = np.linalg.norm(n, axis=1) > 0.5
+            assert known.mean() > 0.9  # only the border has no normal from depth
+            np.testing.assert_allclose(n[known], np.broadcast_to(expected, n[known].shape), atol=1e-5)
+    _, _, none = fuse_keyframes([depth], [image], pose[None], INTR, min_views=0)
+    assert none is None
+    with pytest.raises(ShapeError, match="normal maps"):
+        fuse_keyframes([depth], [image], pose[None], INTR, normals=[facing, facing])
+
+
+def test_write_ply_with_normals(tmp_path) -> None:
+    o3d = pytest.importorskip("open3d")
+    rng = np.random.default_rng(1)
+    points, colors = rng.normal(size=(50, 3)), rng.uniform(size=(50, 3))
+    normals = rng.normal(size=(50, 3))
+    normals /= np.linalg.norm(normals, axis=1, keepdims=True)
+    cloud = o3d.io.read_point_cloud(str(write_ply(tmp_path / "n.ply", points, colors, normals)))
+    np.testing.assert_allclose(np.asarray(cloud.normals), normals, atol=1e-6)
+    with pytest.raises(ShapeError, match="normals"):
+        write_ply(tmp_path / "bad.ply", points, colors, normals[:3])

@@ -88,8 +88,8 @@ def test_retire_hands_out_the_final_depth_once_and_keeps_a_strided_copy():
     m.update_keyframe(0, depth=torch.full((H, W), 2.0), valid=valid)
     m.set_edges([(0, 0)])
     handed: list[tuple[int, np.ndarray]] = []
-    assert m.retire(0, 2, lambda f, d, p, im: handed.append((f, d)))
-    assert not m.retire(0, 2, lambda f, d, p, im: handed.append((f, d)))  # only once
+    assert m.retire(0, 2, lambda f, d, p, im, n: handed.append((f, d)))
+    assert not m.retire(0, 2, lambda f, d, p, im, n: handed.append((f, d)))  # only once
     assert [f for f, _ in handed] == [0]
     depth = handed[0][1]
     assert depth.dtype == np.float32 and depth[0, 0] == 0.0 and (depth[1:] == 2.0).all()

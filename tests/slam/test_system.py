@@ -56,7 +56,7 @@ def _run(model, cfg, frames, intrinsics, calibrated=True, on_keyframe=None):
 def test_tracks_a_rendered_sequence_with_keyframes(seq, model):
     frames = np.asarray(seq.images)[::2]
     finals = []
-    system, res = _run(model, _cfg(), frames, seq.intrinsics, on_keyframe=lambda f, d, p, im: finals.append((f, d)))
+    system, res = _run(model, _cfg(), frames, seq.intrinsics, on_keyframe=lambda f, d, p, im, n: finals.append((f, d)))
     n = len(frames)
     assert res.poses_cw.shape == (n, 7) and torch.isfinite(res.poses_cw).all()
     assert len(res.keyframe_frames) >= 3  # the camera moves: new keyframes by induced flow
@@ -381,7 +381,7 @@ def test_synchronous_mode_is_reproducible(seq, model):
     for _ in range(2):
         depths: list[np.ndarray] = []
         _, res = _run(model, _cfg("slam.keyframe_flow=6"), frames, seq.intrinsics,
-                      on_keyframe=lambda f, d, p, im, _d=depths: _d.append(d))
+                      on_keyframe=lambda f, d, p, im, n, _d=depths: _d.append(d))
         runs.append((res, depths))
     (a, da), (b, db) = runs
     assert len(a.keyframe_frames) >= 3
@@ -475,3 +475,30 @@ def test_every_tensor_follows_the_configured_device(seq, model):
     assert res.poses_cw.device == cpu and res.intrinsics.device == cpu and res.keyframe_poses_cw.device == cpu
     assert all(s.rel_cw.device == cpu for s in res.frames)
     assert all(k.pose_cw.device == cpu for k in system.map.keyframes())
+
+
+def test_temporal_fusion_and_normals_in_the_engine(seq, model):
+    from v2d.checkpoint import load_weights
+    from v2d.model import V2D
+
+    cfg = _cfg("depth.temporal_fusion=true", "depth.normals=true")
+    parts = V2D.from_config(cfg)
+    load_weights(SHIPPED_WEIGHTS, parts, fine_tune=True)  # the update starts at zero, the normal head untrained
+    parts.eval()
+    frames = np.asarray(seq.images)[::2][:16]
+    finals = []
+    _, res = _run(parts, cfg, frames, seq.intrinsics, on_keyframe=lambda f, d, p, im, n: finals.append(n))
+    _, ref = _run(model, _cfg(), frames, seq.intrinsics)
+    # At initialisation neither part changes a pose or a depth; every keyframe gets unit normals.
+    assert torch.equal(res.poses_cw, ref.poses_cw)
+    assert len(finals) == len(res.keyframe_frames) >= 3
+    for n in finals:
+        assert n is not None and n.shape == (H, W, 3)
+        np.testing.assert_allclose(np.linalg.norm(n, axis=-1), 1.0, atol=1e-4)
+    assert all(n is not None and n.shape == d.shape + (3,) for n, d in zip(res.cloud_normals, res.cloud_depths,
+                                                                            strict=True))
+    # The state is handed from keyframe to keyframe: a non-zero update changes the depth, hence the poses.
+    with torch.no_grad():
+        parts.depth.temporal.update.weight.normal_(0, 0.5, generator=torch.Generator().manual_seed(0))
+    _, moved = _run(parts, cfg, frames, seq.intrinsics)
+    assert not torch.equal(moved.poses_cw, ref.poses_cw)

@@ -317,3 +317,46 @@ def test_write_mesh_checks_the_path(run_dir, tmp_path):
     blocker.write_text("x")
     with pytest.raises(InputError, match="not a directory"):
         vis_mesh.write_mesh(mesh, blocker / "mesh.ply")
+
+
+def test_tsdf_mesh_takes_the_predicted_normals(run_dir, seq, tmp_path):
+    """With normal/ PNGs (the depth module's normals; here those of the ground-truth depth, a perfect
+    normal head), the mesh's vertex normals are theirs: closer to the surface's than the TSDF's own."""
+    import shutil
+
+    import torch
+    from scipy.spatial import cKDTree
+
+    from v2d.geometry.normals import angular_error, normals_from_depth
+    from v2d.io.writers import write_normal_png
+
+    run_copy = tmp_path / "run"
+    shutil.copytree(run_dir, run_copy)
+    run = load_run(run_copy)
+    (run_copy / "normal").mkdir()
+    for k in range(len(run.keyframe_rows)):
+        n, _ = normals_from_depth(torch.from_numpy(run.depth(k)).double(), torch.from_numpy(run.intrinsics).double())
+        write_normal_png(run_copy / "normal" / f"{run.keyframe_files[k]}.png", n.numpy())
+    geometric, _ = vis_mesh.tsdf_mesh(load_run(run_dir))
+    predicted, stats = vis_mesh.tsdf_mesh(load_run(run_copy))
+    assert stats["normals"] == "predicted"
+    # The true normal at each vertex: the nearest ground-truth surface point's, from the GT depth.
+    pts, nrm = [], []
+    for f in range(0, FRAMES, 2):
+        d = torch.from_numpy(np.asarray(seq.depths[f])).double()
+        n, ok = normals_from_depth(d, seq.intrinsics)
+        T_wc = vis_scene.pose_matrices(se3_inv(seq.poses_cw[f]).numpy()[None])[0]
+        fx, fy, cx, cy = seq.intrinsics.tolist()
+        v, u = np.mgrid[0:H, 0:W].astype(np.float64)
+        dd, okk = d.numpy(), ok.numpy()
+        cam = np.stack([(u - cx) / fx * dd, (v - cy) / fy * dd, dd], -1)[okk]
+        pts.append(cam @ T_wc[:3, :3].T + T_wc[:3, 3])
+        nrm.append(n.numpy()[okk] @ T_wc[:3, :3].T)
+    tree, truth = cKDTree(np.concatenate(pts)), np.concatenate(nrm)
+
+    def median_error(mesh) -> float:
+        _, idx = tree.query(np.asarray(mesh.vertices))
+        return float(np.median(angular_error(torch.from_numpy(np.asarray(mesh.vertex_normals)),
+                                             torch.from_numpy(truth[idx])).numpy()))
+
+    assert median_error(predicted) < 0.5 * median_error(geometric), (median_error(predicted), median_error(geometric))

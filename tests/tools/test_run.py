@@ -325,7 +325,10 @@ def test_ctrl_c_stops_the_run_and_leaves_no_output(tmp_path, seq):
     root = Path(__file__).resolve().parents[2]
     proc = subprocess.Popen([sys.executable, "-m", "tools.cli", "run", str(src), "--out", str(out),
                              "--resize", f"{H}x{W}", "--set", "slam.concurrent=true"], cwd=root,
-                            stderr=subprocess.PIPE, text=True)
+                            stderr=subprocess.PIPE, text=True,
+                            # a test run started in the background (`make test &`) inherits SIGINT
+                            # ignored, and so would the child: give it the default a user's shell gives
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     deadline = time.monotonic() + 120
     while time.monotonic() < deadline and not list(tmp_path.glob(".*partial-*/depth/*.npy")):
         time.sleep(0.05)  # the first keyframe left the window: tracking and mapping are both running

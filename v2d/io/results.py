@@ -19,7 +19,7 @@ import numpy as np
 
 from v2d.errors import InputError
 
-__all__ = ["RunOutputs", "keyframe_name", "load_run"]
+__all__ = ["RunOutputs", "keyframe_name", "load_run", "read_normal_png"]
 
 
 def keyframe_name(index: int) -> str:
@@ -62,6 +62,17 @@ class RunOutputs:
         if d.shape != self.image_size:
             raise InputError(f"{stem}: depth of shape {d.shape}, but the run's image size is {self.image_size}")
         return d
+
+    def normal(self, k: int) -> np.ndarray | None:
+        """Keyframe k's normals (H, W, 3) float32 (camera frame, 0 = unknown) from normal/NAME.png,
+        or None when the run wrote none (`depth.normals` off)."""
+        path = self.root / "normal" / f"{self.keyframe_files[k]}.png"
+        if not path.is_file():
+            return None
+        n = read_normal_png(path)
+        if n.shape[:2] != self.image_size:
+            raise InputError(f"{path}: normals of shape {n.shape[:2]}, but the run's image size is {self.image_size}")
+        return n
 
     def image(self, k: int) -> np.ndarray | None:
         """Keyframe k's colour image (H, W, 3) uint8 RGB, or None when the run did not write it."""
@@ -106,3 +117,18 @@ def load_run(path: str | Path) -> RunOutputs:
         raise InputError(f"{root}: keyframe rows {min(rows)}..{max(rows)} outside the {len(t)}-pose trajectory")
     return RunOutputs(root=root, timestamps=t, poses_wc=p, keyframe_rows=rows, keyframe_files=[str(f) for f in files],
                       intrinsics=intrinsics, image_size=(H, W), summary=summary)
+
+
+def read_normal_png(path: str | Path) -> np.ndarray:
+    """Normals written by `v2d.io.writers.write_normal_png`: (H, W, 3) float32 unit vectors, 0 where
+    invalid. InputError for an unreadable file or one that is not a 16-bit 3-channel PNG."""
+    import cv2
+
+    raw = cv2.imread(str(path), cv2.IMREAD_UNCHANGED)
+    if raw is None or raw.dtype != np.uint16 or raw.ndim != 3 or raw.shape[2] != 3:
+        raise InputError(f"{path}: not a normal map (a 16-bit RGB PNG)")
+    rgb = raw[..., ::-1]
+    valid = rgb.any(axis=-1)
+    n = rgb.astype(np.float32) / 65535 * 2 - 1
+    n /= np.maximum(np.linalg.norm(n, axis=-1, keepdims=True), 1e-6)
+    return np.where(valid[..., None], n, 0).astype(np.float32)

@@ -26,11 +26,11 @@ from typing import Any
 
 import numpy as np
 
-from v2d.errors import InputError
+from v2d.errors import InputError, ShapeError
 
 __all__ = ["atomic_write", "write_bytes", "write_text", "write_json", "write_npy", "write_depth_png",
-           "write_image_png", "write_image_jpg", "write_tum", "ensure_dir", "staged_output", "check_output_path",
-           "atomic_write_named", "append_csv", "truncate_csv"]
+           "write_normal_png", "write_image_png", "write_image_jpg", "write_tum", "ensure_dir", "staged_output",
+           "check_output_path", "atomic_write_named", "append_csv", "truncate_csv"]
 
 _log = logging.getLogger(__name__)
 
@@ -163,6 +163,19 @@ def write_depth_png(path: str | Path, depth: np.ndarray, scale: float = 1000.0) 
     ok = np.isfinite(d) & (d > 0) & (d < 65535.5)
     out = np.where(ok, np.round(d), 0).astype(np.uint16)
     return write_bytes(path, _encode_png(out))
+
+
+def write_normal_png(path: str | Path, normals: np.ndarray) -> Path:
+    """Unit normals (H, W, 3) (x, y, z in the camera frame) as a 16-bit RGB PNG of (n + 1) / 2 * 65535,
+    the usual normal-map colours (a wall facing the camera is (0.5, 0.5, 0));
+    pixels whose normal is not finite or not unit length (e.g. 0) are written as 0 (invalid).
+    `v2d.io.results.read_normal_png` reads it back."""
+    n = np.asarray(normals, dtype=np.float64)
+    if n.ndim != 3 or n.shape[2] != 3:
+        raise ShapeError(f"write_normal_png: expected normals (H, W, 3), got {n.shape}")
+    ok = np.isfinite(n).all(-1) & (np.abs(np.linalg.norm(np.nan_to_num(n), axis=-1) - 1) < 1e-2)
+    out = np.where(ok[..., None], np.round((np.clip(n, -1, 1) + 1) / 2 * 65535), 0).astype(np.uint16)
+    return write_bytes(path, _encode_png(out[..., ::-1]))
 
 
 def write_image_png(path: str | Path, rgb: np.ndarray) -> Path:

@@ -135,10 +135,11 @@ def track_frames(frames: Iterable[np.ndarray], count: int | None, cfg: RunConfig
     calibrated = intrinsics is not None
     t0 = time.perf_counter()
 
-    depth_dir = image_dir = conf_dir = None
+    depth_dir = image_dir = conf_dir = normal_dir = None
     if out is not None:
         depth_dir, image_dir = ensure_dir(out / "depth"), ensure_dir(out / "images")
         conf_dir = ensure_dir(out / "confidence") if save_confidence else None
+        normal_dir = ensure_dir(out / "normal") if cfg.depth.normals else None
 
     def tracked(f: int, confidence: np.ndarray) -> None:
         name = keyframe_name(names[f] if names else f)
@@ -151,8 +152,8 @@ def track_frames(frames: Iterable[np.ndarray], count: int | None, cfg: RunConfig
             write_depth_png(depth_dir / f"{name}.png", depth)
             write_npy(depth_dir / f"{name}.npy", depth)
             write_image_jpg(image_dir / f"{name}.jpg", image)
-            if normal is not None:
-                write_normal_png(ensure_dir(out / "normal") / f"{name}.png", normal)
+            if normal is not None and normal_dir is not None:
+                write_normal_png(normal_dir / f"{name}.png", normal)
         if on_keyframe is not None:
             on_keyframe(f, depth)
 

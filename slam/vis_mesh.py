@@ -103,6 +103,7 @@ def _predicted_vertex_normals(mesh: o3d.geometry.TriangleMesh, depths: list[np.n
     pixel, rotated into the world; a vertex with no point within 2 voxels, or whose predicted normal
     points away from its geometric one (> 90 degrees: across an edge), keeps the geometric normal.
     """
+    import open3d as o3d
     from scipy.spatial import cKDTree
 
     fx, fy, cx, cy = (float(v) for v in run.intrinsics)
@@ -125,14 +126,8 @@ def _predicted_vertex_normals(mesh: o3d.geometry.TriangleMesh, depths: list[np.n
     found = np.isfinite(dist)
     chosen = np.concatenate(nrm)[np.where(found, idx, 0)]
     use = found & ((chosen * geometric).sum(1) > 0)
-    mesh.vertex_normals = o3d_vector3(np.where(use[:, None], chosen, geometric))
+    mesh.vertex_normals = o3d.utility.Vector3dVector(np.where(use[:, None], chosen, geometric))
     return True
-
-
-def o3d_vector3(a: np.ndarray):  # -> open3d.utility.Vector3dVector
-    import open3d as o3d
-
-    return o3d.utility.Vector3dVector(np.ascontiguousarray(a, dtype=np.float64))
 
 
 _NORMAL_STRIDE = 2  # pixel stride of the keyframe points whose predicted normals the mesh takes

@@ -97,6 +97,29 @@ def test_save_confidence_writes_one_map_per_tracked_frame(tmp_path, seq):
     assert not (tmp_path / "plain" / "confidence").exists()
 
 
+def test_normals_are_written_per_keyframe_and_orient_the_cloud(tmp_path, seq):
+    """`depth.normals`: normal/NAME.png beside each keyframe's depth, unit normals facing the camera,
+    and cloud.ply with normals; without it neither."""
+    import open3d as o3d
+
+    from v2d.io.results import load_run
+
+    src = _folder(tmp_path / "imgs", np.asarray(seq.images)[:12], seq.intrinsics.tolist())
+    out = tmp_path / "out"
+    assert main(["run", str(src), "--out", str(out), "--resize", f"{H}x{W}", "-q", "--set", "depth.normals=true"]) == 0
+    run = load_run(out)
+    for k in range(len(run.keyframe_rows)):
+        n = run.normal(k)
+        assert n is not None and n.shape == (H, W, 3)
+        np.testing.assert_allclose(np.linalg.norm(n, axis=-1), 1.0, atol=1e-3)
+        assert np.median(n[..., 2]) < 0  # toward the camera
+    cloud = o3d.io.read_point_cloud(str(out / "cloud.ply"))
+    assert cloud.has_normals() and json.loads((out / "summary.json").read_text())["cloud_normals"]
+    plain = tmp_path / "plain"
+    assert main(["run", str(src), "--out", str(plain), "--resize", f"{H}x{W}", "-q"]) == 0
+    assert not (plain / "normal").exists() and not o3d.io.read_point_cloud(str(plain / "cloud.ply")).has_normals()
+
+
 def _video(path: Path, images) -> Path:
     writer = cv2.VideoWriter(str(path), cv2.VideoWriter_fourcc(*"MJPG"), 30, (W, H))
     for im in images:

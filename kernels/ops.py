@@ -13,6 +13,7 @@ from __future__ import annotations
 import functools
 import logging
 from types import ModuleType
+from typing import NamedTuple
 
 import torch
 from torch.autograd.function import once_differentiable
@@ -28,7 +29,7 @@ from kernels._checks import (
 )
 from kernels.errors import ShapeError
 
-__all__ = ["extension_available", "gn_reduce", "backproject_volume"]
+__all__ = ["extension_available", "gn_reduce", "backproject_volume", "ba_reduce", "BAReduction"]
 
 _log = logging.getLogger(__name__)
 _BACKENDS = ("auto", "extension", "reference")
@@ -210,3 +211,100 @@ def backproject_volume(
     if _use_extension("backproject_volume", device, backend):
         return _BackprojectVolume.apply(features, rel_poses, intrinsics, depths)
     return reference.backproject_volume(features, rel_poses, intrinsics, depths)
+
+
+# --------------------------------------------------------------------------------------------------
+# Kernel C: window bundle adjustment (joint poses + per-pixel inverse depth), per-edge and per-pixel terms
+# --------------------------------------------------------------------------------------------------
+
+
+class BAReduction(NamedTuple):
+    """What `ba_reduce` returns (see its docstring for the formulas and shapes)."""
+
+    H_jj: torch.Tensor  # (E, 6, 6)
+    g_j: torch.Tensor  # (E, 6)
+    c: torch.Tensor  # (E, h, w, 6)
+    c_own: torch.Tensor  # (K, h, w, 6)
+    h_pp: torch.Tensor  # (K, h, w)
+    g_p: torch.Tensor  # (K, h, w)
+
+
+def ba_reduce(
+    inv_depth: torch.Tensor,
+    ii: torch.Tensor,
+    rel_poses: torch.Tensor,
+    adjoints: torch.Tensor,
+    intrinsics: torch.Tensor,
+    targets: torch.Tensor,
+    weights: torch.Tensor,
+    stride: int = 1,
+    min_depth: float = 0.1,
+    robust_scale: float = 0.0,
+    backend: str = "auto",
+) -> BAReduction:
+    """The terms of one joint Gauss-Newton step over poses and per-pixel inverse depths, fused over pixels.
+
+    Used by `v2d.geometry.window_ba`, which eliminates the pixels by the Schur complement. Keyframe
+    k's grid entry (i, j) is the full-resolution pixel (u, v) = (stride j, stride i) (pixel centres
+    at integer coordinates) with inverse depth rho = inv_depth[k, i, j] and ray x = K^-1 [u, v, 1].
+    Edge e runs from keyframe ii[e] to a camera j with rel_poses[e] = [R | t] (keyframe -> j) and
+    sees the pixel at pi(X), X = R x + rho t. With r = targets - pi(X), J = d pi / d xi_j for a left
+    perturbation exp(xi) of camera j's world->camera pose (xi = [translation, rotation], as
+    `gn_reduce`), J_rho = d pi / d rho and the weight w = weights / (1 + |r|^2 / robust_scale^2)
+    (Cauchy IRLS; robust_scale = 0: w = weights), over the valid pixels (rho > 0 and the depth in
+    camera j, X_z / rho, > min_depth):
+
+        H_jj[e] = sum_p w J^T J,   g_j[e] = sum_p w J^T r,   c[e, p] = w J^T J_rho,
+
+    and per keyframe pixel, summed over the edges out of its keyframe,
+
+        h_pp = sum_e w |J_rho|^2,   g_p = sum_e w J_rho . r,   c_own = -sum_e Adj_e^T c[e, p],
+
+    with adjoints[e] = Adj(T_ji) so that the source pose's Jacobian is -J Adj (its blocks H_ij,
+    H_ii, g_i follow from H_jj and g_j per edge). Keyframes without an edge get zeros.
+
+    No autograd (a solver step): inputs must not require gradients. NaN or Inf raises
+    `NumericalError` (the caller zeroes the weights of unobserved pixels and makes their targets
+    finite); a negative weight or non-positive focal length raises `ShapeError`.
+
+    Shapes:
+        inv_depth: (K, h, w); ii: (E,) int64 in [0, K); rel_poses: (E, 3, 4); adjoints: (E, 6, 6);
+        intrinsics: (4,) = fx, fy, cx, cy (full resolution); targets: (E, h, w, 2) full-resolution
+        pixel coordinates; weights: (E, h, w) >= 0. Returns a `BAReduction`.
+    """
+    dims: dict[str, int] = {}
+    expect("inv_depth", inv_depth, ("K", "h", "w"), dims)
+    expect("rel_poses", rel_poses, ("E", 3, 4), dims)
+    expect("adjoints", adjoints, ("E", 6, 6), dims)
+    expect("intrinsics", intrinsics, (4,), dims)
+    expect("targets", targets, ("E", "h", "w", 2), dims)
+    expect("weights", weights, ("E", "h", "w"), dims)
+    named = dict(inv_depth=inv_depth, rel_poses=rel_poses, adjoints=adjoints, intrinsics=intrinsics,
+                 targets=targets, weights=weights)
+    device, _ = same_device_dtype(named)
+    expect_contiguous(named)
+    expect_no_grad(named, "ba_reduce")
+    expect_finite(named, "ba_reduce")
+    expect_positive_focal(intrinsics)
+    if not isinstance(ii, torch.Tensor) or ii.dtype != torch.long or tuple(ii.shape) != (dims["E"],):
+        got = (tuple(ii.shape), ii.dtype) if isinstance(ii, torch.Tensor) else type(ii).__name__
+        raise ShapeError(f"ii: expected an int64 tensor of shape ({dims['E']},), got {got}")
+    if ii.device != device or not ii.is_contiguous():
+        raise ShapeError(f"ii: expected a contiguous tensor on {device}, got {ii.device}")
+    if ii.numel() and (int(ii.min()) < 0 or int(ii.max()) >= dims["K"]):
+        raise ShapeError(f"ii: expected keyframe indices in [0, {dims['K']}), got [{int(ii.min())}, {int(ii.max())}]")
+    if weights.numel() and bool((weights < 0).any()):
+        raise ShapeError("weights: expected non-negative weights")
+    if not (isinstance(stride, int) and stride >= 1):
+        raise ShapeError(f"stride: expected an integer >= 1, got {stride!r}")
+    if not min_depth > 0:
+        raise ShapeError(f"min_depth: expected a positive number, got {min_depth!r}")
+    if not robust_scale >= 0:
+        raise ShapeError(f"robust_scale: expected >= 0 (0 = plain least squares), got {robust_scale!r}")
+    if _use_extension("ba_reduce", device, backend):
+        out = _extension().ba_reduce(inv_depth, ii, rel_poses, adjoints, intrinsics, targets, weights, stride,
+                                     float(min_depth), float(robust_scale))
+    else:
+        out = reference.ba_reduce(inv_depth, ii, rel_poses, adjoints, intrinsics, targets, weights, stride,
+                                  min_depth, robust_scale)
+    return BAReduction(*out)

@@ -62,6 +62,17 @@ std::vector<torch::Tensor> backproject_volume_backward(const torch::Tensor& grad
   V2D_ROUTE(backproject_volume_backward, features, grad_volume, features, rel_poses, intrinsics, depths);
 }
 
+std::vector<torch::Tensor> ba_reduce(const torch::Tensor& inv_depth, const torch::Tensor& ii,
+                                     const torch::Tensor& rel_poses, const torch::Tensor& adjoints,
+                                     const torch::Tensor& intrinsics, const torch::Tensor& targets,
+                                     const torch::Tensor& weights, int64_t stride, double min_depth,
+                                     double robust_scale) {
+  v2d::check_same({inv_depth, rel_poses, adjoints, intrinsics, targets, weights}, "ba_reduce");
+  v2d::check_ba_shapes("ba_reduce", inv_depth, ii, rel_poses, adjoints, intrinsics, targets, weights, stride);
+  V2D_ROUTE(ba_reduce, inv_depth, inv_depth, ii, rel_poses, adjoints, intrinsics, targets, weights, stride, min_depth,
+            robust_scale);
+}
+
 }  // namespace
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
@@ -69,6 +80,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("gn_reduce_backward", &gn_reduce_backward, "Gauss-Newton normal equations per edge (backward)");
   m.def("backproject_volume_forward", &backproject_volume_forward, "Cost-volume back-projection (forward)");
   m.def("backproject_volume_backward", &backproject_volume_backward, "Cost-volume back-projection (backward)");
+  m.def("ba_reduce", &ba_reduce, "Window bundle adjustment: per-edge and per-pixel Gauss-Newton terms");
 #ifdef V2D_WITH_CUDA
   m.attr("with_cuda") = true;
 #else

@@ -65,4 +65,31 @@ inline void check_volume_grad(const char* op, const torch::Tensor& grad, const t
               "), got ", grad.sizes());
 }
 
+inline void check_ba_shapes(const char* op, const torch::Tensor& inv_depth, const torch::Tensor& ii,
+                            const torch::Tensor& rel_poses, const torch::Tensor& adjoints,
+                            const torch::Tensor& intrinsics, const torch::Tensor& targets,
+                            const torch::Tensor& weights, int64_t stride) {
+  TORCH_CHECK(inv_depth.dim() == 3, op, ": inv_depth must be (K, h, w), got ", inv_depth.sizes());
+  const int64_t Kf = inv_depth.size(0), h = inv_depth.size(1), w = inv_depth.size(2);
+  TORCH_CHECK(ii.dim() == 1 && ii.scalar_type() == torch::kLong && ii.device() == inv_depth.device() &&
+                  ii.is_contiguous(),
+              op, ": ii must be a contiguous int64 (E,) tensor on ", inv_depth.device());
+  const int64_t E = ii.size(0);
+  if (E > 0) {
+    const auto lo = ii.min().item<int64_t>(), hi = ii.max().item<int64_t>();
+    TORCH_CHECK(lo >= 0 && hi < Kf, op, ": ii must index keyframes in [0, ", Kf, "), got [", lo, ", ", hi, "]");
+  }
+  TORCH_CHECK(rel_poses.sizes() == torch::IntArrayRef({E, 3, 4}), op, ": rel_poses must be (E, 3, 4) with E = ", E,
+              ", got ", rel_poses.sizes());
+  TORCH_CHECK(adjoints.sizes() == torch::IntArrayRef({E, 6, 6}), op, ": adjoints must be (E, 6, 6) with E = ", E,
+              ", got ", adjoints.sizes());
+  TORCH_CHECK(intrinsics.sizes() == torch::IntArrayRef({4}), op, ": intrinsics must be (4,), got ",
+              intrinsics.sizes());
+  TORCH_CHECK(targets.sizes() == torch::IntArrayRef({E, h, w, 2}), op, ": targets must be (E, h, w, 2) = (", E,
+              ", ", h, ", ", w, ", 2), got ", targets.sizes());
+  TORCH_CHECK(weights.sizes() == torch::IntArrayRef({E, h, w}), op, ": weights must be (E, h, w) = (", E, ", ", h,
+              ", ", w, "), got ", weights.sizes());
+  TORCH_CHECK(stride >= 1, op, ": stride must be >= 1, got ", stride);
+}
+
 }  // namespace v2d

@@ -29,6 +29,15 @@ std::vector<torch::Tensor> backproject_volume_backward_cpu(const torch::Tensor& 
                                                            const torch::Tensor& intrinsics,
                                                            const torch::Tensor& depths);
 
+// ---- Kernel C: window bundle adjustment, per-edge and per-pixel terms (see ba.h) ----
+// inv_depth (K,h,w), ii (E) int64, rel_poses (E,3,4), adjoints (E,6,6), intrinsics (4), targets (E,h,w,2),
+// weights (E,h,w) -> {H_jj (E,6,6), g_j (E,6), c (E,h,w,6), c_own (K,h,w,6), h_pp (K,h,w), g_p (K,h,w)}
+std::vector<torch::Tensor> ba_reduce_cpu(const torch::Tensor& inv_depth, const torch::Tensor& ii,
+                                         const torch::Tensor& rel_poses, const torch::Tensor& adjoints,
+                                         const torch::Tensor& intrinsics, const torch::Tensor& targets,
+                                         const torch::Tensor& weights, int64_t stride, double min_depth,
+                                         double robust_scale);
+
 #ifdef V2D_WITH_CUDA
 std::vector<torch::Tensor> gn_reduce_forward_cuda(const torch::Tensor& inv_depth, const torch::Tensor& rel_poses,
                                                   const torch::Tensor& intrinsics, const torch::Tensor& targets,
@@ -44,4 +53,9 @@ std::vector<torch::Tensor> backproject_volume_backward_cuda(const torch::Tensor&
                                                             const torch::Tensor& rel_poses,
                                                             const torch::Tensor& intrinsics,
                                                             const torch::Tensor& depths);
+std::vector<torch::Tensor> ba_reduce_cuda(const torch::Tensor& inv_depth, const torch::Tensor& ii,
+                                          const torch::Tensor& rel_poses, const torch::Tensor& adjoints,
+                                          const torch::Tensor& intrinsics, const torch::Tensor& targets,
+                                          const torch::Tensor& weights, int64_t stride, double min_depth,
+                                          double robust_scale);
 #endif

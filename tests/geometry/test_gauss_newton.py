@@ -156,6 +156,35 @@ def test_recovers_perturbed_poses_from_exact_targets(backend, dtype):
     assert torch.equal(est[0], init[0].to(dtype))  # the fixed pose does not move
 
 
+def test_tolerance_stops_at_convergence_only_without_autograd(monkeypatch):
+    """With a tolerance and no autograd the loop stops once a step is that small: fewer kernel calls,
+    poses within the tolerance of running every step; with autograd (training) every step runs."""
+    import importlib
+
+    gn_mod = importlib.import_module("v2d.geometry.gauss_newton")
+    inv_depth, intr, gt = scene(N=3, seed=4)
+    ii, jj = torch.tensor([0, 0]), torch.tensor([1, 2])
+    targets = project_targets(inv_depth, intr, gt, ii, jj)
+    weights = torch.ones_like(targets)
+    init = perturb(gt, 3.0, 0.05, seed=2)
+    args = (inv_depth.expand(2, -1, -1).double(), intr.double(), targets.double(), weights.double(), ii, jj)
+    calls = []
+    real = gn_mod.gn_accumulate
+    monkeypatch.setattr(gn_mod, "gn_accumulate", lambda *a, **k: calls.append(1) or real(*a, **k))
+    full = GNOptions(iterations=12)
+    with torch.no_grad():
+        every, _ = gauss_newton(init.double(), *args, full)
+        assert len(calls) == 12
+        calls.clear()
+        early, _ = gauss_newton(init.double(), *args, dataclasses.replace(full, tolerance=1e-8))
+        stopped_after = len(calls)
+    assert 2 <= stopped_after < 12  # Gauss-Newton on exact targets converges quadratically
+    assert pose_error(early, every) < 1e-8 and pose_error(early, gt) < 1e-6
+    calls.clear()
+    trained, _ = gauss_newton(init.double().requires_grad_(), *args, dataclasses.replace(full, tolerance=1e-8))
+    assert len(calls) == 12 and trained.requires_grad
+
+
 def test_converges_with_30_percent_downweighted_outliers():
     inv_depth, intr, gt = scene(N=3, seed=2)
     jj = torch.tensor([1, 2])

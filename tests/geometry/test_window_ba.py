@@ -7,11 +7,12 @@ import dataclasses
 import pytest
 import torch
 
+from kernels import reference
 from v2d.errors import ShapeError
 from v2d.geometry.camera import pixel_rays, project, reproject, valid_reprojection
 from v2d.geometry.gauss_newton import GNOptions, gauss_newton
-from v2d.geometry.lie import quat_to_matrix, se3_exp, se3_inv, se3_log, se3_mul, skew
-from v2d.geometry.window_ba import _LM_SCALE, WindowBAOptions, _edge_jacobians, window_bundle_adjust
+from v2d.geometry.lie import quat_to_matrix, se3_adjoint, se3_exp, se3_inv, se3_log, se3_mul, skew
+from v2d.geometry.window_ba import _LM_SCALE, WindowBAOptions, window_bundle_adjust
 
 D = torch.float64
 H, W = 24, 32
@@ -61,35 +62,48 @@ def _scaled_start(poses: torch.Tensor, inv: torch.Tensor, scale: float = 1.2, no
 # ------------------------------------------------------------------------------------------ Jacobians
 
 
+def _edge_terms(rho: torch.Tensor, Ti: torch.Tensor, Tj: torch.Tensor, intr: torch.Tensor = KI):
+    """The projection of keyframe i's pixels (inverse depth rho (h, w)) into camera j and its Jacobians as
+    the solver's kernel defines them (kernels.reference.ba_jacobians): uv (h, w, 2), J_j (h, w, 2, 6),
+    J_rho (h, w, 2), valid (h, w), Adj(T_ji) (6, 6)."""
+    T = se3_mul(Tj, se3_inv(Ti))
+    rel = torch.cat([quat_to_matrix(T[3:]), T[:3, None]], dim=-1)[None]
+    zeros = torch.zeros(1, *rho.shape, 2, dtype=rho.dtype)
+    J, J_rho, r, valid = reference.ba_jacobians(rho[None], rel, intr, zeros, 0.1)
+    return -r[0], J[0], J_rho[0], valid[0], se3_adjoint(T)
+
+
 def test_jacobians_match_finite_differences():
     poses, inv, *_ = _scene()
     g = torch.Generator().manual_seed(5)
-    rays = pixel_rays(KI, H, W, D, torch.device("cpu")).reshape(-1, 3)[::37]  # a few pixels
-    rho = inv[0].reshape(-1)[::37] * (1 + 0.1 * torch.rand(rays.shape[0], generator=g, dtype=D))
+    rays = pixel_rays(KI, H, W, D, torch.device("cpu"))
+    rho = inv[0] * (1 + 0.1 * torch.rand(inv[0].shape, generator=g, dtype=D))
     Ti, Tj = poses[0] * 1, se3_mul(se3_exp(torch.tensor([0.1, -0.05, 0.2, 0.1, 0.2, -0.1], dtype=D)), poses[2])
 
     def uv_of(Ti_, Tj_, rho_):
-        return _edge_jacobians(rho_, rays, se3_mul(Tj_, se3_inv(Ti_))[None], KI)[0][0]
+        return _edge_terms(rho_, Ti_, Tj_)[0]
 
-    uv, J_j, J_rho, X, adj, front = _edge_jacobians(rho, rays, se3_mul(Tj, se3_inv(Ti))[None], KI)
-    assert bool(front.all())
-    J_i = -J_j @ adj[:, None]  # the source pose's Jacobian, as the solver uses it
-    # the brief's form: d pi / dX (-R_ji [rho I, -[x]x])
-    R = quat_to_matrix(se3_mul(Tj, se3_inv(Ti))[3:])
-    Jp = project(X[0], KI, jacobian=True)[1]
-    dX_di = -R @ torch.cat([rho[:, None, None] * torch.eye(3, dtype=D), -skew(rays)], dim=-1)
-    torch.testing.assert_close(J_i[0], Jp @ dX_di)
-    torch.testing.assert_close(uv[0], project(X[0], KI))
+    uv, J_j, J_rho, valid, adj = _edge_terms(rho, Ti, Tj)
+    assert bool(valid.all())
+    J_i = -J_j @ adj  # the source pose's Jacobian, as the solver uses it
+    # the brief's form: d pi / dX (-R_ji [rho I, -[x]x]) with X = R_ji x + rho t_ji
+    T = se3_mul(Tj, se3_inv(Ti))
+    R = quat_to_matrix(T[3:])
+    X = rays @ R.T + rho[..., None] * T[:3]
+    Jp = project(X, KI, jacobian=True)[1]
+    dX_di = -R @ torch.cat([rho[..., None, None] * torch.eye(3, dtype=D), -skew(rays)], dim=-1)
+    torch.testing.assert_close(J_i, Jp @ dX_di)
+    torch.testing.assert_close(uv, project(X, KI))
     eps = 1e-6
     for k in range(6):
         d = torch.zeros(6, dtype=D)
         d[k] = eps
         num_i = (uv_of(se3_mul(se3_exp(d), Ti), Tj, rho) - uv_of(se3_mul(se3_exp(-d), Ti), Tj, rho)) / (2 * eps)
         num_j = (uv_of(Ti, se3_mul(se3_exp(d), Tj), rho) - uv_of(Ti, se3_mul(se3_exp(-d), Tj), rho)) / (2 * eps)
-        torch.testing.assert_close(J_i[0, :, :, k], num_i, rtol=1e-6, atol=1e-6)
-        torch.testing.assert_close(J_j[0, :, :, k], num_j, rtol=1e-6, atol=1e-6)
+        torch.testing.assert_close(J_i[..., k], num_i, rtol=1e-6, atol=1e-6)
+        torch.testing.assert_close(J_j[..., k], num_j, rtol=1e-6, atol=1e-6)
     num_rho = (uv_of(Ti, Tj, rho + eps) - uv_of(Ti, Tj, rho - eps)) / (2 * eps)
-    torch.testing.assert_close(J_rho[0], num_rho, rtol=1e-6, atol=1e-6)
+    torch.testing.assert_close(J_rho, num_rho, rtol=1e-6, atol=1e-6)
     assert float(J_i.abs().max()) > 1.0 and float(J_rho.abs().max()) > 0.1  # not trivially zero
 
 
@@ -296,21 +310,19 @@ def test_schur_step_equals_the_dense_solve():
     out_p, out_i = window_bundle_adjust(p0, i0, intr, ii, jj, targets, weights, prior, pw, opts)
 
     N, Kf, P = p0.shape[0], inv.shape[0], h * w
-    rays = pixel_rays(intr, h, w, D, torch.device("cpu")).reshape(-1, 3)
     nv = 6 * N + Kf * P
     rows_J, rows_r, rows_w = [], [], []
     for e in range(ii.shape[0]):
         i, j = int(ii[e]), int(jj[e])
-        rho = i0[i].reshape(-1)
-        uv, J_j, J_rho, X, adj, _ = _edge_jacobians(rho, rays, se3_mul(p0[j], se3_inv(p0[i]))[None], intr)
-        J_i = -J_j @ adj[:, None]
-        ok = (weights[e].reshape(-1) > 0) & (X[0, :, 2] > opts.min_depth * rho)
+        uv, J_j, J_rho, valid, adj = _edge_terms(i0[i], p0[i], p0[j], intr)
+        J_j, J_rho, uv = J_j.reshape(P, 2, 6), J_rho.reshape(P, 2), uv.reshape(P, 2)
+        ok = (weights[e].reshape(-1) > 0) & valid.reshape(-1)
         J = torch.zeros(P, 2, nv, dtype=D)
-        J[:, :, 6 * i:6 * i + 6] = J_i[0]
-        J[:, :, 6 * j:6 * j + 6] = J_j[0]
-        J[torch.arange(P), :, 6 * N + i * P + torch.arange(P)] = J_rho[0]
+        J[:, :, 6 * i:6 * i + 6] = -J_j @ adj
+        J[:, :, 6 * j:6 * j + 6] = J_j
+        J[torch.arange(P), :, 6 * N + i * P + torch.arange(P)] = J_rho
         rows_J.append(J.reshape(2 * P, nv))
-        rows_r.append((targets[e].reshape(-1, 2) - uv[0]).reshape(-1))
+        rows_r.append((targets[e].reshape(-1, 2) - uv).reshape(-1))
         rows_w.append((weights[e].reshape(-1) * ok).repeat_interleave(2))
     Jp = torch.zeros(Kf * P, nv, dtype=D)
     Jp[:, 6 * N:] = torch.eye(Kf * P, dtype=D)

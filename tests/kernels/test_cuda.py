@@ -6,6 +6,9 @@ import pytest
 import torch
 
 from kernels import ops
+from kernels.errors import ShapeError
+from tests.kernels.test_ba_reduce import CASES as BA_CASES
+from tests.kernels.test_ba_reduce import make_inputs as ba_inputs
 from tests.kernels.test_gn_reduce import make_inputs as gn_inputs
 from tests.kernels.test_volume import make_inputs as volume_inputs
 
@@ -40,3 +43,43 @@ def test_backproject_volume_cuda_matches_cpu(dtype):
     tol = 1e-9 if dtype == torch.float64 else 1e-4
     for a, c in zip(*results, strict=True):
         assert torch.allclose(a, c, rtol=tol, atol=tol * max(1.0, a.abs().max().item()))
+
+
+# The CPU cases, plus no edges at all (every output is zeros or empty).
+@pytest.mark.parametrize("case", [*BA_CASES, (2, [], 3, 4, 1)])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("robust_scale", [0.0, 2.0])
+def test_ba_reduce_cuda_matches_cpu(case, dtype, robust_scale):
+    K, ii, h, w, s = case
+    inputs = ba_inputs(K, ii, h, w, s, dtype=dtype, behind=len(ii) > 3)
+    results = [
+        ops.ba_reduce(
+            *(x.to(device) for x in inputs), stride=s, min_depth=0.1, robust_scale=robust_scale, backend="extension"
+        )
+        for device in ("cpu", "cuda")
+    ]
+    tol = 1e-9 if dtype == torch.float64 else 1e-4
+    for name, a, c in zip(results[0]._fields, results[0], results[1], strict=True):
+        assert c.device.type == "cuda" and c.dtype == dtype and c.shape == a.shape, name
+        c = c.cpu()
+        scale = max(1.0, a.abs().max().item()) if a.numel() else 1.0
+        assert torch.allclose(a, c, rtol=tol, atol=tol * scale), name
+    cuda = results[1]
+    assert torch.equal(cuda.H_jj, cuda.H_jj.transpose(1, 2))
+    missing = sorted(set(range(K)) - set(ii))
+    if missing:  # a keyframe without edges gets exact zeros
+        for t in (cuda.c_own, cuda.h_pp, cuda.g_p):
+            assert not bool(t[missing].any())
+
+
+def test_ba_reduce_cuda_rejects_ii_out_of_range():
+    from kernels import _C
+
+    inv, ii, rel, adj, intr, targets, weights = (x.cuda() for x in ba_inputs(2, [0, 1], 4, 5))
+    bad = torch.tensor([0, 5], device="cuda")
+    with pytest.raises(ShapeError, match="ii"):
+        ops.ba_reduce(inv, bad, rel, adj, intr, targets, weights, backend="extension")
+    with pytest.raises(RuntimeError, match="ii must index keyframes"):
+        _C.ba_reduce(inv, bad, rel, adj, intr, targets, weights, 1, 0.1, 0.0)
+    with pytest.raises(RuntimeError, match="ii must index keyframes"):
+        _C.ba_reduce(inv, torch.tensor([-1, 0], device="cuda"), rel, adj, intr, targets, weights, 1, 0.1, 0.0)

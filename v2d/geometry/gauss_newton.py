@@ -46,6 +46,10 @@ class GNOptions:
         min_depth: points closer than this to the target camera (scene units) are ignored.
         fixed_poses: the first `fixed_poses` poses are held fixed (gauge freedom; 1 in keyframe mode).
         optimize_focal: also optimise a shared log-scale of fx, fy (uncalibrated video).
+        tolerance: without autograd (inference), `gauss_newton` stops once a step changes no free
+            pose parameter (translation in scene units, rotation in radians) nor the focal
+            log-scale by more than this; 0 runs every iteration. With autograd every iteration
+            runs (the unrolled layer a trainer differentiates stays fixed).
     """
 
     iterations: int = 2
@@ -57,6 +61,7 @@ class GNOptions:
     min_depth: float = 0.1
     fixed_poses: int = 1
     optimize_focal: bool = False
+    tolerance: float = 0.0
 
 
 @dataclass
@@ -283,6 +288,14 @@ def gn_step(
     intrinsics too, so with `optimize_focal` an unrolled loop differentiates through every step's
     focal change.
     """
+    P, K, _ = _step(poses_cw, inv_depth, intrinsics, targets, weights, ii, jj, opts, backend)
+    return P, K
+
+
+def _step(poses_cw: torch.Tensor, inv_depth: torch.Tensor, intrinsics: torch.Tensor, targets: torch.Tensor,
+          weights: torch.Tensor, ii: torch.Tensor, jj: torch.Tensor, opts: GNOptions, backend: str
+          ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """`gn_step`, also returning the largest absolute change of a free parameter (a 0-d tensor)."""
     unbatched, P, D, K, T, Wt = _batched(poses_cw, inv_depth, intrinsics, targets, weights, ii, jj)
     B, N = P.shape[:2]
     k = opts.fixed_poses
@@ -295,13 +308,15 @@ def gn_step(
     xi = dx[:, : 6 * (N - k)].reshape(B, N - k, 6)
     xi = torch.cat([_clip(xi[..., :3], opts.max_translation_step), _clip(xi[..., 3:], opts.max_rotation_step)], -1)
     P = torch.cat([P[:, :k], se3_mul(se3_exp(xi), P[:, k:])], dim=1)
+    change = xi.detach().abs().amax() if xi.numel() else xi.new_zeros(())
     if opts.optimize_focal:
         s = dx[:, -1].clamp(-opts.max_focal_step, opts.max_focal_step)
         scale = torch.stack([s.exp(), s.exp(), torch.ones_like(s), torch.ones_like(s)], dim=-1)
         K = K * scale
+        change = torch.maximum(change, s.detach().abs().amax())
     if unbatched:
-        return P[0], K[0]
-    return P, K
+        return P[0], K[0], change
+    return P, K, change
 
 
 def gauss_newton(
@@ -315,12 +330,18 @@ def gauss_newton(
     opts: GNOptions = GNOptions(),
     backend: str = "auto",
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """`opts.iterations` Gauss-Newton steps (see `gn_step`), unrolled and differentiable.
+    """`opts.iterations` Gauss-Newton steps (see `gn_step`), unrolled and differentiable; without
+    autograd, fewer once a step is within `opts.tolerance` (steps after it would only move the poses
+    by float rounding).
 
     Shapes: as `gn_accumulate`. Returns (poses_cw, intrinsics) after the last step.
     """
     if opts.iterations < 1:
         raise ShapeError(f"iterations: expected >= 1, got {opts.iterations}")
+    early_exit = opts.tolerance > 0 and not torch.is_grad_enabled()
     for _ in range(opts.iterations):
-        poses_cw, intrinsics = gn_step(poses_cw, inv_depth, intrinsics, targets, weights, ii, jj, opts, backend)
+        poses_cw, intrinsics, change = _step(poses_cw, inv_depth, intrinsics, targets, weights, ii, jj, opts,
+                                             backend)
+        if early_exit and float(change) <= opts.tolerance:
+            break
     return poses_cw, intrinsics

@@ -19,9 +19,9 @@ and the objective is
 
     sum_e sum_p  w_ep c(r_ep) |r_ep|^2  +  sum_k sum_p  pw_kp (rho_kp - prior_kp)^2,
 
-c the Cauchy factor 1 / (1 + |r|^2 / c^2) (`v2d.geometry.robust.cauchy_weight`), recomputed at
-every iteration (IRLS); an edge/pixel counts only where its weight is > 0, its target finite and
-X_z > min_depth * rho.
+c the Cauchy factor 1 / (1 + |r|^2 / c^2) (`v2d.geometry.robust.cauchy_weight`; the kernel
+computes the same factor, which a test holds it to), recomputed at every iteration (IRLS); an
+edge/pixel counts only where its weight is > 0, its target finite and X_z > min_depth * rho.
 
 Jacobians (poses world->camera, left-multiplied updates T <- exp(xi) T, xi = [v, w] as
 `se3_exp`, [.]x the cross-product matrix):
@@ -54,8 +54,11 @@ system is 6 M x 6 M (M ~ 10 poses), solved by Cholesky with Levenberg-Marquardt 
 if the factorisation fails, then least squares); the pixel steps are clamped to max_step * rho and
 rho to >= min_inv_depth (where a clamp binds, that pixel's step no longer matches the pose step).
 
-Memory: one keyframe's edges are processed at a time (Jacobians (m, P, 2, 6) float64); only the
-(P, 6 (1 + m)) couplings, H_pp and g_p are kept per keyframe for the back-substitution.
+Where the work is done. Every per-pixel term (the projection, J_j, J_rho, the robust weight, H_jj
+and g_j per edge, the couplings, H_pp and g_p) comes from one fused kernel, `kernels.ops.ba_reduce`
+(C++/OpenMP, CUDA; its pure-torch reference materialises the Jacobians): no per-pixel Jacobian is
+stored, only the couplings (E + K, P, 6), which the Schur complement needs. The pose blocks, the
+Gram matrices of the couplings and the back-substitution are done here with torch.
 Everything runs in float64, without autograd (a SLAM-side solver).
 """
 
@@ -68,9 +71,9 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from kernels.errors import ShapeError
-from v2d.geometry.camera import pixel_rays
-from v2d.geometry.lie import quat_to_matrix, se3_adjoint, se3_exp, se3_inv, se3_mul
-from v2d.geometry.robust import cauchy_weight
+from kernels.ops import ba_reduce
+from v2d.geometry.camera import pose_to_rt
+from v2d.geometry.lie import se3_adjoint, se3_exp, se3_inv, se3_mul
 
 __all__ = ["WindowBAOptions", "window_bundle_adjust"]
 
@@ -151,39 +154,6 @@ def _check_inputs(poses: Tensor, inv: Tensor, intrinsics: Tensor, ii: Tensor, jj
         raise ShapeError(f"fixed_poses: expected 0..{N}, got {opts.fixed_poses}")
 
 
-def _edge_jacobians(rho: Tensor, rays: Tensor, T_ji: Tensor, intrinsics: Tensor
-                    ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
-    """Projection and its Jacobians for a batch of edges out of one keyframe (closed form).
-
-    rho: (P,) inverse depths of the keyframe's pixels, rays: (P, 3) their K^-1 [u, v, 1];
-    T_ji: (m, 7) = T_j T_i^-1 per edge; intrinsics (4,).
-
-    Returns uv (m, P, 2) = pi(X); J_j (m, P, 2, 6) = d uv / d xi_j; J_rho (m, P, 2) = d uv / d rho;
-    X (m, P, 3) (homogeneous point in camera j; Z_j = X_z / rho); Adj(T_ji) (m, 6, 6); and
-    valid (m, P): X_z > 0. The source pose's Jacobian is d uv / d xi_i = -J_j Adj(T_ji) (perturbing
-    T_i by exp(xi) is perturbing T_j by exp(-Adj(T_ji) xi), since T_ji exp(-xi) = exp(-Adj xi) T_ji),
-    which equals (d pi / dX) (-R_ji [rho I, -[x]x]); the solver never forms it per pixel. The
-    residual target - uv has the negatives of these Jacobians. Entries where X_z <= 0 are finite
-    and meaningless.
-    """
-    R, t = quat_to_matrix(T_ji[:, 3:]), T_ji[:, :3]  # (m, 3, 3), (m, 3)
-    X = torch.einsum("eij,pj->epi", R, rays) + t[:, None, :] * rho[None, :, None]
-    valid = X[..., 2] > 0
-    iz = 1.0 / torch.where(valid, X[..., 2], torch.ones_like(X[..., 2]))
-    xp, yp = X[..., 0] * iz, X[..., 1] * iz
-    fx, fy, cx, cy = intrinsics.unbind(-1)
-    uv = torch.stack([fx * xp + cx, fy * yp + cy], dim=-1)
-    ri = rho[None] * iz
-    o = torch.zeros_like(xp)
-    # [rho I, -[X]x] projected: d pi / dX = [[fx/Z, 0, -fx x'/Z], [0, fy/Z, -fy y'/Z]]
-    ju = torch.stack([ri, o, -ri * xp, -xp * yp, 1.0 + xp * xp, -yp], dim=-1) * fx
-    jv = torch.stack([o, ri, -ri * yp, -(1.0 + yp * yp), xp * yp, xp], dim=-1) * fy
-    J_j = torch.stack([ju, jv], dim=-2)
-    tx, ty, tz = (c[:, None] for c in t.unbind(-1))
-    J_rho = torch.stack([fx * iz * (tx - xp * tz), fy * iz * (ty - yp * tz)], dim=-1)
-    return uv, J_j, J_rho, X, se3_adjoint(T_ji), valid
-
-
 def window_bundle_adjust(poses_cw: Tensor, inv_depth: Tensor, intrinsics: Tensor, ii: Tensor, jj: Tensor,
                          targets: Tensor, weights: Tensor, prior: Tensor, prior_weight: Tensor,
                          opts: WindowBAOptions = WindowBAOptions()) -> tuple[Tensor, Tensor]:
@@ -211,7 +181,6 @@ def window_bundle_adjust(poses_cw: Tensor, inv_depth: Tensor, intrinsics: Tensor
     Kf, H, W = inv_depth.shape
     s = opts.stride
     intr = intrinsics.detach().to(f64)
-    rays = pixel_rays(intr, H, W, f64, inv_depth.device)[::s, ::s].reshape(-1, 3)  # (P, 3)
     # non-finite inputs: a prior or prior weight that is not finite is no prior; a starting inverse
     # depth that is not finite starts at the prior (or the floor)
     pri_full = prior.detach().to(f64)
@@ -221,86 +190,73 @@ def window_bundle_adjust(poses_cw: Tensor, inv_depth: Tensor, intrinsics: Tensor
     pw_full = torch.where(no_prior, torch.zeros_like(pw_full), pw_full)
     start = inv_depth.detach().to(f64)
     start = torch.where(torch.isfinite(start), start, pri_full).clamp_min(opts.min_inv_depth)
-    rho = start[:, ::s, ::s].reshape(Kf, -1).clone()  # (K, P)
-    P = rho.shape[1]
-    tgt = targets.detach()[:, ::s, ::s].reshape(-1, P, 2).to(f64)
-    wts = weights.detach()[:, ::s, ::s].reshape(-1, P).to(f64)
+    rho = start[:, ::s, ::s].contiguous()  # (K, h, w)
+    tgt = targets.detach()[:, ::s, ::s].to(f64)
+    wts = weights.detach()[:, ::s, ::s].to(f64)
     obs = (wts > 0) & torch.isfinite(tgt).all(-1) & torch.isfinite(wts)
-    tgt = torch.where(obs[..., None], tgt, torch.zeros_like(tgt))
-    w0 = torch.where(obs, wts, torch.zeros_like(wts))
-    pri = pri_full[:, ::s, ::s].reshape(Kf, P)
-    pw = pw_full[:, ::s, ::s].reshape(Kf, P)
+    tgt = torch.where(obs[..., None], tgt, torch.zeros_like(tgt)).contiguous()
+    w0 = torch.where(obs, wts, torch.zeros_like(wts)).contiguous()
+    pri = pri_full[:, ::s, ::s].contiguous()
+    pw = pw_full[:, ::s, ::s].contiguous()
     poses = poses_cw.detach().to(f64).clone()
     for _ in range(opts.iterations):
-        poses, rho = _step(poses, rho, intr, rays, ii, jj, tgt, w0, obs, pri, pw, opts)
+        poses, rho = _step(poses, rho, intr, ii, jj, tgt, w0, pri, pw, opts)
     out_poses = poses.to(poses_cw.dtype)
-    rho = rho.reshape(Kf, *start[0, ::s, ::s].shape)
     if s == 1:
         return out_poses, rho.to(inv_depth.dtype)
     up = torch.stack([_upsample(rho[k] / start[k, ::s, ::s], s, H, W) for k in range(Kf)])
     return out_poses, (start * up).to(inv_depth.dtype)
 
 
-def _step(poses: Tensor, rho: Tensor, intr: Tensor, rays: Tensor, ii: Tensor, jj: Tensor, tgt: Tensor, w0: Tensor,
-          obs: Tensor, pri: Tensor, pw: Tensor, opts: WindowBAOptions) -> tuple[Tensor, Tensor]:
+def _step(poses: Tensor, rho: Tensor, intr: Tensor, ii: Tensor, jj: Tensor, tgt: Tensor, w0: Tensor,
+          pri: Tensor, pw: Tensor, opts: WindowBAOptions) -> tuple[Tensor, Tensor]:
     """One damped joint Gauss-Newton step (Schur complement on the pixels). Shapes as in the caller:
-    poses (N, 7), rho (K, P), rays (P, 3), tgt (E, P, 2), w0 (E, P), obs (E, P), pri, pw (K, P)."""
-    N, (Kf, P) = poses.shape[0], rho.shape
+    poses (N, 7), rho (K, h, w), tgt (E, h, w, 2), w0 (E, h, w) (0 = unobserved), pri, pw (K, h, w)."""
+    N, grid = poses.shape[0], rho.shape
+    Kf, P = grid[0], grid[1] * grid[2]
     dev, f64 = rho.device, rho.dtype
+    T_ji = se3_mul(poses[jj], se3_inv(poses)[ii])  # (E, 7)
+    rel = pose_to_rt(T_ji).contiguous()
+    adj = se3_adjoint(T_ji)
+    if not (bool(torch.isfinite(rel).all()) and bool(torch.isfinite(intr).all())):
+        return poses, rho  # nothing sound to linearise: the estimate stays (as in _damped_solve)
+    red = ba_reduce(rho, ii, rel, adj, intr, tgt, w0, opts.stride, opts.min_depth, opts.robust_scale)
+    # the source pose's blocks through the adjoint: J_i = -J_j Adj
+    adj_t = adj.transpose(1, 2)
+    H_ij = -(adj_t @ red.H_jj)
+    H_ii = -(H_ij @ adj)
+    g_i = -(adj_t @ red.g_j[..., None])[..., 0]
     Hb = torch.zeros(N * N, 6, 6, dtype=f64, device=dev)  # block (a, b) at a * N + b
     gc = torch.zeros(N, 6, dtype=f64, device=dev)
+    Hb.index_add_(0, torch.cat([ii, ii, jj, jj]) * N + torch.cat([ii, jj, ii, jj]),
+                  torch.cat([H_ii, H_ij, H_ij.transpose(1, 2), red.H_jj]))
+    gc.index_add_(0, torch.cat([ii, jj]), torch.cat([g_i, red.g_j]))
+    rho = rho.reshape(Kf, P)
+    h_all = (pw + red.h_pp).reshape(Kf, P)
+    g_all = (pw * (pri - rho.view(grid)) + red.g_p).reshape(Kf, P)
     kept = []  # per keyframe: (nodes, couplings C (P, 6(1+m)), H_pp, g_p) for the back-substitution
-    inv_poses = se3_inv(poses)
     for k in range(Kf):
         edges = (ii == k).nonzero()[:, 0]
         m = edges.numel()
-        r_k = rho[k]
-        h_pp = pw[k].clone()
-        g_p = pw[k] * (pri[k] - r_k)
         if m == 0:
-            kept.append((None, None, h_pp, g_p))
+            kept.append((None, None, h_all[k], g_all[k]))
             continue
-        tj = jj[edges]
-        uv, J_j, J_rho, X, adj, front = _edge_jacobians(r_k, rays, se3_mul(poses[tj], inv_poses[k][None]), intr)
-        ok = obs[edges] & front & (X[..., 2] > opts.min_depth * r_k[None])
-        r = torch.where(ok[..., None], tgt[edges] - uv, torch.zeros_like(uv))
-        w = torch.where(ok, w0[edges], torch.zeros_like(uv[..., 0]))
-        if opts.robust_scale > 0:
-            w = w * cauchy_weight((r ** 2).sum(-1), opts.robust_scale)
-        wJ = J_j * w[..., None, None]  # (m, P, 2, 6)
-        wJt = wJ.reshape(m, 2 * P, 6).transpose(1, 2)
-        H_jj = wJt @ J_j.reshape(m, 2 * P, 6)  # (m, 6, 6)
-        g_j = (wJt @ r.reshape(m, 2 * P, 1))[..., 0]  # (m, 6)
-        c_j = wJ[..., 0, :] * J_rho[..., :1] + wJ[..., 1, :] * J_rho[..., 1:]  # (m, P, 6): pixel-xi_j coupling
-        h_pp = h_pp + (w * (J_rho ** 2).sum(-1)).sum(0)
-        g_p = g_p + (w * (J_rho * r).sum(-1)).sum(0)
-        # the source pose's blocks through the adjoint: J_i = -J_j Adj
-        adj_t = adj.transpose(1, 2)
-        H_ij = -(adj_t @ H_jj)
-        H_ii = -(H_ij @ adj)
-        g_i = -(adj_t @ g_j[..., None])[..., 0]
-        c_own = -(c_j @ adj).sum(0)  # (P, 6): sum over the edges of -Adj^T c_j
-        src = torch.full_like(tj, k)
-        rows = torch.cat([src, src, tj, tj])
-        cols = torch.cat([src, tj, src, tj])
-        Hb.index_add_(0, rows * N + cols, torch.cat([H_ii, H_ij, H_ij.transpose(1, 2), H_jj]))
-        gc.index_add_(0, torch.cat([src, tj]), torch.cat([g_i, g_j]))
         # the pixels' couplings: own pose (summed over edges), then one block per edge target
-        C = torch.cat([c_own, c_j.permute(1, 0, 2).reshape(P, 6 * m)], dim=1)
-        nodes = torch.cat([torch.tensor([k], device=dev), tj])
-        kept.append((nodes, C, h_pp, g_p))
+        C = torch.cat([red.c_own[k].reshape(P, 6), red.c[edges].reshape(m, P, 6).permute(1, 0, 2).reshape(P, 6 * m)],
+                      dim=1)
+        kept.append((torch.cat([torch.tensor([k], device=dev), jj[edges]]), C, h_all[k], g_all[k]))
     # H_cc's diagonal sets the Levenberg-Marquardt scaling (taken before the pixels are eliminated)
     diag_cc = torch.diagonal(Hb.reshape(N, N, 6, 6)[torch.arange(N), torch.arange(N)], dim1=-2, dim2=-1).reshape(-1)
     # Schur complement: S = H_cc - sum_p C_p C_p^T / H_pp, s = g_c - sum_p C_p g_p / H_pp
     for nodes, C, h_pp, g_p in kept:
         if nodes is None:
             continue
-        h = h_pp.clamp_min(1e-12)
-        Cs = C / h.sqrt()[:, None]
+        inv_h = 1.0 / h_pp.clamp_min(1e-12)
+        Cs = C * inv_h.sqrt()[:, None]
         n = nodes.numel()
         G = (Cs.T @ Cs).reshape(n, 6, n, 6).permute(0, 2, 1, 3).reshape(n * n, 6, 6)
         Hb.index_add_(0, (nodes[:, None] * N + nodes[None, :]).reshape(-1), -G)
-        gc.index_add_(0, nodes, -(C.T @ (g_p / h)).reshape(n, 6))
+        gc.index_add_(0, nodes, -(C.T @ (g_p * inv_h)).reshape(n, 6))
     S = Hb.reshape(N, N, 6, 6).permute(0, 2, 1, 3).reshape(6 * N, 6 * N)
     f = opts.fixed_poses
     dx = torch.zeros(N, 6, dtype=f64, device=dev)
@@ -315,6 +271,7 @@ def _step(poses: Tensor, rho: Tensor, intr: Tensor, rays: Tensor, ii: Tensor, jj
         lim = opts.max_step * rho[k]
         step = torch.maximum(torch.minimum(step, lim), -lim)
         new_rho[k] = torch.where(torch.isfinite(step), rho[k] + step, rho[k]).clamp_min(opts.min_inv_depth)
+    new_rho = new_rho.view(grid)
     new_poses = poses.clone()
     if f < N:
         upd = se3_mul(se3_exp(dx[f:]), poses[f:])

@@ -58,7 +58,8 @@ def test_gn_options_are_the_section_plus_the_decisions_of_the_call():
     assert GNConfig().options(fixed_poses=1, optimize_focal=False) == dataclasses.replace(GNOptions(), tolerance=1e-6)
     cfg = load_config(None, ["gn.iterations=7", "gn.min_depth=0.5", "gn.tolerance=0"])
     opts = cfg.gn.options(fixed_poses=3, optimize_focal=True)
-    assert (opts.iterations, opts.min_depth, opts.fixed_poses, opts.optimize_focal, opts.tolerance) == (7, 0.5, 3, True, 0)
+    got = (opts.iterations, opts.min_depth, opts.fixed_poses, opts.optimize_focal, opts.tolerance)
+    assert got == (7, 0.5, 3, True, 0)
     with pytest.raises(TypeError):
         cfg.gn.options(3, True)  # type: ignore[misc]  # keywords only: the call site says what it decides
 

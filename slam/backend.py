@@ -202,7 +202,7 @@ class GlobalBA:
         gn = self.cfg.gn
         opts = WindowBAOptions(iterations=sc.global_ba_iterations, robust_scale=c, min_depth=gn.min_depth, stride=1,
                                fixed_poses=1, max_translation_step=gn.max_translation_step,
-                               max_rotation_step=gn.max_rotation_step)
+                               max_rotation_step=gn.max_rotation_step, keep_couplings=False)
         before = _robust_residual(poses, inv_g, intr_g, ii, jj, tgt, wts, c, gn.min_depth)
         if not np.isfinite(before):
             report.reason = "no flow target passed the forward-backward check"

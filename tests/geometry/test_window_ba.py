@@ -249,6 +249,21 @@ def test_non_finite_depths_priors_and_prior_weights_give_finite_results():
     torch.testing.assert_close(out_p, p0, rtol=0, atol=1e-12)
 
 
+def test_computing_the_couplings_again_gives_the_same_step():
+    """keep_couplings=False (a global adjustment's memory) recomputes each keyframe's couplings for the
+    back-substitution instead of holding them: the same poses and depths."""
+    poses, inv, ii, jj, targets, weights = _scene(n_kf=3, n_frames=2, seed=8)
+    p0, i0 = _scaled_start(poses, inv, scale=1.1, noise=0.05)
+    prior, pw = inv * 1.02, torch.full_like(inv, 0.5)
+    opts = WindowBAOptions(iterations=2, stride=2)
+    kept = window_bundle_adjust(p0, i0, KI, ii, jj, targets.float(), weights.float(), prior, pw, opts)
+    again = window_bundle_adjust(p0, i0, KI, ii, jj, targets.float(), weights.float(), prior, pw,
+                                 dataclasses.replace(opts, keep_couplings=False))
+    for a, b in zip(kept, again, strict=True):
+        assert torch.equal(a, b)
+    assert _pose_error(kept[0], p0) > 1e-3  # a real step
+
+
 def test_cauchy_resists_outlier_targets():
     poses, inv, ii, jj, targets, weights = _scene(seed=5)
     g = torch.Generator().manual_seed(9)

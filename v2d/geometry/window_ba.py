@@ -56,9 +56,11 @@ rho to >= min_inv_depth (where a clamp binds, that pixel's step no longer matche
 
 Where the work is done. Every per-pixel term (the projection, J_j, J_rho, the robust weight, H_jj
 and g_j per edge, the couplings, H_pp and g_p) comes from one fused kernel, `kernels.ops.ba_reduce`
-(C++/OpenMP, CUDA; its pure-torch reference materialises the Jacobians): no per-pixel Jacobian is
-stored, only the couplings (E + K, P, 6), which the Schur complement needs. The pose blocks, the
-Gram matrices of the couplings and the back-substitution are done here with torch.
+(C++/OpenMP, CUDA; its pure-torch reference materialises the Jacobians), called once per keyframe
+on that keyframe's edges: no per-pixel Jacobian is stored, only the keyframe's couplings
+(P, 6 (1 + m)), which its Gram matrix (torch, BLAS) and the back-substitution need. They are kept
+between the two (`keep_couplings`, memory growing with edges x pixels: bounded in a window) or
+computed again for the back-substitution (a global adjustment, whose edges grow with the video).
 Everything runs in float64, without autograd (a SLAM-side solver).
 """
 
@@ -104,6 +106,10 @@ class WindowBAOptions:
             (radians) update of one pose in one step. A longer pose step is scaled down as a whole,
             not clipped part by part as `GNOptions` does, so that it stays a multiple of the solved
             step and the pixels' back-substitution (which uses the scaled step) stays consistent.
+        keep_couplings: keep each keyframe's pixel couplings (P, 6 (1 + m)) from the Schur
+            complement to the back-substitution (memory grows with edges x pixels); False computes
+            them again instead (twice the kernel work, memory of one keyframe's edges): for a
+            global adjustment whose edges grow with the video.
     """
 
     iterations: int = 3
@@ -116,6 +122,7 @@ class WindowBAOptions:
     fixed_poses: int = 1
     max_translation_step: float = 0.5
     max_rotation_step: float = 0.5
+    keep_couplings: bool = True
 
 
 def _check_inputs(poses: Tensor, inv: Tensor, intrinsics: Tensor, ii: Tensor, jj: Tensor, targets: Tensor,
@@ -191,8 +198,10 @@ def window_bundle_adjust(poses_cw: Tensor, inv_depth: Tensor, intrinsics: Tensor
     start = inv_depth.detach().to(f64)
     start = torch.where(torch.isfinite(start), start, pri_full).clamp_min(opts.min_inv_depth)
     rho = start[:, ::s, ::s].contiguous()  # (K, h, w)
-    tgt = targets.detach()[:, ::s, ::s].to(f64)
-    wts = weights.detach()[:, ::s, ::s].to(f64)
+    # targets and weights stay in their dtype (float32 from the flow: half the memory of a global
+    # adjustment's edges); each keyframe's edges are converted when reduced
+    tgt = targets.detach()[:, ::s, ::s]
+    wts = weights.detach()[:, ::s, ::s]
     obs = (wts > 0) & torch.isfinite(tgt).all(-1) & torch.isfinite(wts)
     tgt = torch.where(obs[..., None], tgt, torch.zeros_like(tgt)).contiguous()
     w0 = torch.where(obs, wts, torch.zeros_like(wts)).contiguous()
@@ -220,43 +229,60 @@ def _step(poses: Tensor, rho: Tensor, intr: Tensor, ii: Tensor, jj: Tensor, tgt:
     adj = se3_adjoint(T_ji)
     if not (bool(torch.isfinite(rel).all()) and bool(torch.isfinite(intr).all())):
         return poses, rho  # nothing sound to linearise: the estimate stays (as in _damped_solve)
-    red = ba_reduce(rho, ii, rel, adj, intr, tgt, w0, opts.stride, opts.min_depth, opts.robust_scale)
-    # the source pose's blocks through the adjoint: J_i = -J_j Adj
-    adj_t = adj.transpose(1, 2)
-    H_ij = -(adj_t @ red.H_jj)
-    H_ii = -(H_ij @ adj)
-    g_i = -(adj_t @ red.g_j[..., None])[..., 0]
-    Hb = torch.zeros(N * N, 6, 6, dtype=f64, device=dev)  # block (a, b) at a * N + b
-    gc = torch.zeros(N, 6, dtype=f64, device=dev)
-    Hb.index_add_(0, torch.cat([ii, ii, jj, jj]) * N + torch.cat([ii, jj, ii, jj]),
-                  torch.cat([H_ii, H_ij, H_ij.transpose(1, 2), red.H_jj]))
-    gc.index_add_(0, torch.cat([ii, jj]), torch.cat([g_i, red.g_j]))
-    rho = rho.reshape(Kf, P)
-    h_all = (pw + red.h_pp).reshape(Kf, P)
-    g_all = (pw * (pri - rho.view(grid)) + red.g_p).reshape(Kf, P)
-    kept = []  # per keyframe: (nodes, couplings C (P, 6(1+m)), H_pp, g_p) for the back-substitution
+    edges_of = [(ii == k).nonzero()[:, 0] for k in range(Kf)]
+
+    def reduce(k: int) -> tuple[Tensor, Tensor, Tensor]:
+        """Keyframe k's edges through the kernel: (its H_jj (m, 6, 6), g_j (m, 6), and the pixels'
+        couplings C (P, 6 (1 + m)): own pose (summed over the edges), then one block per edge target),
+        adding its pixels' data terms into h_all[k], g_all[k] on the first call."""
+        e = edges_of[k]
+        red = ba_reduce(rho_grid[k:k + 1], torch.zeros_like(e), rel[e], adj[e], intr, tgt[e].to(f64), w0[e].to(f64),
+                        opts.stride, opts.min_depth, opts.robust_scale)
+        if k not in data_added:
+            h_all[k] += red.h_pp.reshape(P)
+            g_all[k] += red.g_p.reshape(P)
+            data_added.add(k)
+        m = e.numel()
+        C = torch.cat([red.c_own.reshape(P, 6), red.c.reshape(m, P, 6).permute(1, 0, 2).reshape(P, 6 * m)], dim=1)
+        return red.H_jj, red.g_j, C
+
+    rho_grid, rho = rho, rho.reshape(Kf, P)
+    h_all = pw.reshape(Kf, P).clone()
+    g_all = (pw * (pri - rho_grid)).reshape(Kf, P)
+    data_added: set[int] = set()
+    H_jj = torch.zeros(ii.shape[0], 6, 6, dtype=f64, device=dev)
+    g_j = torch.zeros(ii.shape[0], 6, dtype=f64, device=dev)
+    gram = torch.zeros(N * N, 6, 6, dtype=f64, device=dev)  # sum_p C_p C_p^T / H_pp, block (a, b) at a * N + b
+    g_schur = torch.zeros(N, 6, dtype=f64, device=dev)
+    kept: dict[int, Tensor] = {}  # keyframe -> C, for the back-substitution (with opts.keep_couplings)
+    # Schur complement: S = H_cc - sum_p C_p C_p^T / H_pp, s = g_c - sum_p C_p g_p / H_pp, one keyframe at a time
     for k in range(Kf):
-        edges = (ii == k).nonzero()[:, 0]
-        m = edges.numel()
-        if m == 0:
-            kept.append((None, None, h_all[k], g_all[k]))
+        if edges_of[k].numel() == 0:
             continue
-        # the pixels' couplings: own pose (summed over edges), then one block per edge target
-        C = torch.cat([red.c_own[k].reshape(P, 6), red.c[edges].reshape(m, P, 6).permute(1, 0, 2).reshape(P, 6 * m)],
-                      dim=1)
-        kept.append((torch.cat([torch.tensor([k], device=dev), jj[edges]]), C, h_all[k], g_all[k]))
-    # H_cc's diagonal sets the Levenberg-Marquardt scaling (taken before the pixels are eliminated)
-    diag_cc = torch.diagonal(Hb.reshape(N, N, 6, 6)[torch.arange(N), torch.arange(N)], dim1=-2, dim2=-1).reshape(-1)
-    # Schur complement: S = H_cc - sum_p C_p C_p^T / H_pp, s = g_c - sum_p C_p g_p / H_pp
-    for nodes, C, h_pp, g_p in kept:
-        if nodes is None:
-            continue
-        inv_h = 1.0 / h_pp.clamp_min(1e-12)
+        H_jj[edges_of[k]], g_j[edges_of[k]], C = reduce(k)
+        inv_h = 1.0 / h_all[k].clamp_min(1e-12)
         Cs = C * inv_h.sqrt()[:, None]
+        nodes = torch.cat([torch.tensor([k], device=dev), jj[edges_of[k]]])
         n = nodes.numel()
         G = (Cs.T @ Cs).reshape(n, 6, n, 6).permute(0, 2, 1, 3).reshape(n * n, 6, 6)
-        Hb.index_add_(0, (nodes[:, None] * N + nodes[None, :]).reshape(-1), -G)
-        gc.index_add_(0, nodes, -(C.T @ (g_p * inv_h)).reshape(n, 6))
+        gram.index_add_(0, (nodes[:, None] * N + nodes[None, :]).reshape(-1), G)
+        g_schur.index_add_(0, nodes, (C.T @ (g_all[k] * inv_h)).reshape(n, 6))
+        if opts.keep_couplings:
+            kept[k] = C
+    # the pose blocks; the source pose's through the adjoint: J_i = -J_j Adj
+    adj_t = adj.transpose(1, 2)
+    H_ij = -(adj_t @ H_jj)
+    H_ii = -(H_ij @ adj)
+    g_i = -(adj_t @ g_j[..., None])[..., 0]
+    Hb = torch.zeros(N * N, 6, 6, dtype=f64, device=dev)
+    gc = torch.zeros(N, 6, dtype=f64, device=dev)
+    Hb.index_add_(0, torch.cat([ii, ii, jj, jj]) * N + torch.cat([ii, jj, ii, jj]),
+                  torch.cat([H_ii, H_ij, H_ij.transpose(1, 2), H_jj]))
+    gc.index_add_(0, torch.cat([ii, jj]), torch.cat([g_i, g_j]))
+    # H_cc's diagonal sets the Levenberg-Marquardt scaling (taken before the pixels are eliminated)
+    diag_cc = torch.diagonal(Hb.reshape(N, N, 6, 6)[torch.arange(N), torch.arange(N)], dim1=-2, dim2=-1).reshape(-1)
+    Hb -= gram
+    gc -= g_schur
     S = Hb.reshape(N, N, 6, 6).permute(0, 2, 1, 3).reshape(6 * N, 6 * N)
     f = opts.fixed_poses
     dx = torch.zeros(N, 6, dtype=f64, device=dev)
@@ -264,9 +290,12 @@ def _step(poses: Tensor, rho: Tensor, intr: Tensor, ii: Tensor, jj: Tensor, tgt:
         dx[f:] = _damped_solve(S[6 * f:, 6 * f:], gc[f:].reshape(-1), diag_cc[6 * f:], opts.damping).reshape(N - f, 6)
         dx = dx * _step_scale(dx, opts)[:, None]
     new_rho = torch.empty_like(rho)
-    for k, (nodes, C, h_pp, g_p) in enumerate(kept):
-        h = h_pp.clamp_min(1e-12)
-        rhs = g_p if nodes is None else g_p - C @ dx[nodes].reshape(-1)
+    for k in range(Kf):
+        h = h_all[k].clamp_min(1e-12)
+        rhs = g_all[k]
+        if edges_of[k].numel():
+            C = kept.pop(k) if opts.keep_couplings else reduce(k)[2]
+            rhs = rhs - C @ dx[torch.cat([torch.tensor([k], device=dev), jj[edges_of[k]]])].reshape(-1)
         step = rhs / h
         lim = opts.max_step * rho[k]
         step = torch.maximum(torch.minimum(step, lim), -lim)

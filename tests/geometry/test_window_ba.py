@@ -302,7 +302,8 @@ def test_shape_errors():
     for change in bad:
         with pytest.raises(ShapeError):
             window_bundle_adjust(**{**args, **change})
-    for opts in (WindowBAOptions(stride=0), WindowBAOptions(fixed_poses=4)):
+    for opts in (WindowBAOptions(stride=0), WindowBAOptions(fixed_poses=4), WindowBAOptions(min_depth=0.0),
+                 WindowBAOptions(robust_scale=-1.0)):
         with pytest.raises(ShapeError):
             window_bundle_adjust(**args, opts=opts)
 

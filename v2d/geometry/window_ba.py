@@ -157,6 +157,10 @@ def _check_inputs(poses: Tensor, inv: Tensor, intrinsics: Tensor, ii: Tensor, jj
         raise ShapeError(f"stride: expected >= 1, got {opts.stride}")
     if opts.iterations < 0:
         raise ShapeError(f"iterations: expected >= 0, got {opts.iterations}")
+    if not opts.min_depth > 0:
+        raise ShapeError(f"min_depth: expected > 0, got {opts.min_depth}")
+    if not opts.robust_scale >= 0:
+        raise ShapeError(f"robust_scale: expected >= 0 (0 = plain least squares), got {opts.robust_scale}")
     if not 0 <= opts.fixed_poses <= N:
         raise ShapeError(f"fixed_poses: expected 0..{N}, got {opts.fixed_poses}")
 
@@ -187,7 +191,7 @@ def window_bundle_adjust(poses_cw: Tensor, inv_depth: Tensor, intrinsics: Tensor
     f64 = torch.float64
     Kf, H, W = inv_depth.shape
     s = opts.stride
-    intr = intrinsics.detach().to(f64)
+    intr = intrinsics.detach().to(f64).contiguous()
     # non-finite inputs: a prior or prior weight that is not finite is no prior; a starting inverse
     # depth that is not finite starts at the prior (or the floor)
     pri_full = prior.detach().to(f64)

@@ -60,9 +60,18 @@ def gn_jacobians(
     Shapes:
         inputs as gn_reduce. Returns J: (E, H, W, 2, K), r: (E, H, W, 2), valid: (E, H, W) bool.
     """
-    E = inv_depth.shape[0]
-    fx, fy = (c.view(E, 1, 1) for c in intrinsics[:, :2].unbind(-1))
     pr = _project(inv_depth, rel_poses, intrinsics, targets, min_depth, stride)
+    return _pose_jacobian(pr, rel_poses, intrinsics, with_focal), pr["r"], pr["valid"]
+
+
+def _pose_jacobian(pr: dict[str, torch.Tensor], rel_poses: torch.Tensor, intrinsics: torch.Tensor,
+                   with_focal: bool) -> torch.Tensor:
+    """d pi / d xi (and d pi / d s with the focal column) from `_project`'s terms; 0 on invalid pixels.
+
+    Shapes: as `_project`'s; rel_poses (E, 3, 4); intrinsics (E, 4) -> (E, H, W, 2, K).
+    """
+    E = intrinsics.shape[0]
+    fx, fy = (c.view(E, 1, 1) for c in intrinsics[:, :2].unbind(-1))
     a, x, y, X = pr["a"], pr["x"], pr["y"], pr["X"]
     one = torch.where(pr["valid"], torch.ones_like(a), torch.zeros_like(a))
     zero = torch.zeros_like(a)
@@ -74,8 +83,7 @@ def gn_jacobians(
         q = torch.einsum("eij,ehwj->ehwi", rel_poses[:, :, :3], X * X.new_tensor([1.0, 1.0, 0.0]))
         Ju.append(x - a * (q[..., 0] - x * q[..., 2]))
         Jv.append(y - a * (q[..., 1] - y * q[..., 2]))
-    J = torch.stack([fx[..., None] * torch.stack(Ju, -1), fy[..., None] * torch.stack(Jv, -1)], dim=-2)
-    return J, pr["r"], pr["valid"]
+    return torch.stack([fx[..., None] * torch.stack(Ju, -1), fy[..., None] * torch.stack(Jv, -1)], dim=-2)
 
 
 def gn_reduce(
@@ -150,14 +158,14 @@ def ba_jacobians(
     """
     E = inv_depth.shape[0]
     intr = intrinsics.expand(E, 4)
-    J, r, valid = gn_jacobians(inv_depth, rel_poses, intr, targets, min_depth, False, stride)
     pr = _project(inv_depth, rel_poses, intr, targets, min_depth, stride)
+    J = _pose_jacobian(pr, rel_poses, intr, False)
     # X_h = rho P = R x + rho t: d pi / d rho = (d pi / dX_h) t, with 1 / X_hz = a / rho
     fx, fy = (c.view(E, 1, 1) for c in intr[:, :2].unbind(-1))
     t = rel_poses[:, :, 3].view(E, 1, 1, 3)
     iz = pr["a"] * pr["X"][..., 2]
     J_rho = torch.stack([fx * iz * (t[..., 0] - pr["x"] * t[..., 2]), fy * iz * (t[..., 1] - pr["y"] * t[..., 2])], -1)
-    return J, J_rho, r, valid
+    return J, J_rho, pr["r"], pr["valid"]
 
 
 def ba_reduce(

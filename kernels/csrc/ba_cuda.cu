@@ -36,41 +36,17 @@
 
 namespace {
 
-constexpr int kThreads = 256;  // per block; a multiple of the warp size
-constexpr int kWarpSize = 32;
-constexpr int kWarps = kThreads / kWarpSize;
+using v2d::block_sum_atomic_add;
+using v2d::blocks_for;
+using v2d::packed_index;
+
+constexpr int kThreads = v2d::kReduceThreads;
 constexpr int kPixelsPerThread = 4;  // pixels a thread owns: amortises the per-edge block reduction
 constexpr int kPixelsPerBlock = kThreads * kPixelsPerThread;
 
 // Per-edge values that are reduced: the upper triangle of H_jj (i <= j, packed row by row), then g_j.
-constexpr int kTriangle = 6 * 7 / 2;
-constexpr int kPacked = kTriangle + 6;
-
-V2D_HOST_DEVICE int packed_index(int i, int j) {  // requires i <= j
-  return i * 6 - i * (i - 1) / 2 + (j - i);
-}
-
-// Sums vals[0..N) over the block and atomically adds the N totals into out. Every thread of the
-// block must call it (full-warp shuffles and a barrier). It does not end with a barrier: a caller
-// that calls it again must synchronise the block first (warp_sums is reused).
-template <int N>
-__device__ void block_sum_atomic_add(const double (&vals)[N], double* out) {
-  static_assert(N <= kThreads, "one thread per reduced value in the last step");
-  __shared__ double warp_sums[kWarps][N];
-  const int lane = threadIdx.x % kWarpSize, warp = threadIdx.x / kWarpSize;
-#pragma unroll
-  for (int s = 0; s < N; ++s) {
-    double v = vals[s];
-    for (int offset = kWarpSize / 2; offset > 0; offset /= 2) v += __shfl_down_sync(0xffffffffu, v, offset);
-    if (lane == 0) warp_sums[warp][s] = v;
-  }
-  __syncthreads();
-  if (threadIdx.x < N) {
-    double total = 0.0;
-    for (int w = 0; w < kWarps; ++w) total += warp_sums[w][threadIdx.x];
-    atomicAdd(out + threadIdx.x, total);
-  }
-}
+constexpr int kTriangle = v2d::kTriangle<6>;
+constexpr int kPacked = v2d::kPacked<6>;
 
 // Block b covers pixels [chunk * kPixelsPerBlock, ...) of keyframe b / blocks_per_kf.
 // csr: offsets (Kf + 1) then edge ids (E), edges of keyframe k at csr[Kf + 1 + offsets[k] ...].
@@ -134,7 +110,7 @@ __global__ void __launch_bounds__(kThreads)
 #pragma unroll
     for (int i = 0; i < 6; ++i) {
 #pragma unroll
-      for (int j = i; j < 6; ++j) packed[packed_index(i, j)] = H[i * 6 + j];
+      for (int j = i; j < 6; ++j) packed[packed_index<6>(i, j)] = H[i * 6 + j];
       packed[kTriangle + i] = g[i];
     }
     block_sum_atomic_add(packed, acc + e * kPacked);
@@ -163,13 +139,11 @@ __global__ void ba_unpack_kernel(const double* __restrict__ acc, int64_t E, scal
   const double* a = acc + e * kPacked;
   if (k < 36) {
     const int i = k / 6, j = k % 6;
-    H_out[e * 36 + k] = static_cast<scalar_t>(a[i <= j ? packed_index(i, j) : packed_index(j, i)]);
+    H_out[e * 36 + k] = static_cast<scalar_t>(a[i <= j ? packed_index<6>(i, j) : packed_index<6>(j, i)]);
   } else {
     g_out[e * 6 + (k - 36)] = static_cast<scalar_t>(a[kTriangle + (k - 36)]);
   }
 }
-
-int64_t blocks_for(int64_t n) { return (n + kThreads - 1) / kThreads; }
 
 // The per-keyframe edge lists (CSR) of ii, uploaded to `like`'s device: offsets (Kf + 1), then the
 // edge ids grouped by keyframe, in edge order within a keyframe (a stable sort by ii).
@@ -194,20 +168,6 @@ torch::Tensor edge_lists(const torch::Tensor& ii, int64_t Kf, const torch::Tenso
   return dev;
 }
 
-// cudaMemsetAsync, not zero_() / torch::zeros: keeps every step of the op on the same (default) stream.
-// All-zero bytes are 0.0 in float and double.
-void zero_on_default_stream(const torch::Tensor& t) {
-  if (t.numel() == 0) return;
-  const cudaError_t err = cudaMemsetAsync(t.data_ptr(), 0, t.numel() * t.element_size(), 0);
-  TORCH_CHECK(err == cudaSuccess, "ba_reduce (CUDA): cudaMemsetAsync failed: ", cudaGetErrorString(err));
-}
-
-torch::Tensor zeroed_double_buffer(const torch::Tensor& like, torch::IntArrayRef sizes) {
-  auto buf = torch::empty(sizes, like.options().dtype(torch::kDouble));
-  zero_on_default_stream(buf);
-  return buf;
-}
-
 template <typename scalar_t>
 void forward_impl(const torch::Tensor& inv_depth, const torch::Tensor& csr, const torch::Tensor& rel_poses,
                   const torch::Tensor& adjoints, const torch::Tensor& intrinsics, const torch::Tensor& targets,
@@ -219,7 +179,7 @@ void forward_impl(const torch::Tensor& inv_depth, const torch::Tensor& csr, cons
   TORCH_CHECK(Kf * per_kf <= std::numeric_limits<int32_t>::max(), "ba_reduce (CUDA): too many keyframes x pixels (K = ",
               Kf, ", h*w = ", P, ") for one launch");
   const scalar_t inv_c2 = robust_scale > 0 ? static_cast<scalar_t>(1.0 / (robust_scale * robust_scale)) : scalar_t(0);
-  const torch::Tensor acc = zeroed_double_buffer(inv_depth, {E, kPacked});
+  const torch::Tensor acc = v2d::zeroed_double_buffer(inv_depth, {E, kPacked}, "ba_reduce");
   ba_kernel<scalar_t><<<static_cast<unsigned>(Kf * per_kf), kThreads, 0, 0>>>(
       inv_depth.data_ptr<scalar_t>(), csr.data_ptr<int64_t>(), Kf, rel_poses.data_ptr<scalar_t>(),
       adjoints.data_ptr<scalar_t>(), intrinsics.data_ptr<scalar_t>(), targets.data_ptr<scalar_t>(),
@@ -250,8 +210,8 @@ std::vector<torch::Tensor> ba_reduce_cuda(const torch::Tensor& inv_depth, const 
                                     torch::empty({E, h, w, 6}, opt), torch::empty({Kf, h, w, 6}, opt),
                                     torch::empty({Kf, h, w}, opt),   torch::empty({Kf, h, w}, opt)};
   if (Kf == 0 || h * w == 0) {  // nothing to launch over; H_jj and g_j are sums over no pixels
-    zero_on_default_stream(out[0]);
-    zero_on_default_stream(out[1]);
+    v2d::zero_on_default_stream(out[0], "ba_reduce");
+    v2d::zero_on_default_stream(out[1], "ba_reduce");
     return out;
   }
   const torch::Tensor csr = edge_lists(ii, Kf, inv_depth);

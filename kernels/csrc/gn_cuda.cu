@@ -26,21 +26,14 @@
 
 namespace {
 
-constexpr int kThreads = 256;  // per block; a multiple of the warp size
-constexpr int kWarpSize = 32;
-constexpr int kWarps = kThreads / kWarpSize;
+using v2d::block_sum_atomic_add;
+using v2d::blocks_for;
+using v2d::kPacked;
+using v2d::kTriangle;
+using v2d::packed_index;
+
+constexpr int kThreads = v2d::kReduceThreads;
 constexpr int64_t kPixelsPerThread = 4;  // grid-stride steps per thread: amortises the block reduction
-
-// Entries of H that are reduced: the upper triangle i <= j, packed row by row, then b.
-template <int K>
-constexpr int kTriangle = K * (K + 1) / 2;
-template <int K>
-constexpr int kPacked = kTriangle<K> + K;
-
-template <int K>
-V2D_HOST_DEVICE int packed_index(int i, int j) {  // requires i <= j
-  return i * K - i * (i - 1) / 2 + (j - i);
-}
 
 int edge_blocks(int64_t E, int64_t HW) {  // blocks per edge
   const int64_t per_edge = std::max<int64_t>(1, (HW + kThreads * kPixelsPerThread - 1) / (kThreads * kPixelsPerThread));
@@ -52,27 +45,6 @@ int edge_blocks(int64_t E, int64_t HW) {  // blocks per edge
 template <typename T>
 __device__ void load_to_shared(T* dst, const T* src, int n) {
   for (int t = threadIdx.x; t < n; t += blockDim.x) dst[t] = src[t];
-}
-
-// Sums vals[0..N) over the block and atomically adds the N totals into out. Every thread of the
-// block must call it (full-warp shuffles and a barrier).
-template <int N>
-__device__ void block_sum_atomic_add(const double (&vals)[N], double* out) {
-  static_assert(N <= kThreads, "one thread per reduced value in the last step");
-  __shared__ double warp_sums[kWarps][N];
-  const int lane = threadIdx.x % kWarpSize, warp = threadIdx.x / kWarpSize;
-#pragma unroll
-  for (int s = 0; s < N; ++s) {
-    double v = vals[s];
-    for (int offset = kWarpSize / 2; offset > 0; offset /= 2) v += __shfl_down_sync(0xffffffffu, v, offset);
-    if (lane == 0) warp_sums[warp][s] = v;
-  }
-  __syncthreads();
-  if (threadIdx.x < N) {
-    double total = 0.0;
-    for (int w = 0; w < kWarps; ++w) total += warp_sums[w][threadIdx.x];
-    atomicAdd(out + threadIdx.x, total);
-  }
 }
 
 // acc: (E, kPacked<K>) double, zeroed before the launch.
@@ -181,23 +153,13 @@ __global__ void split_edge_grads_kernel(const double* __restrict__ acc, int64_t 
     g_intr[e * 4 + (k - 12)] = static_cast<scalar_t>(acc[t]);
 }
 
-int64_t blocks_for(int64_t n) { return (n + kThreads - 1) / kThreads; }
-
-torch::Tensor zeroed_double_buffer(const torch::Tensor& like, torch::IntArrayRef sizes) {
-  auto buf = torch::empty(sizes, like.options().dtype(torch::kDouble));
-  // cudaMemsetAsync, not torch::zeros: keeps every step of the op on the same (default) stream.
-  const cudaError_t err = cudaMemsetAsync(buf.data_ptr<double>(), 0, buf.numel() * sizeof(double), 0);
-  TORCH_CHECK(err == cudaSuccess, "gn_reduce (CUDA): cudaMemsetAsync failed: ", cudaGetErrorString(err));
-  return buf;
-}
-
 template <typename scalar_t, int K>
 void forward_impl(const torch::Tensor& inv_depth, const torch::Tensor& rel_poses, const torch::Tensor& intrinsics,
                   const torch::Tensor& targets, const torch::Tensor& weights, double min_depth, torch::Tensor& H_out,
                   torch::Tensor& b_out) {
   const int64_t E = inv_depth.size(0), HW = inv_depth.size(1) * inv_depth.size(2), width = inv_depth.size(2);
   const int per_edge = edge_blocks(E, HW);
-  const torch::Tensor acc = zeroed_double_buffer(inv_depth, {E, kPacked<K>});
+  const torch::Tensor acc = v2d::zeroed_double_buffer(inv_depth, {E, kPacked<K>}, "gn_reduce");
   gn_forward_kernel<scalar_t, K><<<static_cast<unsigned>(E * per_edge), kThreads, 0, 0>>>(
       inv_depth.data_ptr<scalar_t>(), rel_poses.data_ptr<scalar_t>(), intrinsics.data_ptr<scalar_t>(),
       targets.data_ptr<scalar_t>(), weights.data_ptr<scalar_t>(), static_cast<scalar_t>(min_depth), HW, width,
@@ -215,7 +177,7 @@ void backward_impl(const torch::Tensor& grad_H, const torch::Tensor& grad_b, con
                    torch::Tensor& g_intr, torch::Tensor& g_t, torch::Tensor& g_w) {
   const int64_t E = inv_depth.size(0), HW = inv_depth.size(1) * inv_depth.size(2), width = inv_depth.size(2);
   const int per_edge = edge_blocks(E, HW);
-  const torch::Tensor acc = zeroed_double_buffer(inv_depth, {E, v2d::kGNEdgeGrads});
+  const torch::Tensor acc = v2d::zeroed_double_buffer(inv_depth, {E, v2d::kGNEdgeGrads}, "gn_reduce");
   gn_backward_kernel<scalar_t, K><<<static_cast<unsigned>(E * per_edge), kThreads, 0, 0>>>(
       grad_H.data_ptr<scalar_t>(), grad_b.data_ptr<scalar_t>(), inv_depth.data_ptr<scalar_t>(),
       rel_poses.data_ptr<scalar_t>(), intrinsics.data_ptr<scalar_t>(), targets.data_ptr<scalar_t>(),

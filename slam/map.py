@@ -24,6 +24,7 @@ import numpy as np
 import torch
 
 from v2d.errors import V2DError
+from v2d.features import Features
 from v2d.geometry.lie import matrix_to_quat, quat_to_matrix, se3_exp, se3_identity, se3_inv, se3_log, se3_mul
 
 __all__ = ["Map", "Keyframe", "KeyframeView", "FrameState", "TrackQuality", "normalized_pose", "release_heap"]
@@ -57,6 +58,12 @@ def release_heap() -> None:
         pass
 
 
+def _grey(image: np.ndarray) -> np.ndarray:
+    import cv2
+
+    return cv2.cvtColor(np.ascontiguousarray(image), cv2.COLOR_RGB2GRAY)
+
+
 @dataclass
 class TrackQuality:
     """How well a frame is aligned to its keyframe (pixel values at the network size)."""
@@ -86,7 +93,8 @@ class FrameState:
 
 @dataclass
 class Keyframe:
-    """A keyframe. `image`, `depth`, `valid`, `prior`, `normal` are full size while in the window, None after.
+    """A keyframe. `image`, `depth`, `valid`, `prior`, `normal` are full size while in the window, None after;
+    `features` (its sparse keypoints, descriptors and global descriptor) stay.
 
     Shapes: pose_cw (7,) float64; image (H, W, 3) uint8; depth, prior (H, W) float32; valid (H, W)
     bool (False in splatting holes); small_depth (H/s, W/s) float32 and small_image (H/s, W/s, 3)
@@ -104,6 +112,7 @@ class Keyframe:
     segment: int = 0  # map segment: a restart after a long loss begins a new one (own pose and scale)
     normal: torch.Tensor | None = None  # (3, H, W) camera-frame unit normals (depth.normals), in the window
     small_normal: np.ndarray | None = None  # (H/s, W/s, 3) float32 after leaving the window
+    features: Features | None = None  # sparse features (`slam.features`), kept for the whole run
 
 
 @dataclass(frozen=True)
@@ -125,9 +134,11 @@ class Map:
         intrinsics: (4,) fx, fy, cx, cy at the network size (the map's current estimate; the mapper
             refines the focal length of uncalibrated video).
         device: where the map's tensors live.
+        thumb_stride: every frame keeps a grey copy of every `thumb_stride`-th pixel (`thumb`, for the
+            final alignment of every frame, `slam.filler`; 19 KB a frame at 240x320 and 2).
     """
 
-    def __init__(self, intrinsics: torch.Tensor, device: torch.device) -> None:
+    def __init__(self, intrinsics: torch.Tensor, device: torch.device, thumb_stride: int = 2) -> None:
         self._lock = threading.RLock()
         self.device = device
         self._intr = intrinsics.to(device=device, dtype=torch.float64)
@@ -135,6 +146,8 @@ class Map:
         self._keyframes: list[Keyframe] = []
         self._window: list[int] = []  # keyframe ids, oldest first
         self._images: OrderedDict[int, np.ndarray] = OrderedDict()  # frame index -> image
+        self._thumb_stride = thumb_stride
+        self._thumbs: list[np.ndarray] = []  # frame index -> (H/s, W/s) uint8 grey
         self._edges: set[tuple[int, int]] = set()  # keyframe pairs (a, b) with a flow edge a -> b
         self._loops: set[tuple[int, int]] = set()  # keyframe pairs (a < b) seen to overlap (loop closures)
         self._last_good = 0  # newest frame that was not lost
@@ -226,6 +239,11 @@ class Map:
         with self._lock:
             return self._images.get(f)
 
+    def thumb(self, f: int) -> np.ndarray | None:
+        """Frame f's grey copy at `thumb_stride` ((H/s, W/s) uint8), kept for the whole run."""
+        with self._lock:
+            return self._thumbs[f] if 0 <= f < len(self._thumbs) else None
+
     def images(self) -> dict[int, np.ndarray]:
         """The buffered images, oldest first (a snapshot: later trimming does not affect it)."""
         with self._lock:
@@ -255,6 +273,7 @@ class Map:
                 ref = self._keyframes[state.keyframe].pose_cw
                 state = dataclasses.replace(state, rel_cw=se3_mul(held, se3_inv(ref)))
             self._frames.append(state)
+            self._thumbs.append(_grey(image[::self._thumb_stride, ::self._thumb_stride]))
             f = len(self._frames) - 1
             if not state.lost:
                 self._last_good = f
@@ -276,14 +295,25 @@ class Map:
                 g -= 1
             if not run or g < 0 or self._segment_of(g) != self._segment_of(f):
                 return []
-            a, b = self._pose(g), self._pose(f)
-            step = se3_log(se3_mul(b, se3_inv(a)))
+            self._interpolate(run, g, f)
             for h in run:
-                pose = se3_mul(se3_exp(step * ((h - g) / (f - g))), a)
-                st = self._frames[h]
-                rel = normalized_pose(se3_mul(pose, se3_inv(self._keyframes[st.keyframe].pose_cw)))
-                self._frames[h] = dataclasses.replace(st, rel_cw=rel, lost=False, interpolated=True)
+                self._frames[h] = dataclasses.replace(self._frames[h], lost=False, interpolated=True)
             return sorted(run)
+
+    def interpolate(self, frames: Iterable[int], a: int, b: int) -> None:
+        """Give `frames` the poses interpolated on SE(3) between frames a and b by frame index
+        (constant velocity), as `bridge` does; e.g. again after a and b were moved."""
+        with self._lock:
+            self._interpolate(list(frames), a, b)
+
+    def _interpolate(self, frames: list[int], a: int, b: int) -> None:
+        pa, pb = self._pose(a), self._pose(b)
+        step = se3_log(se3_mul(pb, se3_inv(pa)))
+        for h in frames:
+            pose = se3_mul(se3_exp(step * ((h - a) / (b - a))), pa)
+            st = self._frames[h]
+            rel = normalized_pose(se3_mul(pose, se3_inv(self._keyframes[st.keyframe].pose_cw)))
+            self._frames[h] = dataclasses.replace(st, rel_cw=rel)
 
     def _segment_of(self, f: int) -> int:
         return self._keyframes[self._frames[f].keyframe].segment
@@ -342,6 +372,7 @@ class Map:
         with self._lock:
             f = len(self._frames) - 1
             self._frames.pop()
+            self._thumbs.pop()
             self._images.pop(f, None)
             if self._last_good == f:
                 self._last_good = next((g for g in range(f - 1, -1, -1) if not self._frames[g].lost), 0)

@@ -1,32 +1,33 @@
-"""Sparse registration of a frame against keyframes: the classical fallback of tracking, relocalisation
+"""Sparse registration of a frame against keyframes: the fallback of dense tracking, relocalisation
 after a loss, and loop detection.
 
     index = KeyframeIndex(cfg, (H, W))
-    index.add(kid, image)                                      # every new keyframe
-    reg = index.register(image, [map.keyframe(k) for k in kids], kids, map.intrinsics)
-    similar = index.similar(image, exclude=recent, count=3)     # keyframes that look alike
+    feats = index.features(image)                     # every new keyframe: kept in the map (Keyframe.features)
+    reg = index.register(feats, map.keyframes(kids), kids, map.intrinsics)
+    similar = index.similar(feats, map.keyframes(ids), ids, count=3)   # keyframes that look alike
 
 Dense tracking (DIS flow + Gauss-Newton) is accurate while consecutive views overlap well; after a
-fast turn, motion blur or a hand over the lens it has nothing to start from. Sparse features do:
-ORB keypoints (OpenCV) of the frame are matched to a keyframe's (brute force, Hamming, Lowe's ratio
-test), lifted to 3-D with the keyframe's depth (the full map in the window, the strided copy after),
-and the frame's pose relative to the keyframe is found by PnP-RANSAC (OpenCV), refined on the inliers
-(Levenberg-Marquardt). A registration counts when at least `slam.reloc_min_inliers` matches agree
-within `slam.reloc_reprojection` px and they are at least `slam.reloc_min_inlier_ratio` of the matches.
+fast turn, motion blur or a hand over the lens it has nothing to start from. Sparse features do
+(`v2d.features`, `slam.features`: XFeat, learned on real photos for wide baselines, or ORB): the
+frame's keypoints are matched to a keyframe's, lifted to 3-D with the keyframe's depth (the full
+map in the window, the strided copy after), and the frame's pose relative to the keyframe is found
+by PnP-RANSAC (OpenCV), refined on the inliers (Levenberg-Marquardt). A registration counts when at
+least `slam.reloc_min_inliers` matches agree within `slam.reloc_reprojection` px and they are at
+least `slam.reloc_min_inlier_ratio` of the matches (ORB's, which passed a ratio test) or
+`slam.reloc_min_inlier_ratio_nn` of them (XFeat's nearest neighbours and LighterGlue's, with more
+outliers among them).
 
-Which keyframes to try besides the recent ones comes from appearance: each keyframe keeps a global
-descriptor (a 32x24 grey thumbnail, blurred, zero-mean and unit-norm, so brightness and contrast
-changes do not matter; a tiny-image descriptor), compared by cosine similarity. It is cheap (a dot
-product per keyframe) and the geometric check rejects the look-alikes it lets through.
+Which keyframes to try besides the recent ones comes from appearance: each keyframe's features
+carry a global descriptor (`Features.global_desc`), compared by cosine similarity; the geometric
+check rejects the look-alikes it lets through.
 
-The index owns its features (per keyframe id); the keyframes themselves (pose, depth) are the map's
-and are passed in by the caller.
+The keyframes (pose, depth, features) are the map's and are passed in by the caller; the index
+holds only the extractor.
 """
 
 from __future__ import annotations
 
 import math
-import threading
 from dataclasses import dataclass
 
 import numpy as np
@@ -34,11 +35,10 @@ import torch
 
 from slam.config import RunConfig
 from slam.map import Keyframe
+from v2d.features import Features, make_extractor
 from v2d.geometry.lie import matrix_to_quat
 
-__all__ = ["KeyframeIndex", "Registration", "global_descriptor"]
-
-_THUMB = (32, 24)  # (width, height) of the global descriptor's thumbnail
+__all__ = ["KeyframeIndex", "Registration"]
 
 
 @dataclass(frozen=True)
@@ -58,110 +58,76 @@ class Registration:
     points: np.ndarray  # (M, 3) the inliers' points in the frame's camera (the keyframe's scale)
 
 
-@dataclass(frozen=True)
-class _Features:
-    keypoints: np.ndarray  # (P, 2) float32 pixel coordinates
-    descriptors: np.ndarray  # (P, 32) uint8 ORB
-    thumb: np.ndarray  # (24 * 32,) float32 unit norm
-
-
-def global_descriptor(image: np.ndarray) -> np.ndarray:
-    """The appearance descriptor of an image: a blurred grey thumbnail, zero mean, unit norm.
-
-    Shapes: (H, W, 3) uint8 -> (768,) float32.
-    """
-    import cv2
-
-    g = cv2.cvtColor(image, cv2.COLOR_RGB2GRAY)
-    t = cv2.resize(g, _THUMB, interpolation=cv2.INTER_AREA).astype(np.float32)
-    t = cv2.GaussianBlur(t, (3, 3), 0).ravel()
-    t -= t.mean()
-    return t / max(float(np.linalg.norm(t)), 1e-6)
-
-
 class KeyframeIndex:
-    """ORB features and appearance descriptors of the keyframes; thread-safe.
+    """Extracts, matches and registers sparse features (`slam.features`); thread-safe.
 
     Args:
-        cfg: the configuration (`slam.reloc_*`).
+        cfg: the configuration (`slam.features`, `slam.reloc_*`).
         size: (H, W) of the frames.
+        device: where a learned extractor runs.
     """
 
-    def __init__(self, cfg: RunConfig, size: tuple[int, int]) -> None:
-        import cv2
-
+    def __init__(self, cfg: RunConfig, size: tuple[int, int], device: torch.device | str = "cpu") -> None:
         self.sc = cfg.slam
         self.H, self.W = size
         self.px = self.W / 320.0  # pixel thresholds are given for 320-wide frames
-        self._orb = cv2.ORB_create(nfeatures=self.sc.reloc_features, fastThreshold=10)
-        self._matcher = cv2.BFMatcher(cv2.NORM_HAMMING)
-        self._lock = threading.Lock()
-        self._features: dict[int, _Features] = {}
+        self.extractor = make_extractor(self.sc.features, self.sc.reloc_features, self.sc.reloc_ratio,
+                                        self.sc.feature_weights or None, device, careful=self.sc.reloc_careful > 0)
 
-    def __len__(self) -> int:
-        with self._lock:
-            return len(self._features)
+    def features(self, image: np.ndarray) -> Features:
+        """The local features and global descriptor of an (H, W, 3) uint8 image."""
+        return self.extractor.extract(image)
 
-    def features(self, image: np.ndarray) -> _Features:
-        """ORB keypoints and descriptors and the global descriptor of an (H, W, 3) uint8 image."""
-        import cv2
+    def similar(self, query: Features, keyframes: list[Keyframe], kids: list[int], count: int,
+                min_similarity: float = -1.0) -> list[tuple[int, float]]:
+        """The `count` keyframes among `keyframes` (ids `kids`; those without features are skipped) that
+        look most like the query, most similar first, with their cosine similarity (at least
+        `min_similarity`)."""
+        have = [(k, kf.features) for k, kf in zip(kids, keyframes, strict=True) if kf.features is not None]
+        if not have:
+            return []
+        sims = self.extractor.similarity(query, [f for _, f in have])
+        order = np.argsort(-sims, kind="stable")[:count]
+        return [(have[i][0], float(sims[i])) for i in order if sims[i] >= min_similarity]
 
-        g = cv2.cvtColor(image, cv2.COLOR_RGB2GRAY)
-        with self._lock:  # an ORB detector object is not safe to share between threads
-            kps, desc = self._orb.detectAndCompute(g, None)
-        pts = np.array([k.pt for k in kps], dtype=np.float32).reshape(-1, 2)
-        desc = np.zeros((0, 32), np.uint8) if desc is None else desc
-        return _Features(pts, desc, global_descriptor(image))
+    def register(self, feats: Features, keyframes: list[Keyframe], kids: list[int],
+                 intrinsics: torch.Tensor, careful: int = 0) -> Registration | None:
+        """Register the frame (its `features`) against each keyframe in turn; the one with the most
+        inliers, or None. When none registers, the first `careful` keyframes are tried again with the
+        extractor's careful matcher (`FeatureExtractor.careful_match`: LighterGlue for XFeat), which
+        finds the wide-baseline matches plain matching misses at a higher cost.
 
-    def add(self, kid: int, image: np.ndarray) -> _Features:
-        """Index keyframe `kid` (its image, (H, W, 3) uint8); returns its features."""
-        feats = self.features(image)
-        with self._lock:
-            self._features[kid] = feats
-        return feats
-
-    def similar(self, image: np.ndarray | _Features, exclude: set[int], count: int, min_similarity: float = -1.0
-                ) -> list[tuple[int, float]]:
-        """The `count` indexed keyframes (not in `exclude`) that look most like `image`, most similar
-        first, with their cosine similarity (at least `min_similarity`)."""
-        thumb = image.thumb if isinstance(image, _Features) else global_descriptor(image)
-        with self._lock:
-            ids = [k for k in self._features if k not in exclude]
-            if not ids:
-                return []
-            sims = np.stack([self._features[k].thumb for k in ids]) @ thumb
-        order = np.argsort(-sims)[:count]
-        return [(ids[i], float(sims[i])) for i in order if sims[i] >= min_similarity]
-
-    def register(self, image: np.ndarray | _Features, keyframes: list[Keyframe], kids: list[int],
-                 intrinsics: torch.Tensor) -> Registration | None:
-        """Register the frame against each keyframe in turn; the one with the most inliers, or None.
-
-        Shapes: image (H, W, 3) uint8 (or its `features`); intrinsics (4,) at the frame size.
+        Shapes: intrinsics (4,) at the frame size.
         """
-        feats = image if isinstance(image, _Features) else self.features(image)
         best: Registration | None = None
         for kid, kf in zip(kids, keyframes, strict=True):
-            reg = self._register_one(feats, kid, kf, intrinsics)
+            if kf.features is None:
+                continue
+            reg = self.register_matches(feats, self.extractor.match(kf.features, feats), kid, kf, intrinsics)
+            if reg is not None and (best is None or reg.inliers > best.inliers):
+                best = reg
+        if best is not None or not self.extractor.has_careful_match:
+            return best
+        for kid, kf in list(zip(kids, keyframes, strict=True))[:careful]:
+            if kf.features is None:
+                continue
+            pairs = self.extractor.careful_match(kf.features, feats, (self.H, self.W))
+            reg = self.register_matches(feats, pairs, kid, kf, intrinsics)
             if reg is not None and (best is None or reg.inliers > best.inliers):
                 best = reg
         return best
 
-    def _register_one(self, feats: _Features, kid: int, kf: Keyframe, intrinsics: torch.Tensor
-                      ) -> Registration | None:
+    def register_matches(self, feats: Features, good: np.ndarray, kid: int, kf: Keyframe,
+                         intrinsics: torch.Tensor) -> Registration | None:
+        """PnP-RANSAC of the frame against keyframe `kid` from the matches `good` ((M, 2): index in the
+        keyframe's features, index in the frame's)."""
         import cv2
 
-        with self._lock:
-            ref = self._features.get(kid)
-        s = self.sc
-        if ref is None or len(ref.descriptors) < s.reloc_min_inliers or len(feats.descriptors) < s.reloc_min_inliers:
-            return None
-        pairs = self._matcher.knnMatch(ref.descriptors, feats.descriptors, k=2)
-        good = [m[0] for m in pairs if len(m) == 2 and m[0].distance < s.reloc_ratio * m[1].distance]
+        ref, s = kf.features, self.sc
         if len(good) < s.reloc_min_inliers:
             return None
-        src = ref.keypoints[[m.queryIdx for m in good]]
-        dst = feats.keypoints[[m.trainIdx for m in good]]
+        src = ref.keypoints[good[:, 0]]
+        dst = feats.keypoints[good[:, 1]]
         z = _depth_at(kf, src, s.cloud_stride)
         ok = np.isfinite(z) & (z > 0)
         if ok.sum() < s.reloc_min_inliers:
@@ -180,7 +146,8 @@ class KeyframeIndex:
         proj, _ = cv2.projectPoints(obj, rvec, tvec, K, None)
         err = np.linalg.norm(proj[:, 0] - img, axis=1)
         inl = np.flatnonzero(err < thr)  # the refined pose's inliers
-        if len(inl) < s.reloc_min_inliers or len(inl) < s.reloc_min_inlier_ratio * len(good):
+        ratio = s.reloc_min_inlier_ratio if self.extractor.ratio_tested else s.reloc_min_inlier_ratio_nn
+        if len(inl) < s.reloc_min_inliers or len(inl) < ratio * len(good):
             return None
         R = cv2.Rodrigues(rvec)[0]
         if not (np.isfinite(R).all() and np.isfinite(tvec).all()):

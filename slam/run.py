@@ -13,12 +13,14 @@ streams the selected frames (resized to the network size, intrinsics scaled with
 - `cloud.ply`: the keyframes' depth fused into a coloured cloud, each point checked against
   neighbouring keyframes (`slam.fusion.fuse_keyframes`);
 - `summary.json`: counts, lost/static/textureless frames, warnings, timing, intrinsics, config, and
-  the global bundle adjustment's report (`global_ba`).
+  the global bundle adjustment's report (`global_ba`) and the final alignment of every frame's
+  (`fill_frames`).
 
 With `slam.global_ba` (`slam.backend`), the run ends with a global bundle adjustment that moves the
 keyframes and corrects their depth at the cloud's size; the depth files, written when each keyframe
-left the window, are then corrected by the upsampled ratio (`write_outputs`). `seconds` and `fps`
-exclude the adjustment (`global_ba.seconds`).
+left the window, are then corrected by the upsampled ratio (`write_outputs`). With
+`slam.fill_frames` (`slam.filler`) every frame between keyframes is then aligned to the final map.
+`seconds` and `fps` exclude both (`global_ba.seconds`, `fill_frames.seconds`).
 
 All of it is staged in a hidden directory next to `out_dir` and moved into place only when the
 run succeeds (`v2d.io.writers.staged_output`): a failed run leaves nothing behind.
@@ -184,7 +186,8 @@ def track_frames(frames: Iterable[np.ndarray], count: int | None, cfg: RunConfig
         bar.close()
         if system is not None:
             system.close()  # after an error or Ctrl-C: stops the mapper thread
-    seconds = time.perf_counter() - t0 - (result.global_ba.seconds if result.global_ba else 0.0)
+    final = (result.global_ba.seconds if result.global_ba else 0.0) + (result.filler.seconds if result.filler else 0.0)
+    seconds = time.perf_counter() - t0 - final
     facts = {"seconds": seconds, "fps": n / seconds, "frames": n, "calibrated": calibrated}
     return result, facts
 
@@ -242,6 +245,7 @@ def write_outputs(out: Path, result: SlamResult, timestamps: np.ndarray, cfg: Ru
         },
         "warnings": result.warnings,
         "global_ba": result.global_ba.as_dict() if result.global_ba else {"enabled": False},
+        "fill_frames": {"enabled": True, **result.filler.as_dict()} if result.filler else {"enabled": False},
         "config": to_dict(cfg),
     }
     summary.update(extra or {})

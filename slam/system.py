@@ -44,6 +44,7 @@ import torch
 
 from slam.backend import GlobalBA, GlobalBAReport
 from slam.config import RunConfig
+from slam.filler import FillReport, FrameFiller
 from slam.flowcache import FlowCache
 from slam.map import FrameState, Keyframe, KeyframeView, Map, TrackQuality, normalized_pose
 from slam.mapper import KeyframeJob, Mapper
@@ -52,6 +53,7 @@ from slam.relocaliser import KeyframeIndex
 from slam.tracker import Tracker, TrackResult
 from slam.worker import MapperWorker
 from v2d.errors import ConfigError, ShapeError, V2DError
+from v2d.features import Features
 from v2d.geometry.lie import se3_identity, se3_inv, se3_mul
 from v2d.model import V2D
 
@@ -90,6 +92,7 @@ class SlamResult:
     merges: int = 0  # segments joined to an earlier one
     loops: list[tuple[int, int]] = field(default_factory=list)  # keyframe frames found to see the same place
     global_ba: GlobalBAReport | None = None
+    filler: FillReport | None = None  # the final alignment of every frame (None with `slam.fill_frames: false`)
     cloud_normals: list[np.ndarray | None] = field(default_factory=list)
 
 
@@ -156,11 +159,11 @@ class SlamSystem:
         self.warnings: list[str] = []
         self.on_track = on_track
         self._warn_lock = threading.Lock()
-        self.map = Map(intr, self.device)
+        self.map = Map(intr, self.device, self.sc.cloud_stride)
         self.flows = FlowCache(cfg.motion.dis, self.device, self.sc.flow_cache_mb * 2**20)
         self.tracker = Tracker(model, cfg, self.flows, size, self.device)
         self.mapper = Mapper(model, cfg, self.map, self.flows, size, calibrated, self.device, on_keyframe, self.warn)
-        self.index = KeyframeIndex(cfg, size)
+        self.index = KeyframeIndex(cfg, size, self.device)
         self._threads: _ThreadPlan | None = None  # set while the mapper thread runs
         self.worker: MapperWorker[KeyframeJob] | None = None  # started after initialisation
         self._pending: list[np.ndarray] = []  # frames before initialisation
@@ -171,7 +174,7 @@ class SlamSystem:
         self.recovered = 0  # lost frames whose dense tracking succeeded from a feature registration
         self.relocalised = 0  # lost frames registered by features only (they became keyframes)
         self.merges = 0  # map segments joined to an earlier one
-        self._lost_features = 0  # ORB keypoints of the newest lost frame
+        self._lost_features = 0  # sparse keypoints of the newest lost frame
         self.finished = False
         self._closed = False
 
@@ -223,6 +226,7 @@ class SlamSystem:
         self.close()  # the mapper thread is done: the last steps get every core
         self.mapper.finish(self.map.num_frames() - 1, self.map.images())
         backend = GlobalBA(self.cfg, self.device, self.warn).run(self.map) if self.sc.global_ba else None
+        filler = FrameFiller(self.cfg, self.device, self.warn).run(self.map) if self.sc.fill_frames else None
         self._report_flags()
         kfs = self.map.keyframes()
         return SlamResult(
@@ -233,7 +237,8 @@ class SlamSystem:
             intrinsics=self.map.intrinsics.clone(), restarts=self.restarts,
             warnings=list(self.warnings), recovered=self.recovered, relocalised=self.relocalised,
             segments=[[kfs[k].frame for k in ks] for ks in self.map.segments().values()], merges=self.merges,
-            loops=sorted((kfs[a].frame, kfs[b].frame) for a, b in self.map.loops()), global_ba=backend)
+            loops=sorted((kfs[a].frame, kfs[b].frame) for a, b in self.map.loops()), global_ba=backend,
+            filler=filler)
 
     def close(self) -> None:
         """Stop the mapper thread and restore thread settings. Idempotent; after an error or Ctrl-C it
@@ -266,7 +271,7 @@ class SlamSystem:
                                       textureless=texture(frames[0]) < self.sc.min_texture), frames[0])
         kid = self.map.add_keyframe(Keyframe(frame=0, pose_cw=ident, image=frames[0], depth=depth, prior=depth,
                                              valid=torch.ones_like(depth, dtype=torch.bool), normal=normal), 0)
-        self.index.add(kid, frames[0])
+        self.map.update_keyframe(kid, features=self.index.features(frames[0]))
         self._start_worker()
         self._init_poses = poses
         for image in frames[1:]:
@@ -354,8 +359,8 @@ class SlamSystem:
         feats = self.index.features(image)
         self._lost_features = len(feats.keypoints)
         window = self.map.window()
-        kids = window[::-1] + [k for k, _ in self.index.similar(feats, set(window), self.sc.reloc_candidates)]
-        reg = self.index.register(feats, self.map.keyframes(kids), kids, self.map.intrinsics)
+        kids = window[::-1] + self._similar(feats, set(window))
+        reg = self.index.register(feats, self.map.keyframes(kids), kids, self.map.intrinsics, self.sc.reloc_careful)
         if reg is None:
             return track, None
         pose = se3_mul(reg.rel_cw, self.map.keyframe(reg.kid).pose_cw)
@@ -370,12 +375,18 @@ class SlamSystem:
 
     def _keyframe(self, f: int, image: np.ndarray, source: int | None = None) -> None:
         kid = self.mapper.new_keyframe(f, image, source)
-        feats = self.index.add(kid, image)
+        feats = self.index.features(image)
+        self.map.update_keyframe(kid, features=feats)
         self.tracker.new_reference()
         self.worker.submit(KeyframeJob(kid, self.map.images(), refine_previous=self.sc.depth_timing == "both"))
         self._find_loop(kid, feats)
 
-    def _find_loop(self, kid: int, feats: object) -> None:
+    def _similar(self, feats: Features, exclude: set[int]) -> list[int]:
+        """The `slam.reloc_candidates` keyframes (not in `exclude`) that look most like `feats`."""
+        kids = [k for k in range(self.map.num_keyframes()) if k not in exclude]
+        return [k for k, _ in self.index.similar(feats, self.map.keyframes(kids), kids, self.sc.reloc_candidates)]
+
+    def _find_loop(self, kid: int, feats: Features) -> None:
         """Loop detection at a new keyframe: the keyframes of other segments, and those of its own
         segment at least `slam.loop_min_gap` keyframes older, that look most like it are registered
         against it. A match in another segment merges the two (`Mapper.merge`); one in its own
@@ -387,7 +398,7 @@ class SlamSystem:
         if not candidates:
             return
         exclude = set(range(self.map.num_keyframes())) - candidates
-        kids = [k for k, _ in self.index.similar(feats, exclude, self.sc.reloc_candidates)]
+        kids = self._similar(feats, exclude)
         reg = self.index.register(feats, self.map.keyframes(kids), kids, self.map.intrinsics)
         if reg is None:
             return
@@ -406,7 +417,7 @@ class SlamSystem:
         """Re-initialise at frame f after `relocalise_after` lost frames (the mapper finishes first)."""
         self.worker.wait()
         kid = self.mapper.restart(f, image)
-        self.index.add(kid, image)
+        self.map.update_keyframe(kid, features=self.index.features(image))
         self.restarts += 1
         self.lost_count -= 1  # the frame has a pose again: the new segment's origin
         self.lost_run = 0

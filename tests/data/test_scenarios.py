@@ -143,7 +143,7 @@ def test_same_seed_same_output():
 
 
 def test_bad_arguments():
-    with pytest.raises(InputError, match="fast, rotation, blur, exposure, blocked, loop.*'spin'"):
+    with pytest.raises(InputError, match="fast, rotation, blur, exposure, blocked, loop, jump.*'spin'"):
         render_scenario("spin", 10)
     with pytest.raises(ShapeError, match="blocked.*22.*10"):
         render_scenario("blocked", 10, 0, 24, 32)
@@ -151,5 +151,28 @@ def test_bad_arguments():
         render_scenario("fast", 0)
     with pytest.raises(InputError):
         exposure_curve(10, -1)
-    assert set(SCENARIOS) == {"fast", "rotation", "blur", "exposure", "blocked", "loop"}
+    assert set(SCENARIOS) == {"fast", "rotation", "blur", "exposure", "blocked", "loop", "jump"}
+    with pytest.raises(ShapeError, match="jump.*2"):
+        render_scenario("jump", 1, 0, 24, 32)
     assert math.isclose(GAIN_RANGE[1] / GAIN_RANGE[0], 3.2)
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_jump_turns_the_view_by_60_degrees_between_two_frames(seed):
+    """Normal hand-held steps, except one: 60 deg of view and a metre or more round the ring, with
+    the view still half shared (the central boxes stay in sight)."""
+    from v2d.data.scenarios import JUMP_DEG
+    from v2d.geometry.camera import reproject, valid_reprojection
+    from v2d.geometry.lie import se3_identity, se3_inv, se3_mul
+
+    sc = render_scenario("jump", 30, seed, 60, 80)
+    a, b = sc.jump
+    assert (a, b) == (14, 15) and sc.blocked is None and sc.loop is None
+    dist, angle = step_motion(sc.sequence.poses_cw)
+    assert abs(angle[a] - JUMP_DEG) < 3 and dist[a] > 1.0
+    others = np.delete(np.arange(len(angle)), a)
+    assert angle[others].max() < 5 and dist[others].max() < 0.1
+    inv = 1.0 / torch.as_tensor(sc.sequence.depths[a])
+    rel = se3_mul(sc.sequence.poses_cw[b], se3_inv(sc.sequence.poses_cw[a])).float()
+    coords, depth_b = reproject(inv, se3_identity(dtype=torch.float32), rel, sc.sequence.intrinsics.float())
+    assert float(valid_reprojection(inv, coords, depth_b, 0.05).float().mean()) > 0.3

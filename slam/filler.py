@@ -10,7 +10,9 @@ scale or bent the path, the frames between two keyframes keep the old geometry: 
 snap back at the next keyframe (a sawtooth).
 
 Here each such frame gets a motion-only Gauss-Newton alignment against the two keyframes around it
-(the one before and the one after, in its map segment), with their final poses and depth held
+(the one before and the one after, in its map segment; the one after only when every frame between
+the two was tracked in that segment: after a loss, a relocalisation or another segment's frames it
+may not see them), with their final poses and depth held
 fixed: DIS flow from each keyframe's small image to the frame's grey copy (`Map.thumb`, at the
 keyframes' `slam.cloud_stride`), guided by the flow the current estimate predicts, on every
 `slam.global_ba_stride`-th pixel (the global adjustment's grid), weighted by the Cauchy weight of its
@@ -19,9 +21,10 @@ cost). The frames of one keyframe interval are solved together (one graph: the t
 a node per frame, two edges each).
 
 Guard: a frame keeps its pose unless its robust residual (the backend's measure) went down and the
-result is finite. Keyframes, lost frames (which hold the last good pose) and frames that were lost
-and then bridged (`FrameState.interpolated`: tracking could not use their image, so neither can
-this) are not aligned; they are interpolated again between the frames around them.
+result is finite; a failed solve keeps a whole interval's poses, with a warning. Keyframes and lost
+frames are not touched (a lost frame keeps the pose it was given, the last good pose as it was
+then); frames that were lost and then bridged (`FrameState.interpolated`: tracking could not use
+their image, so neither can this) are interpolated again between the frames around them.
 """
 
 from __future__ import annotations
@@ -40,6 +43,7 @@ from slam.backend import robust_residual
 from slam.config import RunConfig
 from slam.map import Map, normalized_pose
 from slam.measurements import predicted_flow
+from v2d.errors import V2DError
 from v2d.flow import dis_flow
 from v2d.geometry.camera import pixel_grid
 from v2d.geometry.lie import se3_inv, se3_mul
@@ -82,31 +86,42 @@ class FrameFiller:
         t0 = time.perf_counter()
         report = FillReport()
         kfs = slam_map.keyframes()
+        if any(k.small_depth is None or k.small_image is None for k in kfs):
+            raise V2DError("frame filler: every keyframe must be retired first (Mapper.finish)")
         frames = slam_map.frames()
         by_frame = {k.frame: kid for kid, k in enumerate(kfs)}
         before, after = [], []
         for seg_kids in slam_map.segments().values():
+            seg = kfs[seg_kids[0]].segment
             anchors = sorted(kfs[k].frame for k in seg_kids)
             for i, lo in enumerate(anchors):
                 hi = anchors[i + 1] if i + 1 < len(anchors) else None
                 stop = hi if hi is not None else len(frames)
-                todo = [f for f in range(lo + 1, stop)
-                        if not (frames[f].lost or frames[f].interpolated or frames[f].is_keyframe)
-                        and f not in by_frame and slam_map.thumb(f) is not None
-                        and kfs[frames[f].keyframe].segment == kfs[by_frame[lo]].segment]
+                # frames of this segment tracked between the two keyframes (not lost, not bridged)
+                ours = [f for f in range(lo + 1, stop) if kfs[frames[f].keyframe].segment == seg]
+                todo = [f for f in ours if not (frames[f].lost or frames[f].interpolated or frames[f].is_keyframe)]
                 if not todo:
                     continue
-                ends = [by_frame[lo]] + ([by_frame[hi]] if hi is not None else [])
-                b, a = self._align(slam_map, ends, todo)
+                # the keyframe after counts only across an unbroken tracked stretch: after a loss, a
+                # relocalisation or another segment's frames it may not see these frames at all
+                clean = hi is not None and len(todo) == len(ours) == hi - lo - 1
+                ends = [by_frame[lo]] + ([by_frame[hi]] if clean else [])
+                try:
+                    b, a = self._align(slam_map, ends, todo)
+                except (torch.linalg.LinAlgError, RuntimeError) as e:  # a singular system: keep these poses
+                    why = str(e).splitlines()[0][:80]
+                    self.warn(f"frame filler: frames {todo[0]}-{todo[-1]} kept their poses ({why})")
+                    continue
                 report.frames += len(todo)
                 report.moved += sum(1 for x, y in zip(b, a, strict=True) if y < x)
                 before += b
                 after += [min(x, y) for x, y in zip(b, a, strict=True)]
         self._rebridge(slam_map)
-        if before:
+        ok = [(x, y) for x, y in zip(before, after, strict=True) if np.isfinite(x) and np.isfinite(y)]
+        if ok:
             px = self.sc.cloud_stride * self.sc.global_ba_stride
-            report.residual_before_px = float(np.median(before)) * px
-            report.residual_after_px = float(np.median(after)) * px
+            report.residual_before_px = float(np.median([x for x, _ in ok])) * px
+            report.residual_after_px = float(np.median([y for _, y in ok])) * px
         report.seconds = time.perf_counter() - t0
         _log.info("frame filler: %d of %d frames moved, median residual %s -> %s px, %.1f s", report.moved,
                   report.frames, report.residual_before_px, report.residual_after_px, report.seconds)

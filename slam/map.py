@@ -135,10 +135,11 @@ class Map:
             refines the focal length of uncalibrated video).
         device: where the map's tensors live.
         thumb_stride: every frame keeps a grey copy of every `thumb_stride`-th pixel (`thumb`, for the
-            final alignment of every frame, `slam.filler`; 19 KB a frame at 240x320 and 2).
+            final alignment of every frame, `slam.filler`; 19 KB a frame at 240x320 and 2); None
+            keeps none.
     """
 
-    def __init__(self, intrinsics: torch.Tensor, device: torch.device, thumb_stride: int = 2) -> None:
+    def __init__(self, intrinsics: torch.Tensor, device: torch.device, thumb_stride: int | None = 2) -> None:
         self._lock = threading.RLock()
         self.device = device
         self._intr = intrinsics.to(device=device, dtype=torch.float64)
@@ -147,7 +148,7 @@ class Map:
         self._window: list[int] = []  # keyframe ids, oldest first
         self._images: OrderedDict[int, np.ndarray] = OrderedDict()  # frame index -> image
         self._thumb_stride = thumb_stride
-        self._thumbs: list[np.ndarray] = []  # frame index -> (H/s, W/s) uint8 grey
+        self._thumbs: list[np.ndarray | None] = []  # frame index -> (H/s, W/s) uint8 grey
         self._edges: set[tuple[int, int]] = set()  # keyframe pairs (a, b) with a flow edge a -> b
         self._loops: set[tuple[int, int]] = set()  # keyframe pairs (a < b) seen to overlap (loop closures)
         self._last_good = 0  # newest frame that was not lost
@@ -240,7 +241,8 @@ class Map:
             return self._images.get(f)
 
     def thumb(self, f: int) -> np.ndarray | None:
-        """Frame f's grey copy at `thumb_stride` ((H/s, W/s) uint8), kept for the whole run."""
+        """Frame f's grey copy at `thumb_stride` ((H/s, W/s) uint8), kept for the whole run (None
+        without `thumb_stride`)."""
         with self._lock:
             return self._thumbs[f] if 0 <= f < len(self._thumbs) else None
 
@@ -273,7 +275,8 @@ class Map:
                 ref = self._keyframes[state.keyframe].pose_cw
                 state = dataclasses.replace(state, rel_cw=se3_mul(held, se3_inv(ref)))
             self._frames.append(state)
-            self._thumbs.append(_grey(image[::self._thumb_stride, ::self._thumb_stride]))
+            s = self._thumb_stride
+            self._thumbs.append(None if s is None else _grey(image[::s, ::s]))
             f = len(self._frames) - 1
             if not state.lost:
                 self._last_good = f
@@ -409,7 +412,7 @@ class Map:
             self._intr = intrinsics.to(device=self.device, dtype=torch.float64)
 
     def update_keyframe(self, kid: int, **changes: object) -> None:
-        """Replace fields of keyframe kid (pose_cw, depth, valid, prior)."""
+        """Replace fields of keyframe kid (pose_cw, depth, valid, prior, features, ...)."""
         with self._lock:
             self._keyframes[kid] = dataclasses.replace(self._keyframes[kid], **changes)
 

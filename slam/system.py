@@ -159,7 +159,7 @@ class SlamSystem:
         self.warnings: list[str] = []
         self.on_track = on_track
         self._warn_lock = threading.Lock()
-        self.map = Map(intr, self.device, self.sc.cloud_stride)
+        self.map = Map(intr, self.device, self.sc.cloud_stride if self.sc.fill_frames else None)
         self.flows = FlowCache(cfg.motion.dis, self.device, self.sc.flow_cache_mb * 2**20)
         self.tracker = Tracker(model, cfg, self.flows, size, self.device)
         self.mapper = Mapper(model, cfg, self.map, self.flows, size, calibrated, self.device, on_keyframe, self.warn)
@@ -214,7 +214,8 @@ class SlamSystem:
 
     def finish(self) -> SlamResult:
         """Flush initialisation (short videos), wait for the mapper, finalise the window, run the global
-        bundle adjustment (`slam.global_ba`, `slam.backend`), return the result."""
+        bundle adjustment (`slam.global_ba`, `slam.backend`) and align every frame to the final map
+        (`slam.fill_frames`, `slam.filler`), return the result."""
         if self.finished or self._closed:
             raise V2DError("finish: this run has already finished")
         if not self.initialised:

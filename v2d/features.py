@@ -248,12 +248,11 @@ class XFeatExtractor(FeatureExtractor):
         super().__init__(num_features)
         paths = check_weights(weights, ("xfeat", "lighterglue") if careful else ("xfeat",))
         self.device = torch.device(device)
-        try:
+        try:  # files with the right hash always load: a failure here is an incompatible kornia
             with torch.device("cpu"):  # built where the weights load, whatever the default device, then moved
                 net = XFeat(top_k=num_features)
             net.net.load_state_dict(torch.load(paths["xfeat"], map_location="cpu", weights_only=True))
-            self.net = net.eval().to(self.device)
-            self.glue = None
+            glue = None
             if careful:
                 state = torch.load(paths["lighterglue"], map_location="cpu", weights_only=True)
                 conf = {k: v for k, v in LightGlue.features["xfeat"].items() if k != "weights"}
@@ -263,10 +262,11 @@ class XFeatExtractor(FeatureExtractor):
                                             if k.startswith("matcher.")}, strict=False)
                 if res.unexpected_keys or set(res.missing_keys) - {"confidence_thresholds"}:  # that one is computed
                     raise ValueError(f"keys do not fit: {res}")
-                self.glue = glue.eval().to(self.device)
-        except Exception as e:  # files with the right hash always load: this is an incompatible kornia
+        except (RuntimeError, ValueError, KeyError, OSError) as e:
             raise InputError(f"XFeat weights: {paths} could not be loaded into kornia's models ({e}); {_REINSTALL}"
                              ) from None
+        self.net = net.eval().to(self.device)
+        self.glue = None if glue is None else glue.eval().to(self.device)
 
     @property
     def has_careful_match(self) -> bool:

@@ -73,7 +73,9 @@ def test_lost_frames_are_left_alone_and_good_ones_barely_move(seq):
     after = _errors(m, seq)
     assert report.frames == len(seq.poses_cw) - len(KEYFRAMES) - 1
     assert after[5] == before[5]  # it holds the last good pose, as the map gave it
-    assert np.max(np.delete(after, 5)) < 0.005, after  # the true poses stay within a few millimetres
+    # the true poses stay within a centimetre (the lost frame breaks the stretch: frames 1-7 are
+    # aligned to keyframe 0 alone)
+    assert np.max(np.delete(after, 5)) < 0.01, after
 
 
 def test_a_run_ends_with_the_filler(seq):
@@ -96,4 +98,41 @@ def test_a_run_ends_with_the_filler(seq):
     kf = set(results[True].keyframe_frames)
     assert rep is not None and rep.frames == sum(1 for f, s in enumerate(results[True].frames)
                                                  if f not in kf and not s.lost)
-    assert dataclasses.asdict(rep)["seconds"] >= 0
+    assert rep.moved >= 1 and rep.residual_after_px <= rep.residual_before_px
+    assert set(dataclasses.asdict(rep)) == {"frames", "moved", "residual_before_px", "residual_after_px", "seconds"}
+
+
+def test_a_second_segment_trailing_frames_and_a_bridged_run(seq):
+    """Keyframes 0 and 8 in one segment, 16 and 24 in another: frames after keyframe 8 up to 16 see
+    only keyframe 8 (the next keyframe is another segment's); frames after the last keyframe are
+    aligned to it alone; a bridged run is interpolated again between its refined neighbours."""
+    m = _map(seq, scale=1.4)
+    with m._lock:  # test set-up: keyframes 16 and 24 begin a second segment, frames 3-4 were bridged
+        for k in (2, 3):
+            m._keyframes[k] = dataclasses.replace(m._keyframes[k], segment=1)
+        for f in (3, 4):
+            m._frames[f] = dataclasses.replace(m._frames[f], interpolated=True)
+    m._segments = 2
+    extra = FrameState(keyframe=3, rel_cw=se3_identity(dtype=torch.float64))
+    m.add_frame(dataclasses.replace(extra, rel_cw=se3_mul(seq.poses_cw[24], se3_inv(seq.poses_cw[24]))),
+                seq.images[24])  # a trailing frame after the last keyframe
+    report = FrameFiller(RunConfig(), torch.device("cpu")).run(m)
+    assert report.frames == len(seq.poses_cw) + 1 - len(KEYFRAMES) - 2  # every non-keyframe but the bridged two
+    c = se3_inv(m.frame_poses())[:, :3]
+    # frames 3 and 4 lie between 2 and 5 again (SE(3) interpolation: on the line within a millimetre)
+    assert float((c[3] - (2 * c[2] + c[5]) / 3).norm()) < 1e-3 and float((c[4] - (c[2] + 2 * c[5]) / 3).norm()) < 1e-3
+    errors = (se3_inv(m.frame_poses())[:25, :3] - se3_inv(seq.poses_cw)[:, :3]).norm(dim=-1).numpy()
+    between = [f for f in range(25) if f not in KEYFRAMES and f not in (3, 4)]
+    assert np.median(errors[between]) < 0.01, errors
+
+
+def test_unretired_keyframes_are_an_error(seq):
+    from v2d.errors import V2DError
+
+    m = Map(seq.intrinsics, torch.device("cpu"))
+    m.add_frame(FrameState(keyframe=0, rel_cw=se3_identity(dtype=torch.float64)), seq.images[0])
+    depth = torch.from_numpy(seq.depths[0])
+    m.add_keyframe(Keyframe(frame=0, pose_cw=seq.poses_cw[0], image=seq.images[0], depth=depth,
+                            valid=torch.ones(H, W, dtype=torch.bool)), 0)
+    with pytest.raises(V2DError, match="retired"):
+        FrameFiller(RunConfig(), torch.device("cpu")).run(m)

@@ -90,7 +90,7 @@ def test_appearance_retrieval_ignores_brightness(seq, index):
     query = index.features(darker)
     ranked = index.similar(query, kfs, [0, 20, 40], count=3)
     assert [k for k, _ in ranked][0] == 20
-    assert [k for k, _ in index.similar(query, kfs[::2], [0, 40], count=3)][0] != 20
+    assert {k for k, _ in index.similar(query, kfs, [0, 20, 40], count=2)} == {0, 20}  # the nearer views first
     d = query.global_desc
     assert d.ndim == 1 and abs(float(np.linalg.norm(d)) - 1.0) < 1e-5
 

@@ -306,7 +306,9 @@ def _colmap_worker(spec_path: str) -> int:
         rec = max(models.values(), key=lambda r: r.num_reg_images())
         names, poses = reconstruction_poses(rec)
         cam = next(iter(rec.cameras.values()))
-        result.update(names=names, poses_wc=poses.tolist(),
+        result.update(names=names, poses_wc=poses.tolist(), points=int(rec.num_points3D()),
+                      track_length=float(rec.compute_mean_track_length()),
+                      reprojection_px=float(rec.compute_mean_reprojection_error()),
                       camera={"model": cam.model_name, "fx": float(cam.focal_length_x),
                               "fy": float(cam.focal_length_y), "cx": float(cam.principal_point_x),
                               "cy": float(cam.principal_point_y), "width": cam.width, "height": cam.height})

@@ -230,7 +230,9 @@ def run_v2d(prep: Prepared, out: Path, root: Path, overrides: list[str]) -> dict
            **_trajectory_metrics(out, prep.gt_wc[:n])}
     row["abs_rel"] = _abs_rel(out, prep)
     if "global_ba" in summary:
-        row["global_ba_s"] = summary["global_ba"].get("seconds")
+        gba = summary["global_ba"]
+        row["global_ba_s"] = gba.get("seconds")
+        row["track_length"], row["reprojection_px"] = gba.get("track_length"), gba.get("reprojection_after_px")
     return row
 
 
@@ -266,14 +268,16 @@ def run_colmap(prep: Prepared, work: Path, cache: dict) -> dict:
         try:
             usage = run_child("bench.peers", ["_colmap", str(work / "spec.json")], "COLMAP worker")
             result = json.loads((work / "result.json").read_text())
-            cache[key] = {"names": result["names"], "poses_wc": result["poses_wc"], "wall_s": usage.wall_s}
+            cache[key] = {"names": result["names"], "poses_wc": result["poses_wc"], "wall_s": usage.wall_s,
+                          **{k: result[k] for k in ("track_length", "reprojection_px") if k in result}}
         except (RuntimeError, OSError, ValueError) as exc:
             cache[key] = {"error": str(exc).strip().splitlines()[-1][:300]}
     got = cache[key]
     if "error" in got:
         return {"error": got["error"]}
     frames = np.array([int(Path(n).stem) for n in got["names"]], dtype=np.int64)
-    row = {"registered": len(frames), "frames": len(images), "wall_s": got["wall_s"]}
+    row = {"registered": len(frames), "frames": len(images), "wall_s": got["wall_s"],
+           **{k: got[k] for k in ("track_length", "reprojection_px") if k in got}}
     if len(frames) < 3:
         return row | {"ate_cm": float("nan")}
     poses = np.asarray(got["poses_wc"], dtype=np.float64).reshape(-1, 7)
@@ -300,10 +304,13 @@ def _f(x: float | None, fmt: str) -> str:
 
 
 def format_table(rows: list[dict], codes: list[str]) -> str:
-    """One line per sequence and code: v2d's figures, then COLMAP's (registered / frames, ATE)."""
+    """One line per sequence and code: v2d's figures, then COLMAP's (registered / frames, ATE); then
+    the COLMAP-style figures of both: mean track length (v2d: keyframes per track; COLMAP: images per
+    point) and mean reprojection error in pixels at the network size (v2d: its tracks' observations
+    within 4 px after the global adjustment, as COLMAP's bundle adjustment keeps only those)."""
     head = (f"{'sequence':12s} {'code':8s} {'frames':>6s} {'ATE cm':>8s} {'RPE cm':>7s} {'RPE deg':>7s} "
             f"{'rot deg':>7s} {'lost':>5s} {'segs':>4s} {'kf':>4s} {'fr/s':>6s} {'AbsRel':>7s} {'COLMAP reg':>10s} "
-            f"{'COLMAP ATE':>10s}")
+            f"{'COLMAP ATE':>10s} {'track':>5s} {'reproj':>6s} {'C track':>7s} {'C reproj':>8s}")
     lines = [head, "-" * len(head)]
     for row in rows:
         cm = row.get("colmap", {})
@@ -318,7 +325,9 @@ def format_table(rows: list[dict], codes: list[str]) -> str:
                 f"{_f(r.get('rpe_cm'), '7.2f')} {_f(r.get('rpe_deg'), '7.2f')} {_f(r.get('rot_deg'), '7.2f')} "
                 f"{r.get('lost', 0):5d} "
                 f"{r.get('segments', 0):4d} {r.get('keyframes', 0):4d} {_f(r.get('fps'), '6.2f')} "
-                f"{_f(r.get('abs_rel'), '7.3f')} {reg:>10s} {_f(cm.get('ate_cm'), '10.2f')}")
+                f"{_f(r.get('abs_rel'), '7.3f')} {reg:>10s} {_f(cm.get('ate_cm'), '10.2f')} "
+                f"{_f(r.get('track_length'), '5.2f')} {_f(r.get('reprojection_px'), '6.2f')} "
+                f"{_f(cm.get('track_length'), '7.2f')} {_f(cm.get('reprojection_px'), '8.2f')}")
     return "\n".join(lines)
 
 

@@ -49,8 +49,21 @@ size: 0.11 / 0.16 / 0.21 at full size, 0.37 / 0.50 / 0.81 at half size with the 
 made 7-Scenes worse (0-499/2: ATE 3.86 -> 4.11 cm, AbsRel 0.118 -> 0.124); at the finest level it
 gives 3.42 cm and 0.115.
 
-Guard: the robust residual (Cauchy cost of the flow residuals, as an RMS in pixels at the network
-size) is measured before and after; if it grew, anything is not finite or the solver failed (a
+Tracks (`slam.tracks`, with the features' matcher given): the keyframes' sparse features are
+matched over the edges' pairs and each keyframe's next `slam.track_span` keyframes, verified and
+chained into multi-view tracks (`slam.tracks`); each track has one inverse depth along its anchor
+keyframe's ray, and its reprojection terms join the flow terms in the same solve (the tracks'
+depths eliminated like the pixels'; `v2d.geometry.window_ba.bundle_adjust`). Dense flow joins a
+keyframe to its neighbours, each with its own depth, so scale can creep along the chain; a track
+has one depth in every keyframe that sees it. Weight: all observations together weigh
+`slam.track_weight` times all flow targets together (each observation the same share), so neither
+kind dominates whatever the number of pixels or keypoints; the same annealed Cauchy scale re-weights
+both. The report gives COLMAP's figures for them: tracks, mean track length, mean reprojection error
+before and after over the observations within 4 px (COLMAP's filter; network pixels), "before"
+with the tracks' depths fitted to the poses before (`fit_track_depths`), as is the guard's cost.
+
+Guard: the robust residual (Cauchy cost of the flow residuals and the track observations, as an RMS
+in pixels at the network size) is measured before and after; if it grew, anything is not finite or the solver failed (a
 singular system), the map keeps its previous estimate and the report (and a warning) says so.
 Otherwise the new poses are written into the map (frames follow: their poses are stored relative
 to their keyframe) with the new small depths.
@@ -71,11 +84,12 @@ import torch
 from slam.config import RunConfig
 from slam.map import Keyframe, Map, normalized_pose
 from slam.measurements import predicted_flow
+from slam.tracks import PairMatcher, build_tracks, weighted
 from v2d.errors import V2DError
 from v2d.flow import dis_flow, fb_targets
 from v2d.geometry.camera import backproject, project, reproject
 from v2d.geometry.lie import se3_act, se3_inv, se3_mul
-from v2d.geometry.window_ba import WindowBAOptions, window_bundle_adjust
+from v2d.geometry.window_ba import Tracks, WindowBAOptions, bundle_adjust, fit_track_depths, track_costs
 
 __all__ = ["GlobalBA", "GlobalBAReport", "robust_residual", "upsample_ratio"]
 
@@ -89,6 +103,9 @@ _OVERLAP_STRIDE = 4  # pixel stride (of the small grid) of the predicted overlap
 # scale drift, 4 iterations: keyframe ATE 0.236 -> 0.080 m with 1, 0.040 with 4, 0.041 with 16;
 # 7-Scenes 0-299/1 the same with each (2.42 / 2.41 / 2.41 cm).
 _ANNEAL = 4.0
+# COLMAP's bundle adjustment drops observations reprojected farther than this (px, its
+# `filter_max_reproj_error`); the tracks' mean reprojection error is reported over those within it.
+_COLMAP_FILTER_PX = 4.0
 
 
 @dataclass
@@ -108,6 +125,13 @@ class GlobalBAReport:
     iterations: int = 0
     residual_before_px: float | None = None
     residual_after_px: float | None = None
+    tracks: int = 0  # sparse multi-view tracks in the adjustment (`slam.tracks`)
+    track_observations: int = 0  # their observations besides the anchors'
+    track_length: float | None = None  # mean keyframes per track
+    track_pairs: int = 0  # keyframe pairs whose features were matched
+    reprojection_before_px: float | None = None  # mean reprojection error of the tracks' observations
+    reprojection_after_px: float | None = None  # within 4 px (px at the network size), COLMAP's figure
+    track_seconds: float = 0.0
     kept: bool = False  # the adjusted estimate was written into the map (False: the previous one stays)
     reason: str = ""  # why it was not kept (or not run)
     seconds: float = 0.0
@@ -119,6 +143,10 @@ class GlobalBAReport:
                 "temporal_edges": self.temporal_edges, "proximity_edges": self.proximity_edges,
                 "loop_edges": self.loop_edges, "iterations": self.iterations,
                 "residual_before_px": self.residual_before_px, "residual_after_px": self.residual_after_px,
+                "tracks": self.tracks, "track_observations": self.track_observations,
+                "track_length": self.track_length, "track_pairs": self.track_pairs,
+                "reprojection_before_px": self.reprojection_before_px,
+                "reprojection_after_px": self.reprojection_after_px, "track_seconds": self.track_seconds,
                 "kept": self.kept, "reason": self.reason}
 
 
@@ -149,10 +177,14 @@ class GlobalBA:
         cfg: the configuration (`slam` and `gn` sections; `motion.dis` for the flow).
         device: where the adjustment runs.
         warn: reports a warning (the run's warning list).
+        matcher: the keyframe pairs' verified feature matches (`slam.tracks.PairMatcher`, shared with
+            the window's adjustment); with it and `slam.tracks`, sparse tracks join the adjustment.
     """
 
-    def __init__(self, cfg: RunConfig, device: torch.device, warn: Callable[[str], None] = _log.warning) -> None:
+    def __init__(self, cfg: RunConfig, device: torch.device, warn: Callable[[str], None] = _log.warning,
+                 matcher: PairMatcher | None = None) -> None:
         self.cfg, self.sc, self.device, self.warn = cfg, cfg.slam, torch.device(device), warn
+        self.matcher = matcher
 
     @torch.no_grad()
     def run(self, slam_map: Map) -> GlobalBAReport:
@@ -187,7 +219,9 @@ class GlobalBA:
         base = kfs[0].pose_cw.to(dev, torch.float64)
         poses = se3_mul(torch.stack([k.pose_cw for k in kfs]).to(dev, torch.float64), se3_inv(base)[None])
         px = depth.shape[-1] * s1 / 320.0  # pixel thresholds are given for 320-wide frames
-        kinds = self._edges(kfs, poses, inv, valid, intr, slam_map.loops())
+        overlap = _coverage(poses, inv, valid, intr)  # (K, K): the fraction of a's pixels seen in b
+        both = torch.minimum(overlap, overlap.T)
+        kinds = self._edges(kfs, both, slam_map.loops())
         pairs = [p for kind in kinds for p in kind]
         report.temporal_edges, report.proximity_edges, report.loop_edges = (2 * len(kind) for kind in kinds)
         report.edges = 2 * len(pairs)
@@ -203,7 +237,26 @@ class GlobalBA:
         opts = WindowBAOptions(iterations=sc.global_ba_iterations, robust_scale=c, min_depth=gn.min_depth, stride=1,
                                fixed_poses=1, max_translation_step=gn.max_translation_step,
                                max_rotation_step=gn.max_rotation_step, keep_couplings=False)
-        before = robust_residual(poses, inv_g, intr_g, ii, jj, tgt, wts, c, gn.min_depth)
+        tracks = self._tracks(kfs, kinds, slam_map.intrinsics, grid_px, wts, report) if self.matcher else None
+
+        def residual(p: torch.Tensor, i: torch.Tensor, t_rho: torch.Tensor) -> float:
+            """The robust RMS of the flow and track residuals together (grid pixels)."""
+            total, norm = _robust_sums(p, i, intr_g, ii, jj, tgt, wts, c, gn.min_depth)
+            if tracks is not None:
+                cost = track_costs(p, tracks, t_rho, intr_g, c, gn.min_depth)[1]
+                cap = c ** 2 * np.log1p((i.shape[-1] ** 2 + i.shape[-2] ** 2) / c ** 2)
+                w = tracks.weight.to(cost)
+                total += float((w * torch.where(torch.isfinite(cost), cost, torch.full_like(cost, cap))).sum())
+                norm += float(w.sum())
+            return float(np.sqrt(total / norm)) if norm > 0 else float("nan")
+
+        t_rho = torch.zeros(0, dtype=torch.float64, device=dev)
+        if tracks is not None:  # the tracks' depths fitted to the current poses first: a fair "before"
+            t_rho = fit_track_depths(poses, tracks, intr_g, c, gn.min_depth)
+            tracks = dataclasses.replace(tracks, inv_depth=t_rho)
+            err = track_costs(poses, tracks, t_rho, intr_g, 0.0, gn.min_depth)[0] * grid_px
+            report.reprojection_before_px = _mean_within(err, _COLMAP_FILTER_PX)
+        before = residual(poses, inv_g, t_rho)
         if not np.isfinite(before):
             report.reason = "no flow target passed the forward-backward check"
             return report
@@ -211,13 +264,15 @@ class GlobalBA:
         try:
             for scale in _annealed(c, sc.global_ba_iterations):
                 step = dataclasses.replace(opts, iterations=1, robust_scale=scale)
-                new_poses, new_inv = window_bundle_adjust(new_poses, new_inv, intr_g, ii, jj, tgt, wts, inv_g,
-                                                          prior_w, step)
+                # the tracks' weak prior is centred on the previous iterate (damping, not a belief)
+                current = dataclasses.replace(tracks, inv_depth=t_rho) if tracks is not None else None
+                new_poses, new_inv, t_rho = bundle_adjust(new_poses, new_inv, intr_g, ii, jj, tgt, wts, inv_g,
+                                                          prior_w, step, current)
         except (torch.linalg.LinAlgError, RuntimeError) as e:  # a singular system (e.g. a keyframe no edge sees)
             report.reason = f"the solver failed ({str(e).splitlines()[0][:120]})"
             self.warn(f"global bundle adjustment: {report.reason}; kept the previous estimate")
             return report
-        after = robust_residual(new_poses, new_inv, intr_g, ii, jj, tgt, wts, c, gn.min_depth)
+        after = residual(new_poses, new_inv, t_rho)
         report.iterations = sc.global_ba_iterations
         report.residual_before_px, report.residual_after_px = before * grid_px, after * grid_px
         finite = bool(torch.isfinite(new_poses).all()) and bool(torch.isfinite(new_inv).all()) and np.isfinite(after)
@@ -228,6 +283,9 @@ class GlobalBA:
         if report.reason:
             self.warn(f"global bundle adjustment: {report.reason}; kept the previous estimate")
             return report
+        if tracks is not None:
+            err = track_costs(new_poses, tracks, t_rho, intr_g, 0.0, gn.min_depth)[0] * grid_px
+            report.reprojection_after_px = _mean_within(err, _COLMAP_FILTER_PX)
         ratio = torch.where(valid_g, new_inv / inv_g, torch.ones_like(inv_g)).float().cpu().numpy()
         self._write(slam_map, kfs, se3_mul(new_poses, base[None]), ratio, report)
         return report
@@ -248,15 +306,12 @@ class GlobalBA:
                                      for k, kf in enumerate(kfs) if k > 0})
         report.kept = True
 
-    def _edges(self, kfs: list[Keyframe], poses: torch.Tensor, inv: torch.Tensor, valid: torch.Tensor,
-               intr: torch.Tensor, loops: set[tuple[int, int]]
+    def _edges(self, kfs: list[Keyframe], both: torch.Tensor, loops: set[tuple[int, int]]
                ) -> tuple[list[tuple[int, int]], list[tuple[int, int]], list[tuple[int, int]]]:
         """Keyframe pairs (a < b): temporal, proximity and loop (each pair once, in the first kind it
-        belongs to). Shapes: poses (K, 7); inv, valid (K, h, w)."""
+        belongs to). Shapes: both (K, K) the predicted overlap of each pair (the smaller direction)."""
         sc = self.sc
         K = len(kfs)
-        overlap = _coverage(poses, inv, valid, intr)  # (K, K): the fraction of a's pixels seen in b
-        both = torch.minimum(overlap, overlap.T)
         temporal = [(a, b) for a in range(K) for b in range(a + 1, min(K, a + 1 + sc.global_ba_neighbours))
                     if float(both[a, b]) > 0]
         taken = set(temporal) | loops
@@ -271,6 +326,31 @@ class GlobalBA:
                 count[b] += 1
         loop = sorted(p for p in loops if p not in set(temporal))
         return temporal, proximity, loop
+
+    def _tracks(self, kfs: list[Keyframe], kinds: tuple[list[tuple[int, int]], ...], intrinsics: torch.Tensor,
+                grid_px: int, wts: torch.Tensor, report: GlobalBAReport) -> Tracks | None:
+        """The sparse tracks (`slam.tracks`) over the edges' pairs and each keyframe's next
+        `slam.track_span` keyframes, in the adjusted grid's pixels, weighted so that all observations
+        together weigh `slam.track_weight` times the flow targets (see the module docstring)."""
+        sc = self.sc
+        if not sc.tracks:
+            return None
+        t0 = time.perf_counter()
+        K = len(kfs)
+        pairs = sorted({(a, b) for a in range(K) for b in range(a + 1, min(K, a + 1 + sc.track_span))}
+                       | {p for kind in kinds for p in kind})
+        # the map's keyframe ids are their positions in keyframes() (never reused): the matcher's keys
+        built = build_tracks(kfs, list(range(K)), pairs, self.matcher, intrinsics)
+        report.track_pairs = sum(kfs[a].features is not None and kfs[b].features is not None for a, b in pairs)
+        if built is None:
+            report.track_seconds = time.perf_counter() - t0
+            return None
+        tracks = weighted(built, grid_px, float(wts.double().sum()), sc.track_weight, self.device)
+        t, O = built.tracks, built.tracks.track.numel()
+        report.tracks, report.track_observations = len(t), O
+        report.track_length = float(built.lengths.double().mean())
+        report.track_seconds = time.perf_counter() - t0
+        return tracks
 
     def _targets(self, kfs: list[Keyframe], pairs: list[tuple[int, int]], poses: torch.Tensor, inv: torch.Tensor,
                  valid: torch.Tensor, intr: torch.Tensor, stride: int
@@ -331,14 +411,15 @@ def _coverage(poses: torch.Tensor, inv: torch.Tensor, valid: torch.Tensor, intr:
     return overlap
 
 
-def robust_residual(poses: torch.Tensor, inv: torch.Tensor, intr: torch.Tensor, ii: torch.Tensor, jj: torch.Tensor,
-                     targets: torch.Tensor, weights: torch.Tensor, scale: float, min_depth: float) -> float:
-    """sqrt(sum w rho(r) / sum w) with rho(r) = c^2 log(1 + r^2 / c^2) the Cauchy cost (about r^2 for a
-    small residual r, so the value reads as an RMS in pixels). A point that falls behind camera j
-    costs rho at the grid's diagonal (the guard must not reward pushing points out of view).
+def _mean_within(err: torch.Tensor, gate: float) -> float | None:
+    """Mean of the errors (O,) below `gate` (None where none is)."""
+    ok = torch.isfinite(err) & (err < gate)
+    return float(err[ok].mean()) if bool(ok.any()) else None
 
-    Shapes: poses (K, 7); inv (K, h, w); ii, jj (E,); targets (E, h, w, 2); weights (E, h, w) -> float.
-    """
+
+def _robust_sums(poses: torch.Tensor, inv: torch.Tensor, intr: torch.Tensor, ii: torch.Tensor, jj: torch.Tensor,
+                 targets: torch.Tensor, weights: torch.Tensor, scale: float, min_depth: float) -> tuple[float, float]:
+    """sum w rho(r) and sum w of `robust_residual` (same arguments)."""
     h, w = inv.shape[-2:]
     cap = scale ** 2 * np.log1p((h * h + w * w) / scale ** 2)
     total, norm = 0.0, 0.0
@@ -353,6 +434,18 @@ def robust_residual(poses: torch.Tensor, inv: torch.Tensor, intr: torch.Tensor, 
         cost = torch.where(torch.isfinite(cost), cost, torch.full_like(cost, cap))
         total += float((wt * cost).sum())
         norm += float(wt.sum())
+    return total, norm
+
+
+def robust_residual(poses: torch.Tensor, inv: torch.Tensor, intr: torch.Tensor, ii: torch.Tensor, jj: torch.Tensor,
+                     targets: torch.Tensor, weights: torch.Tensor, scale: float, min_depth: float) -> float:
+    """sqrt(sum w rho(r) / sum w) with rho(r) = c^2 log(1 + r^2 / c^2) the Cauchy cost (about r^2 for a
+    small residual r, so the value reads as an RMS in pixels). A point that falls behind camera j
+    costs rho at the grid's diagonal (the guard must not reward pushing points out of view).
+
+    Shapes: poses (K, 7); inv (K, h, w); ii, jj (E,); targets (E, h, w, 2); weights (E, h, w) -> float.
+    """
+    total, norm = _robust_sums(poses, inv, intr, ii, jj, targets, weights, scale, min_depth)
     return float(np.sqrt(total / norm)) if norm > 0 else float("nan")
 
 

@@ -154,6 +154,19 @@ class SlamConfig:
         global_ba_stride: every n-th pixel of the cloud-size depth is an unknown (the change carried
             to the others bilinearly). 1 / 2 / 4 on 7-Scenes 0-499/2: 3.41 / 3.42 / 3.44 cm in 12.1 /
             4.8 / 3.1 s (busy machine).
+        tracks: the global bundle adjustment also fits multi-view tracks of the keyframes' sparse
+            features (`slam.tracks`: matched, verified geometrically, chained), one depth
+            per track across every keyframe that sees it: they tie keyframes far apart and hold the
+            scale where the dense flow joins only neighbours.
+        window_tracks: the window's bundle adjustment fits the tracks of its keyframes too (every
+            pair of window keyframes matched once, `slam.tracks.PairMatcher`).
+        track_span: besides the adjustment's edges, each keyframe's features are matched with the
+            next this many keyframes' (longer tracks form by chaining).
+        track_weight: the tracks' observations together weigh this many times the flow targets
+            together (each observation the same share).
+        track_threshold: the inlier threshold (px at 320 wide) of the geometric checks a match must
+            pass to join a track (a fundamental matrix, then PnP on the keyframe's depth); a pair
+            needs `reloc_min_inliers` such matches.
     """
 
     init_frames: int = 5
@@ -214,6 +227,11 @@ class SlamConfig:
     global_ba_overlap: float = 0.5
     global_ba_edges: int = 3
     global_ba_stride: int = 2
+    tracks: bool = True
+    window_tracks: bool = False
+    track_span: int = 3
+    track_weight: float = 0.5
+    track_threshold: float = 2.0
 
     RANGES: ClassVar[Ranges] = {
         "init_frames": at_least(2),
@@ -267,6 +285,9 @@ class SlamConfig:
         "global_ba_overlap": Range(lambda v: 0 <= v <= 1, "a value in [0, 1]"),
         "global_ba_edges": NON_NEGATIVE,
         "global_ba_stride": at_least(1),
+        "track_span": at_least(1),
+        "track_weight": NON_NEGATIVE,
+        "track_threshold": POSITIVE,
     }
     RELATIONS: ClassVar[Relations] = (
         Relation(lambda c: c.window_fixed < c.window, "window_fixed must be smaller than window"),

@@ -51,9 +51,10 @@ from slam.keyframe_depth import KeyframeDepth
 from slam.map import Keyframe, Map, normalized_pose, release_heap
 from slam.measurements import images_to_tensor, induced_motion, predicted_flow
 from slam.relocaliser import Registration
+from slam.tracks import PairMatcher, build_tracks, weighted
 from v2d.geometry.camera import reproject, valid_reprojection
 from v2d.geometry.lie import quat_to_matrix, se3_identity, se3_inv, se3_mul
-from v2d.geometry.window_ba import WindowBAOptions, window_bundle_adjust
+from v2d.geometry.window_ba import WindowBAOptions, bundle_adjust
 from v2d.model import V2D
 from v2d.refiner import robust_weights, subsample
 
@@ -92,8 +93,9 @@ class Mapper:
                  calibrated: bool, device: torch.device,
                  on_keyframe: Callable[[int, np.ndarray, torch.Tensor, np.ndarray, np.ndarray | None], None]
                  | None = None,
-                 warn: Callable[[str], None] = _log.warning) -> None:
+                 warn: Callable[[str], None] = _log.warning, pairs: PairMatcher | None = None) -> None:
         self.model, self.cfg, self.sc = model, cfg, cfg.slam
+        self.pairs = pairs  # verified feature matches of keyframe pairs (`slam.window_tracks`)
         self.map, self.flows = slam_map, flows
         self.H, self.W = size
         self.calibrated, self.device = calibrated, device
@@ -357,9 +359,16 @@ class Mapper:
                                min_depth=self.cfg.gn.min_depth, stride=self.sc.ba_stride, fixed_poses=fixed,
                                max_translation_step=gn.max_translation_step, max_rotation_step=gn.max_rotation_step)
         dev = self.device
-        new, rho = window_bundle_adjust(poses, inv, intr, torch.tensor([p[0] for p in pairs], device=dev),
-                                        torch.tensor([p[1] for p in pairs], device=dev), torch.stack(ts),
-                                        torch.stack(ws), prior, 1.0 / (self.sc.ba_prior * prior) ** 2, opts)
+        wts = torch.stack(ws)
+        tracks = None
+        if self.pairs is not None and self.sc.window_tracks:
+            built = build_tracks(kfs, ids, [(a, b) for a in range(n) for b in range(a + 1, n)], self.pairs, intr)
+            s = self.sc.ba_stride
+            tracks = None if built is None else weighted(built, 1.0, float(wts[:, ::s, ::s].double().sum()),
+                                                         self.sc.track_weight, dev)
+        new, rho, _ = bundle_adjust(poses, inv, intr, torch.tensor([p[0] for p in pairs], device=dev),
+                                    torch.tensor([p[1] for p in pairs], device=dev), torch.stack(ts), wts, prior,
+                                    1.0 / (self.sc.ba_prior * prior) ** 2, opts, tracks)
         if not (bool(torch.isfinite(new).all()) and bool(torch.isfinite(rho).all())):
             self.warn("the window's bundle adjustment gave non-finite values; kept the previous estimate")
             return

@@ -51,6 +51,7 @@ from slam.mapper import KeyframeJob, Mapper
 from slam.measurements import texture
 from slam.relocaliser import KeyframeIndex
 from slam.tracker import Tracker, TrackResult
+from slam.tracks import PairMatcher
 from slam.worker import MapperWorker
 from v2d.errors import ConfigError, ShapeError, V2DError
 from v2d.features import Features
@@ -162,8 +163,12 @@ class SlamSystem:
         self.map = Map(intr, self.device, self.sc.cloud_stride if self.sc.fill_frames else None)
         self.flows = FlowCache(cfg.motion.dis, self.device, self.sc.flow_cache_mb * 2**20)
         self.tracker = Tracker(model, cfg, self.flows, size, self.device)
-        self.mapper = Mapper(model, cfg, self.map, self.flows, size, calibrated, self.device, on_keyframe, self.warn)
         self.index = KeyframeIndex(cfg, size, self.device)
+        # verified feature matches of keyframe pairs, shared by the window's and the global adjustment
+        self.pairs = PairMatcher(self.index.extractor.match, self.sc.track_threshold * size[1] / 320.0,
+                                 self.sc.reloc_min_inliers, self.sc.cloud_stride)
+        self.mapper = Mapper(model, cfg, self.map, self.flows, size, calibrated, self.device, on_keyframe, self.warn,
+                             self.pairs)
         self._threads: _ThreadPlan | None = None  # set while the mapper thread runs
         self.worker: MapperWorker[KeyframeJob] | None = None  # started after initialisation
         self._pending: list[np.ndarray] = []  # frames before initialisation
@@ -226,7 +231,8 @@ class SlamSystem:
         self.finished = True
         self.close()  # the mapper thread is done: the last steps get every core
         self.mapper.finish(self.map.num_frames() - 1, self.map.images())
-        backend = GlobalBA(self.cfg, self.device, self.warn).run(self.map) if self.sc.global_ba else None
+        backend = (GlobalBA(self.cfg, self.device, self.warn, self.pairs).run(self.map)
+                   if self.sc.global_ba else None)
         filler = FrameFiller(self.cfg, self.device, self.warn).run(self.map) if self.sc.fill_frames else None
         self._report_flags()
         kfs = self.map.keyframes()

@@ -74,6 +74,16 @@ def test_summary_counts_wins_losses_and_segments():
     assert "error: boom" in table and table.count("\n") == len(rows) + 2
 
 
+def test_the_table_shows_colmap_style_figures_beside_colmaps():
+    row = _row("7s-s2", "real", 2.0, 3.0)
+    row["v2d"]["this"] |= {"track_length": 3.456, "reprojection_px": 0.789}
+    row["colmap"] |= {"track_length": 5.432, "reprojection_px": 0.612}
+    line = suite.format_table([row, _row("7s-s8", "real", 3.0, None)], ["this"]).splitlines()
+    assert "track" in line[0] and "C reproj" in line[0]
+    assert line[2].split()[-4:] == ["3.46", "0.79", "5.43", "0.61"]
+    assert line[3].split()[-4:] == ["-", "-", "-", "-"]  # not measured: no figure, no zero
+
+
 def test_a_late_range_starts_at_its_first_frame(data, tmp_path):
     root, wc = data
     prep = suite._real("seq", stride=3, first=2)(root, tmp_path)

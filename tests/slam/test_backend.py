@@ -21,11 +21,13 @@ import slam.backend as backend
 from slam.backend import GlobalBA, upsample_ratio
 from slam.config import RunConfig
 from slam.map import FrameState, Keyframe, Map
+from slam.tracks import PairMatcher
 from tools.cli import main
 from v2d.config import load_config
 from v2d.data.synthetic import render_sequence
 from v2d.errors import ConfigError, V2DError
 from v2d.geometry.lie import se3_exp, se3_identity, se3_inv, se3_mul
+from v2d.geometry.window_ba import BAResult
 from v2d.metrics import trajectory_ate
 from v2d.model import SHIPPED_WEIGHTS
 
@@ -60,10 +62,10 @@ def _drifted(gt: torch.Tensor, scale_step: float, step_error: bool) -> tuple[tor
 
 
 def _map(seq, frames: list[int], poses: torch.Tensor, depth_scales: list[float] | None = None,
-         between: int = 0) -> Map:
+         between: int = 0, retire: bool = True, stride: int = 1) -> Map:
     """A finished map: keyframes at `frames` with the given poses and the rendered depth (times
-    `depth_scales`), retired at stride 1; with `between`, that many frames after each keyframe,
-    tracked against it (their pose relative to it is the true one)."""
+    `depth_scales`), retired at `stride` (with `retire`); with `between`, that many frames after each
+    keyframe, tracked against it (their pose relative to it is the true one)."""
     m = Map(seq.intrinsics, torch.device("cpu"))
     ident = se3_identity(dtype=torch.float64)
     for k, f in enumerate(frames):
@@ -74,7 +76,8 @@ def _map(seq, frames: list[int], poses: torch.Tensor, depth_scales: list[float] 
         for g in range(f + 1, f + 1 + between):
             m.add_frame(FrameState(keyframe=k, rel_cw=se3_mul(seq.poses_cw[g], se3_inv(seq.poses_cw[f]))),
                         seq.images[g])
-        m.retire(k, 1)
+        if retire:
+            m.retire(k, stride)
     return m
 
 
@@ -147,15 +150,16 @@ def test_the_guard_keeps_the_previous_estimate(seq, monkeypatch, caplog, failure
     """A solver that returns non-finite values, a worse solution or fails on a singular system
     changes nothing in the map."""
     def broken(poses, inv, *args, **kwargs):
+        none = torch.zeros(0, dtype=torch.float64)
         if failure == "singular":
             raise torch.linalg.LinAlgError("linalg.cholesky: The factorization could not be completed")
         if failure == "nan":
-            return torch.full_like(poses, float("nan")), inv
+            return BAResult(torch.full_like(poses, float("nan")), inv, none)
         bad = poses.clone()
         bad[1:, :3] += 0.3  # every free keyframe 30 cm off
-        return bad, inv
+        return BAResult(bad, inv, none)
 
-    monkeypatch.setattr(backend, "window_bundle_adjust", broken)
+    monkeypatch.setattr(backend, "bundle_adjust", broken)
     gt = seq.poses_cw[DRIFT]
     drifted, _ = _drifted(gt, 1.04, step_error=True)
     m = _map(seq, DRIFT, drifted)
@@ -192,13 +196,13 @@ def test_frames_follow_their_keyframes(seq):
 def test_knobs_are_honoured(seq, monkeypatch):
     """Iterations, temporal neighbours, proximity edges per keyframe and overlap, and the depth stride."""
     calls: list[tuple] = []
-    solve = backend.window_bundle_adjust
+    solve = backend.bundle_adjust
 
     def spy(poses, inv, intr, ii, jj, *args, **kwargs):
         calls.append((tuple(inv.shape), ii.tolist(), jj.tolist()))
         return solve(poses, inv, intr, ii, jj, *args, **kwargs)
 
-    monkeypatch.setattr(backend, "window_bundle_adjust", spy)
+    monkeypatch.setattr(backend, "bundle_adjust", spy)
     gt = seq.poses_cw[LOOP]
     K = len(LOOP)
 
@@ -224,7 +228,9 @@ def test_knobs_are_honoured(seq, monkeypatch):
 
 @pytest.mark.parametrize("override", ["slam.global_ba_iterations=0", "slam.global_ba_neighbours=0",
                                       "slam.global_ba_overlap=1.5", "slam.global_ba_overlap=-0.1",
-                                      "slam.global_ba_edges=-1", "slam.global_ba_stride=0", "slam.global_ba=maybe"])
+                                      "slam.global_ba_edges=-1", "slam.global_ba_stride=0", "slam.global_ba=maybe",
+                                      "slam.track_span=0", "slam.track_weight=-1", "slam.track_threshold=0",
+                                      "slam.tracks=sometimes"])
 def test_config_keys_are_checked(override):
     with pytest.raises(ConfigError, match=override.split("=")[0].replace(".", r"\.")):
         load_config(None, [override], root=RunConfig)
@@ -356,3 +362,55 @@ def test_edges_tens_of_pixels_long_are_fitted_with_a_guided_search(monkeypatch):
     guided = adjusted(True)
     assert guided < 0.3, guided
     assert adjusted(False) > 3 * guided
+
+
+@pytest.fixture(scope="module")
+def xfeat():
+    from v2d.features import make_extractor
+
+    return make_extractor("xfeat", 1000)
+
+
+def test_tracks_correct_the_scale_drift_the_neighbouring_edges_keep(seq, xfeat):
+    """A keyframe at every frame, 2 % scale drift per keyframe with the depth drifting along (each
+    neighbouring pair agrees): with dense edges between neighbours only, the adjustment keeps most of
+    the drift; the features' tracks, each with one depth across the keyframes that see it, correct it
+    (measured keyframe ATE m: 0.110 drifted, 0.108 without tracks, 0.026 with)."""
+    frames = list(range(0, 36))
+    gt = seq.poses_cw[frames]
+    drifted, scales = _drifted(gt, 1.02, step_error=False)
+    feats = [xfeat.extract(seq.images[f]) for f in frames]
+    results, reports = {}, {}
+    for tracks in (False, True):
+        m = _map(seq, frames, drifted, depth_scales=scales)
+        for k, f in enumerate(feats):
+            m.update_keyframe(k, features=f)
+        before = _ate(m, gt)
+        cfg = _cfg("slam.global_ba_edges=0", "slam.global_ba_neighbours=1", f"slam.tracks={str(tracks).lower()}",
+                   "slam.track_span=6", "slam.track_weight=1")
+        reports[tracks] = GlobalBA(cfg, torch.device("cpu"), matcher=PairMatcher(xfeat.match, 1.0, 15, 1)).run(m)
+        assert reports[tracks].kept, reports[tracks]
+        results[tracks] = _ate(m, gt)
+    assert results[False] > 0.7 * before, (before, results)
+    assert results[True] < 0.4 * results[False], (before, results)
+    plain, tracked = reports[False], reports[True]
+    assert plain.tracks == 0 and plain.reprojection_after_px is None
+    assert tracked.tracks > 100 and tracked.track_length > 2.5 and tracked.track_observations > tracked.tracks
+    assert tracked.track_pairs >= 6 * (len(frames) - 6)
+    assert tracked.reprojection_after_px < 0.9 * tracked.reprojection_before_px < 1.5  # network px (160 wide)
+    summary = tracked.as_dict()
+    assert summary["tracks"] == tracked.tracks and summary["reprojection_after_px"] == tracked.reprojection_after_px
+
+
+def test_no_tracks_without_a_matcher_or_features(seq, xfeat):
+    """Tracks need the features' matcher and every keyframe's features; otherwise the adjustment runs
+    on the flow alone, as before."""
+    frames = DRIFT[:6]
+    gt = seq.poses_cw[frames]
+    for matcher, with_features in ((None, True), (PairMatcher(xfeat.match, 1.0, 15, 1), False)):
+        m = _map(seq, frames, gt)
+        if with_features:
+            for k, f in enumerate(frames):
+                m.update_keyframe(k, features=xfeat.extract(seq.images[f]))
+        report = GlobalBA(_cfg(), torch.device("cpu"), matcher=matcher).run(m)
+        assert report.kept and report.tracks == 0 and report.track_pairs == 0, report

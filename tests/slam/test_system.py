@@ -502,3 +502,36 @@ def test_temporal_fusion_and_normals_in_the_engine(seq, model):
         parts.depth.temporal.update.weight.normal_(0, 0.5, generator=torch.Generator().manual_seed(0))
     _, moved = _run(parts, cfg, frames, seq.intrinsics)
     assert not torch.equal(moved.poses_cw, ref.poses_cw)
+
+
+def test_the_window_adjustment_fits_its_keyframes_tracks(seq, model, monkeypatch):
+    """With `slam.window_tracks`, the window's keyframes' verified feature matches join its bundle
+    adjustment as tracks (in network pixels, weighing `slam.track_weight` times the flow targets), and
+    the free poses still come back from a perturbed start. (XFeat: ORB at 96x128 finds fewer than
+    the 15 verified matches a pair needs.)"""
+    features = "xfeat"
+    import slam.mapper as mapper_module
+
+    seen = []
+    solve = mapper_module.bundle_adjust
+
+    def spy(poses, inv, intr, ii, jj, targets, weights, *args):
+        s = args[-2].stride  # the options' pixel stride
+        seen.append((args[-1], float(weights[:, ::s, ::s].double().sum())))
+        return solve(poses, inv, intr, ii, jj, targets, weights, *args)
+
+    monkeypatch.setattr(mapper_module, "bundle_adjust", spy)
+    system, truth, _ = _window_at_truth(seq, model, "slam.window_tracks=true", f"slam.features={features}")
+    kick = torch.tensor([0.04, -0.03, 0.02, 0.0, 0.0, 0.0, 0.0], dtype=torch.float64)
+    for k in system.map.window()[1:]:
+        system.map.update_keyframe(k, pose_cw=system.map.keyframe(k).pose_cw + kick)
+    seen.clear()
+    system.mapper.bundle_adjust()
+    (tracks, dense), = seen
+    assert tracks is not None and len(tracks) >= 20, features
+    assert set(tracks.anchor.tolist()) | set(tracks.node.tolist()) <= set(range(len(system.map.window())))
+    share = system.sc.track_weight * dense * min(1.0, tracks.track.numel() / 100)  # a full share from 100 on
+    assert float(tracks.weight.sum()) == pytest.approx(share, rel=1e-6)
+    err = _translation_errors(system, truth)
+    assert float(err[0]) == 0.0 and float(err.max()) < 0.03, err
+    system.close()

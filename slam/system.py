@@ -180,6 +180,7 @@ class SlamSystem:
         self.relocalised = 0  # lost frames registered by features only (they became keyframes)
         self.merges = 0  # map segments joined to an earlier one
         self._lost_features = 0  # sparse keypoints of the newest lost frame
+        self._frame_features: tuple[int, Features] | None = None  # the newest frame whose features were extracted
         self.finished = False
         self._closed = False
 
@@ -363,7 +364,7 @@ class SlamSystem:
         (newest first) and the keyframes that look most like it. Dense tracking from the registered
         pose, when it succeeds, gives the frame's pose; otherwise the registered pose does and the
         keyframe it was registered against is returned (the frame becomes a keyframe)."""
-        feats = self.index.features(image)
+        feats = self._features(f, image)
         self._lost_features = len(feats.keypoints)
         window = self.map.window()
         kids = window[::-1] + self._similar(feats, set(window))
@@ -382,11 +383,18 @@ class SlamSystem:
 
     def _keyframe(self, f: int, image: np.ndarray, source: int | None = None) -> None:
         kid = self.mapper.new_keyframe(f, image, source)
-        feats = self.index.features(image)
+        feats = self._features(f, image)
         self.map.update_keyframe(kid, features=feats)
         self.tracker.new_reference()
         self.worker.submit(KeyframeJob(kid, self.map.images(), refine_previous=self.sc.depth_timing == "both"))
         self._find_loop(kid, feats)
+
+    def _features(self, f: int, image: np.ndarray) -> Features:
+        """Frame f's sparse features, extracted once: a lost frame's (registration) are kept for when
+        it becomes a keyframe or a new segment's first."""
+        if self._frame_features is None or self._frame_features[0] != f:
+            self._frame_features = (f, self.index.features(image))
+        return self._frame_features[1]
 
     def _similar(self, feats: Features, exclude: set[int]) -> list[int]:
         """The `slam.reloc_candidates` keyframes (not in `exclude`) that look most like `feats`."""
@@ -424,7 +432,7 @@ class SlamSystem:
         """Re-initialise at frame f after `relocalise_after` lost frames (the mapper finishes first)."""
         self.worker.wait()
         kid = self.mapper.restart(f, image)
-        self.map.update_keyframe(kid, features=self.index.features(image))
+        self.map.update_keyframe(kid, features=self._features(f, image))
         self.restarts += 1
         self.lost_count -= 1  # the frame has a pose again: the new segment's origin
         self.lost_run = 0

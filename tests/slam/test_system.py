@@ -160,6 +160,27 @@ def test_long_loss_restarts(seq, model):
     assert torch.isfinite(res.poses_cw).all()
 
 
+def test_a_frame_s_features_are_extracted_once(seq, model, monkeypatch):
+    """A lost frame's features (extracted to register it) serve again when it starts a new segment
+    or becomes a keyframe: no frame is extracted twice."""
+    from slam.relocaliser import KeyframeIndex
+
+    seen: list[bytes] = []
+    extract = KeyframeIndex.features
+
+    def counted(self, image):
+        seen.append(image.tobytes())
+        return extract(self, image)
+
+    monkeypatch.setattr(KeyframeIndex, "features", counted)
+    frames = list(np.asarray(seq.images)[:10])
+    rng = np.random.default_rng(1)
+    frames += [rng.integers(0, 256, (H, W, 3), dtype=np.uint8) for _ in range(6)]
+    _, res = _run(model, _cfg("slam.relocalise_after=3"), frames, seq.intrinsics)
+    assert res.restarts >= 1 and len(seen) >= 3
+    assert len(seen) == len(set(seen)), f"{len(seen) - len(set(seen))} frames extracted twice"
+
+
 def test_uncalibrated_refines_focal(seq, model):
     start = torch.tensor([1.2 * W, 1.2 * W, (W - 1) / 2, (H - 1) / 2], dtype=torch.float64)
     _, res = _run(model, _cfg(), np.asarray(seq.images)[::2][:16], start, calibrated=False)

@@ -91,8 +91,8 @@ from torch import Tensor
 
 from kernels.errors import ShapeError
 from kernels.ops import ba_reduce
-from v2d.geometry.camera import pose_to_rt
-from v2d.geometry.lie import se3_adjoint, se3_exp, se3_inv, se3_mul
+from v2d.geometry.camera import pose_to_rt, project
+from v2d.geometry.lie import se3_adjoint, se3_exp, se3_inv, se3_mul, skew
 from v2d.geometry.robust import cauchy_weight
 
 __all__ = ["BAResult", "Tracks", "WindowBAOptions", "bundle_adjust", "fit_track_depths", "track_costs",
@@ -454,17 +454,11 @@ def _track_linearised(poses: Tensor, t_rho: Tensor, trk: Tracks, intr: Tensor, m
     X = (R @ ray[..., None])[..., 0] + rho[:, None] * t  # (O, 3), camera j, homogeneous (Z_j = X_z / rho)
     Z = X[:, 2]
     valid = (Z > min_depth * rho) & torch.isfinite(X).all(-1)
-    Zs = torch.where(valid, Z, torch.ones_like(Z))
-    pi = torch.stack([fx * X[:, 0] / Zs + cx, fy * X[:, 1] / Zs + cy], dim=-1)
+    Xs = torch.where(valid[:, None], X, torch.tensor([0.0, 0.0, 1.0], dtype=X.dtype, device=X.device))
+    pi, dpi = project(Xs, intr, jacobian=True)  # (O, 2), (O, 2, 3)
     r = torch.where(valid[:, None], trk.target - pi, torch.zeros_like(pi))
-    zero = torch.zeros_like(Zs)
-    dpi = torch.stack([torch.stack([fx / Zs, zero, -fx * X[:, 0] / Zs ** 2], -1),
-                       torch.stack([zero, fy / Zs, -fy * X[:, 1] / Zs ** 2], -1)], dim=-2)  # (O, 2, 3)
     eye = torch.eye(3, dtype=X.dtype, device=X.device).expand(X.shape[0], 3, 3)
-    Xx = torch.zeros(X.shape[0], 3, 3, dtype=X.dtype, device=X.device)
-    Xx[:, 0, 1], Xx[:, 0, 2], Xx[:, 1, 2] = -X[:, 2], X[:, 1], -X[:, 0]
-    Xx = Xx - Xx.transpose(1, 2)  # [X]x
-    dX = torch.cat([rho[:, None, None] * eye, -Xx], dim=-1)  # (O, 3, 6)
+    dX = torch.cat([rho[:, None, None] * eye, -skew(Xs)], dim=-1)  # (O, 3, 6)
     J_j = dpi @ dX
     J_a = -(J_j @ se3_adjoint(T_ja))
     J_rho = (dpi @ t[..., None])[..., 0]
